@@ -1,0 +1,1 @@
+"""Traffic anomaly detection (isolation forest); see issue 5."""

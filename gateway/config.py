@@ -1,0 +1,225 @@
+"""Gateway configuration: defaults, a YAML file, environment variables, flags.
+
+Precedence, lowest first: the defaults below, the YAML file given with
+``--config``, ``RABBITGATE_*`` environment variables, command-line flags.
+Every limit of the wire contract (``../shared/spec/protocol.md`` section 1) is
+set here, with its default, so an operator finds them all in one place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(Exception):
+    """A configuration that the gateway refuses to start with (one-line message)."""
+
+
+ASYMMETRIC_ALGORITHMS = frozenset(
+    {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
+)
+SYMMETRIC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
+
+
+@dataclass(frozen=True)
+class JwtSettings:
+    """How tokens are verified. Algorithms come from here, never from a token."""
+
+    algorithms: tuple[str, ...] = ("HS256",)
+    # HS*: the shared secret (development). Give it through RABBITGATE_JWT_SECRET
+    # or a file, so it never sits in a config file that gets committed.
+    secret: str | None = dataclasses.field(default=None, repr=False)
+    secret_file: Path | None = None
+    # RS*/ES*/EdDSA: a PEM public key file, or a JWKS URL.
+    public_key_file: Path | None = None
+    jwks_url: str | None = None
+    jwks_cache_seconds: float = 300.0
+    jwks_refresh_cooldown_seconds: float = 30.0
+    issuer: str | None = None
+    audience: str | None = None
+    leeway_seconds: float = 5.0
+    max_token_bytes: int = 8 * 1024
+    # Private key used only by `rabbitgate token` to mint development tokens.
+    dev_private_key_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class TlsSettings:
+    enabled: bool = True
+    cert_file: Path = Path("certs/server.pem")
+    key_file: Path = Path("certs/server.key")
+
+
+@dataclass(frozen=True)
+class LimitSettings:
+    """Connection-level limits; per-rule publish limits live in the policies."""
+
+    max_frame_bytes: int = 64 * 1024
+    send_buffer_bytes: int = 1024 * 1024
+    send_buffer_messages: int = 1000
+    auth_timeout_seconds: float = 5.0
+    handshake_timeout_seconds: float = 10.0
+    heartbeat_seconds: float = 20.0
+    heartbeat_timeout_seconds: float = 20.0
+    max_channels_per_connection: int = 100
+
+
+@dataclass(frozen=True)
+class Settings:
+    host: str = "0.0.0.0"
+    port: int = 8443
+    tls: TlsSettings = field(default_factory=TlsSettings)
+    amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
+    broker_connect_timeout_seconds: float = 15.0
+    # Retention of each exchange's history stream (see gateway/broker.py).
+    stream_max_bytes: int = 256 * 1024 * 1024
+    stream_max_age: str = "7D"
+    publish_confirm_timeout_seconds: float = 5.0
+    policies_dir: Path = Path("policies")
+    jwt: JwtSettings = field(default_factory=JwtSettings)
+    limits: LimitSettings = field(default_factory=LimitSettings)
+    compression: bool = False
+    allowed_origins: tuple[str, ...] = ()
+    log_level: str = "INFO"
+
+
+_SECTIONS: dict[str, type] = {"tls": TlsSettings, "jwt": JwtSettings, "limits": LimitSettings}
+
+
+def load_settings(
+    config_file: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Build Settings from the YAML file, then the environment, then ``overrides``.
+
+    ``overrides`` uses dotted keys (``"jwt.secret"``, ``"port"``) as the CLI
+    flags do. Raises ConfigError with a one-line message on any bad value.
+    """
+    raw: dict[str, Any] = {}
+    if config_file is not None:
+        try:
+            loaded = yaml.safe_load(config_file.read_text()) or {}
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {config_file}: {exc.strerror}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {config_file} is not valid YAML: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {config_file} must hold a mapping")
+        raw = loaded
+    for key, value in _from_environment(os.environ if environ is None else environ).items():
+        _set_dotted(raw, key, value)
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            _set_dotted(raw, key, value)
+    settings = _build(Settings, raw, "")
+    return _check(settings)
+
+
+def _from_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """RABBITGATE_JWT_SECRET -> jwt.secret; RABBITGATE_AMQP_URL -> amqp_url."""
+    found = {}
+    for name, value in environ.items():
+        if not name.startswith("RABBITGATE_") or name == "RABBITGATE_CONFIG":
+            continue
+        key = name[len("RABBITGATE_") :].lower()
+        section, _, rest = key.partition("_")
+        if section in _SECTIONS and rest:
+            key = f"{section}.{rest}"
+        found[key] = value
+    return found
+
+
+def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    section, _, name = dotted.partition(".")
+    if name:
+        raw.setdefault(section, {})
+        if not isinstance(raw[section], dict):
+            raise ConfigError(f"config key {section!r} must be a mapping")
+        raw[section][name] = value
+    else:
+        raw[section] = value
+
+
+def _build(cls: type, raw: Mapping[str, Any], prefix: str) -> Any:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"config key {prefix.rstrip('.')!r} must be a mapping")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in fields:
+            raise ConfigError(f"unknown config key {prefix}{key!r}")
+        if key in _SECTIONS and cls is Settings:
+            values[key] = _build(_SECTIONS[key], value or {}, f"{key}.")
+        else:
+            values[key] = _coerce(fields[key], value, f"{prefix}{key}")
+    return cls(**values)
+
+
+def _coerce(f: dataclasses.Field[Any], value: Any, name: str) -> Any:
+    kind = str(f.type)
+    try:
+        if kind.startswith("bool"):
+            if isinstance(value, str):
+                lowered = value.strip().lower()
+                if lowered not in {"1", "0", "true", "false", "yes", "no", "on", "off"}:
+                    raise ValueError(value)
+                return lowered in {"1", "true", "yes", "on"}
+            return bool(value)
+        if value is None:
+            if "None" in kind:
+                return None
+            raise ValueError("null")
+        if kind.startswith("int"):
+            if isinstance(value, bool):
+                raise ValueError(value)
+            return int(value)
+        if kind.startswith("float"):
+            return float(value)
+        if kind.startswith("Path"):
+            return Path(value)
+        if kind.startswith("tuple"):
+            if isinstance(value, str):
+                value = [part.strip() for part in value.split(",") if part.strip()]
+            if not isinstance(value, list | tuple):
+                raise ValueError(value)
+            return tuple(str(item) for item in value)
+        if kind.startswith("str"):
+            if not isinstance(value, str | int | float):
+                raise ValueError(value)
+            return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"config key {name!r} has a bad value (expected {kind})") from None
+    return value
+
+
+def _check(settings: Settings) -> Settings:
+    jwt = settings.jwt
+    algorithms = set(jwt.algorithms)
+    if not algorithms:
+        raise ConfigError("jwt.algorithms is empty: no token could ever be verified")
+    unknown = algorithms - ASYMMETRIC_ALGORITHMS - SYMMETRIC_ALGORITHMS
+    if unknown:
+        names = ", ".join(sorted(unknown))
+        raise ConfigError(f"jwt.algorithms holds {names}: not a signing algorithm rabbitgate accepts")
+    if algorithms & SYMMETRIC_ALGORITHMS and algorithms & ASYMMETRIC_ALGORITHMS:
+        raise ConfigError(
+            "jwt.algorithms mixes HS* with RS*/ES*/EdDSA: that invites key confusion; pick one family"
+        )
+    if algorithms & SYMMETRIC_ALGORITHMS:
+        if not (jwt.secret or jwt.secret_file):
+            raise ConfigError("jwt: HS* algorithms need jwt.secret or jwt.secret_file")
+    elif not (jwt.public_key_file or jwt.jwks_url):
+        raise ConfigError("jwt: RS*/ES*/EdDSA algorithms need jwt.public_key_file or jwt.jwks_url")
+    if jwt.max_token_bytes <= 0 or jwt.leeway_seconds < 0:
+        raise ConfigError("jwt.max_token_bytes must be positive and jwt.leeway_seconds not negative")
+    if not 0 < settings.port < 65536:
+        raise ConfigError(f"port {settings.port} is out of range")
+    return settings
