@@ -1,0 +1,312 @@
+"""RabbitMQ through aio-pika: declarations, confirmed publishes, history streams.
+
+Every exchange named by the policies gets a durable topic exchange and a
+stream queue ``rabbitgate.stream.<exchange>`` bound to it with ``#``. The
+stream is the channel's retained history and the source of ``seq`` (its
+offset), so every gateway process numbers a message the same way and history
+survives restarts. A process follows (consumes) the stream of each exchange
+that has local subscribers, from "next", and fans the messages out itself.
+
+State that must survive a broker outage is recorded (declared exchanges, last
+offset delivered per followed stream) and replayed by ``_connect`` after a
+reconnect, so subscribers get what was published while the broker was away
+exactly once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import aio_pika
+import aiormq
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange, AbstractQueue
+from aio_pika.abc import AbstractIncomingMessage
+from yarl import URL
+
+from gateway.envelope import CONTENT_TYPE, OutgoingMessage, sender_of, timestamp_ms_of
+
+log = logging.getLogger("rabbitgate.broker")
+
+STREAM_PREFIX = "rabbitgate.stream."
+# Credit a stream consumer holds; acks go out in batches of a quarter of it
+# (multiple=True), so the credit never runs dry and acks stay cheap.
+STREAM_PREFETCH = 2000
+ACK_EVERY = STREAM_PREFETCH // 4
+RECONNECT_BASE_SECONDS = 0.5
+RECONNECT_CAP_SECONDS = 15.0
+
+
+class BrokerUnavailable(Exception):
+    """RabbitMQ did not take or confirm the request (outage, timeout, nack)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    exchange: str
+    channel: str
+    seq: int
+    body: bytes
+    sender: str | None
+    ts_ms: int
+
+
+def stream_name(exchange: str) -> str:
+    return STREAM_PREFIX + exchange
+
+
+def redacted(url: str) -> str:
+    """The AMQP URL without its password, for logs and errors."""
+    parsed = URL(url)
+    return str(parsed.with_password("***")) if parsed.password else str(parsed)
+
+
+class Broker:
+    def __init__(
+        self,
+        url: str,
+        on_delivery: Callable[[Delivery], None],
+        *,
+        stream_max_bytes: int,
+        stream_max_age: str,
+        confirm_timeout: float,
+        connect_timeout: float,
+        on_state_change: Callable[[bool], None] | None = None,
+    ) -> None:
+        self._url = url
+        self._on_delivery = on_delivery
+        self._on_state_change = on_state_change
+        self._stream_arguments: dict[str, Any] = {
+            "x-queue-type": "stream",
+            "x-max-length-bytes": stream_max_bytes,
+            "x-max-age": stream_max_age,
+        }
+        self._confirm_timeout = confirm_timeout
+        self._connect_timeout = connect_timeout
+        self.user: str = URL(url).user or "guest"
+        # Recorded state, replayed after every reconnect.
+        self._declared: set[str] = set()
+        self._following: dict[str, int | None] = {}
+        # Live objects of the current connection.
+        self._connection: AbstractConnection | None = None
+        self._publish_channel: AbstractChannel | None = None
+        self._consume_channel: AbstractChannel | None = None
+        self._exchanges: dict[str, AbstractExchange] = {}
+        self._consumers: dict[str, tuple[AbstractQueue, str]] = {}
+        self._unacked: dict[str, int] = {}
+        self._lost = asyncio.Event()
+        self._lock = asyncio.Lock()
+        self._supervisor: asyncio.Task[None] | None = None
+        self._closing = False
+
+    @property
+    def connected(self) -> bool:
+        return self._connection is not None and not self._connection.is_closed
+
+    async def start(self, exchanges: Iterable[str]) -> None:
+        """Connect (retrying until ``connect_timeout``) and declare ``exchanges``.
+
+        Raises BrokerUnavailable with a one-line reason when RabbitMQ cannot be
+        reached in time or refuses a declaration.
+        """
+        self._declared.update(exchanges)
+        deadline = time.monotonic() + self._connect_timeout
+        attempt = 0
+        while True:
+            try:
+                await self._connect()
+                break
+            except BrokerUnavailable:
+                raise
+            except Exception as exc:
+                if time.monotonic() >= deadline:
+                    raise BrokerUnavailable(
+                        f"cannot reach RabbitMQ at {redacted(self._url)}: {_describe(exc)}"
+                    ) from None
+                attempt += 1
+                await asyncio.sleep(min(1.0, 0.1 * attempt))
+        self._supervisor = asyncio.create_task(self._supervise(), name="broker-supervisor")
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._supervisor
+        if self._connection is not None:
+            with contextlib.suppress(Exception):
+                await self._connection.close()
+
+    async def declare(self, exchanges: Iterable[str]) -> None:
+        """Declare exchanges (and their history streams) that are new to us."""
+        new = set(exchanges) - self._declared
+        self._declared.update(new)
+        if new and self.connected:
+            async with self._lock:
+                await self._declare_all(new)
+
+    async def publish(self, exchange: str, channel: str, message: OutgoingMessage) -> None:
+        """Publish and wait for RabbitMQ's confirm. Raises BrokerUnavailable otherwise."""
+        target = self._exchanges.get(exchange) if self.connected else None
+        if target is None:
+            raise BrokerUnavailable("broker unavailable")
+        amqp_message = aio_pika.Message(
+            message.body,
+            content_type=CONTENT_TYPE,
+            message_id=message.message_id,
+            timestamp=datetime.fromtimestamp(message.timestamp_ms / 1000, UTC),
+            headers=message.headers,
+            user_id=message.user_id,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        )
+        try:
+            await target.publish(
+                amqp_message, channel, mandatory=False, timeout=self._confirm_timeout
+            )
+        except (TimeoutError, aio_pika.exceptions.AMQPError, aiormq.AMQPError, ConnectionError):
+            raise BrokerUnavailable("broker did not confirm the message") from None
+        except RuntimeError:  # aio-pika: channel closed underneath us
+            raise BrokerUnavailable("broker connection lost") from None
+
+    async def follow(self, exchange: str) -> None:
+        """Deliver this exchange's messages from now on (idempotent).
+
+        Returns once RabbitMQ has attached the consumer: a message confirmed
+        after this returns is delivered.
+        """
+        if exchange in self._following:
+            return
+        self._following[exchange] = None
+        if self.connected:
+            async with self._lock:
+                await self._start_consumer(exchange)
+
+    async def unfollow(self, exchange: str) -> None:
+        self._following.pop(exchange, None)
+        consumer = self._consumers.pop(exchange, None)
+        if consumer is not None and self.connected:
+            queue, tag = consumer
+            with contextlib.suppress(Exception):
+                await queue.cancel(tag)
+
+    # --- connection life cycle ---------------------------------------------
+
+    async def _connect(self) -> None:
+        async with self._lock:
+            connection = await aio_pika.connect(self._url, timeout=self._connect_timeout)
+            try:
+                self._publish_channel = await connection.channel(publisher_confirms=True)
+                self._consume_channel = await connection.channel(publisher_confirms=False)
+                await self._consume_channel.set_qos(prefetch_count=STREAM_PREFETCH)
+                self._connection = connection
+                self._exchanges.clear()
+                self._consumers.clear()
+                await self._declare_all(self._declared)
+                for exchange in list(self._following):
+                    await self._start_consumer(exchange)
+            except BaseException:
+                self._connection = None
+                with contextlib.suppress(Exception):
+                    await connection.close()
+                raise
+            self._lost.clear()
+            connection.close_callbacks.add(self._on_connection_closed)
+        log.info("connected to RabbitMQ at %s", redacted(self._url))
+        if self._on_state_change:
+            self._on_state_change(True)
+
+    def _on_connection_closed(self, *_: Any) -> None:
+        if not self._closing:
+            self._lost.set()
+
+    async def _supervise(self) -> None:
+        while True:
+            await self._lost.wait()
+            log.warning("lost the RabbitMQ connection; reconnecting")
+            if self._on_state_change:
+                self._on_state_change(False)
+            attempt = 0
+            while True:
+                # Full jitter, so that many gateways do not reconnect in step.
+                delay = random.uniform(0, min(RECONNECT_CAP_SECONDS, RECONNECT_BASE_SECONDS * 2**attempt))
+                await asyncio.sleep(delay)
+                try:
+                    await self._connect()
+                    break
+                except Exception as exc:
+                    attempt += 1
+                    log.warning("RabbitMQ reconnect failed: %s", _describe(exc))
+
+    async def _declare_all(self, exchanges: Iterable[str]) -> None:
+        assert self._publish_channel is not None
+        for name in sorted(exchanges):
+            # A separate channel: a refused declaration closes the channel it was made on.
+            declaring = await self._connection_or_fail().channel(publisher_confirms=False)
+            try:
+                await declaring.declare_exchange(name, aio_pika.ExchangeType.TOPIC, durable=True)
+                stream = await declaring.declare_queue(
+                    stream_name(name), durable=True, arguments=self._stream_arguments
+                )
+                await stream.bind(name, routing_key="#")
+            except aiormq.exceptions.ChannelPreconditionFailed as exc:
+                raise BrokerUnavailable(
+                    f"RabbitMQ refused exchange {name!r} or its stream: {_describe(exc)}"
+                ) from None
+            finally:
+                with contextlib.suppress(Exception):
+                    await declaring.close()
+            self._exchanges[name] = await self._publish_channel.get_exchange(name, ensure=False)
+
+    async def _start_consumer(self, exchange: str) -> None:
+        assert self._consume_channel is not None
+        last = self._following.get(exchange)
+        offset: int | str = "next" if last is None else last + 1
+        queue = await self._consume_channel.get_queue(stream_name(exchange), ensure=False)
+
+        async def on_message(message: AbstractIncomingMessage) -> None:
+            await self._on_stream_message(exchange, message)
+
+        tag = await queue.consume(on_message, arguments={"x-stream-offset": offset})
+        self._consumers[exchange] = (queue, tag)
+
+    async def _on_stream_message(self, exchange: str, message: AbstractIncomingMessage) -> None:
+        offset = (message.headers or {}).get("x-stream-offset")
+        last = self._following.get(exchange, -1)
+        # A stream consumer starts at a chunk boundary: skip what we already delivered.
+        if isinstance(offset, int) and exchange in self._following and (last is None or offset > last):
+            self._following[exchange] = offset
+            delivery = Delivery(
+                exchange=exchange,
+                channel=message.routing_key or "",
+                seq=offset,
+                body=message.body,
+                sender=sender_of(message.headers, message.user_id, message.app_id, self.user),
+                ts_ms=timestamp_ms_of(message.headers, message.timestamp, int(time.time() * 1000)),
+            )
+            try:
+                self._on_delivery(delivery)
+            except Exception:
+                log.exception("delivery handler failed for %s seq %s", delivery.channel, offset)
+        unacked = self._unacked.get(exchange, 0) + 1
+        if unacked >= ACK_EVERY:
+            unacked = 0
+            with contextlib.suppress(Exception):
+                await message.ack(multiple=True)
+        self._unacked[exchange] = unacked
+
+    def _connection_or_fail(self) -> AbstractConnection:
+        if self._connection is None:
+            raise BrokerUnavailable("broker unavailable")
+        return self._connection
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    return text.splitlines()[0][:200]

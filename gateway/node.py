@@ -1,0 +1,131 @@
+"""The gateway's hub of one process: policies, subscriptions, broker, fan-out.
+
+One path for every message, wherever it was published: RabbitMQ stream ->
+``Broker`` -> ``Node.deliver`` -> local subscribers in the ``Hub`` -> each
+connection's ``Outbox``. Client publishes go to RabbitMQ and come back the
+same way, so local and remote messages are delivered identically.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import TYPE_CHECKING
+
+from gateway.broker import Broker, Delivery
+from gateway.config import Settings
+from gateway.hub import Hub
+from gateway.outbox import fan_out
+from gateway.policy import PolicySet
+from gateway.protocol import data_from_body, message_frame
+
+if TYPE_CHECKING:
+    from gateway.session import Session
+
+log = logging.getLogger("rabbitgate.node")
+
+# An exchange without local subscribers is still followed this long, so that
+# a client hopping between channels does not restart the stream consumer.
+UNFOLLOW_GRACE_SECONDS = 30.0
+
+
+class Node:
+    def __init__(self, settings: Settings, policies: PolicySet) -> None:
+        self.settings = settings
+        self.policies = policies
+        self.hub: Hub[Session] = Hub()
+        self.broker = Broker(
+            settings.amqp_url,
+            self.deliver,
+            stream_max_bytes=settings.stream_max_bytes,
+            stream_max_age=settings.stream_max_age,
+            confirm_timeout=settings.publish_confirm_timeout_seconds,
+            connect_timeout=settings.broker_connect_timeout_seconds,
+        )
+        self.sessions: set[Session] = set()
+        # Latest seq seen per channel (what a subscribe ack reports).
+        self._latest_seq: dict[str, int] = {}
+        self._following: dict[str, asyncio.Future[None]] = {}
+        self._unfollow_timers: dict[str, asyncio.TimerHandle] = {}
+        self.dropped_messages = 0
+
+    async def start(self) -> None:
+        await self.broker.start(self.policies.exchanges())
+
+    async def stop(self) -> None:
+        for timer in self._unfollow_timers.values():
+            timer.cancel()
+        await self.broker.close()
+
+    # --- subscriptions ------------------------------------------------------
+
+    async def add_subscriber(self, session: Session, channel: str, exchange: str) -> None:
+        """Attach ``session`` to ``channel``; returns once messages will flow.
+
+        Raises BrokerUnavailable when the exchange's stream cannot be followed.
+        """
+        await self._ensure_following(exchange)
+        self.hub.add(channel, exchange, session)
+
+    def remove_subscriber(self, session: Session, channel: str) -> None:
+        emptied = self.hub.remove(channel, session)
+        if emptied is not None and emptied not in self._unfollow_timers:
+            loop = asyncio.get_running_loop()
+            self._unfollow_timers[emptied] = loop.call_later(
+                UNFOLLOW_GRACE_SECONDS, self._unfollow_if_idle, emptied
+            )
+
+    def latest_seq(self, channel: str) -> int | None:
+        return self._latest_seq.get(channel)
+
+    async def _ensure_following(self, exchange: str) -> None:
+        timer = self._unfollow_timers.pop(exchange, None)
+        if timer is not None:
+            timer.cancel()
+        following = self._following.get(exchange)
+        if following is None:
+            following = asyncio.ensure_future(self.broker.follow(exchange))
+            self._following[exchange] = following
+        try:
+            # shield: one subscriber giving up must not cancel the others' wait.
+            await asyncio.shield(following)
+        except BaseException:
+            if following.done() and self._following.get(exchange) is following:
+                del self._following[exchange]
+            raise
+
+    def _unfollow_if_idle(self, exchange: str) -> None:
+        self._unfollow_timers.pop(exchange, None)
+        if exchange in self.hub.exchanges():
+            return
+        self._following.pop(exchange, None)
+        task = asyncio.ensure_future(self.broker.unfollow(exchange))
+        task.add_done_callback(_log_failure)
+
+    # --- delivery -----------------------------------------------------------
+
+    def deliver(self, delivery: Delivery) -> None:
+        """Fan one broker message out to this process's subscribers of its channel."""
+        self._latest_seq[delivery.channel] = delivery.seq
+        subscribers = self.hub.subscribers(delivery.channel)
+        if not subscribers:
+            return
+        try:
+            data = data_from_body(delivery.body)
+        except ValueError:
+            self.dropped_messages += 1
+            log.warning(
+                "dropped a message on %s (seq %d): body is neither JSON nor UTF-8",
+                delivery.channel,
+                delivery.seq,
+            )
+            return
+        frame = message_frame(delivery.channel, delivery.seq, data, delivery.sender, delivery.ts_ms)
+        fan_out((session.outbox for session in subscribers), frame)
+
+
+def _log_failure(task: asyncio.Future[None]) -> None:
+    with contextlib.suppress(asyncio.CancelledError):
+        if task.exception() is not None:
+            log.warning("background broker task failed: %s", task.exception())

@@ -1,0 +1,94 @@
+"""The bounded send path of one connection.
+
+Frames are written straight into the connection's transport (no task and no
+queue of our own per connection): the transport buffer *is* the queue. What
+bounds it is the accounting here: bytes waiting in the transport, and how many
+of our frames they hold. A client that stops reading fills it; at the limit
+(default 1 MiB or 1,000 frames) the connection is closed with 4409 — the close
+frame still goes out, behind what was queued — and nothing more is written, so
+a slow consumer costs at most the limit in memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable, Iterable
+
+from websockets.asyncio.server import ServerConnection, broadcast
+from websockets.protocol import State
+
+CLOSE_SLOW_CONSUMER = 4409
+
+
+def _wire_length(payload: int) -> int:
+    """Bytes a server (unmasked) text frame of this payload takes on the wire."""
+    if payload < 126:
+        return payload + 2
+    if payload < 65536:
+        return payload + 4
+    return payload + 10
+
+
+class Outbox:
+    def __init__(
+        self,
+        connection: ServerConnection,
+        *,
+        max_bytes: int,
+        max_messages: int,
+        on_overflow: Callable[[], None] | None = None,
+    ) -> None:
+        self.connection = connection
+        self._max_bytes = max_bytes
+        self._max_messages = max_messages
+        self._on_overflow = on_overflow
+        self._written = 0
+        # Where each frame still in the transport buffer ends, in bytes written.
+        self._ends: deque[int] = deque()
+        self.overflowed = False
+
+    def pending(self) -> tuple[int, int]:
+        """(bytes, frames) written but not yet taken by the network."""
+        transport = self.connection.transport
+        buffered = transport.get_write_buffer_size() if transport is not None else 0
+        flushed = self._written - buffered
+        ends = self._ends
+        while ends and ends[0] <= flushed:
+            ends.popleft()
+        return buffered, len(ends)
+
+    def admit(self, frame_length: int) -> bool:
+        """Account for a frame about to be written; False (and close 4409) on overflow."""
+        if self.overflowed or self.connection.protocol.state is not State.OPEN:
+            return False
+        buffered, frames = self.pending()
+        if buffered + frame_length > self._max_bytes or frames >= self._max_messages:
+            self._overflow()
+            return False
+        self._written += _wire_length(frame_length)
+        self._ends.append(self._written)
+        return True
+
+    def send(self, frame: bytes) -> bool:
+        """Write one text frame now, or close the connection as a slow consumer."""
+        if not self.admit(len(frame)):
+            return False
+        broadcast((self.connection,), frame, text=True)
+        return True
+
+    def _overflow(self) -> None:
+        self.overflowed = True
+        if self._on_overflow is not None:
+            self._on_overflow()
+        asyncio.get_running_loop().create_task(
+            self.connection.close(CLOSE_SLOW_CONSUMER, "slow consumer")
+        )
+
+
+def fan_out(outboxes: Iterable[Outbox], frame: bytes) -> int:
+    """Write one serialized frame to many connections; returns how many took it."""
+    admitted = [outbox.connection for outbox in outboxes if outbox.admit(len(frame))]
+    if admitted:
+        broadcast(admitted, frame, text=True)
+    return len(admitted)

@@ -1,0 +1,183 @@
+"""One authenticated connection: its commands, subscriptions and token life.
+
+The server hands every text frame that arrives after ``welcome`` to
+``Session.handle``; answers go out through the connection's ``Outbox`` so
+that they keep their order with the messages fanned out to it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from typing import TYPE_CHECKING
+
+from gateway.auth import AuthError, TokenVerifier
+from gateway.broker import BrokerUnavailable
+from gateway.envelope import OutgoingMessage, client_message
+from gateway.outbox import Outbox
+from gateway.policy import Principal
+from gateway.protocol import (
+    Auth,
+    ClientFrame,
+    FrameError,
+    Ping,
+    Publish,
+    Subscribe,
+    Unsubscribe,
+    ack_frame,
+    error_frame,
+    parse_frame,
+    pong_frame,
+)
+
+if TYPE_CHECKING:
+    from gateway.node import Node
+
+log = logging.getLogger("rabbitgate.session")
+
+CLOSE_AUTH = 4401
+# Publishes of one connection waiting for their broker confirm at once; past
+# this, the connection's frames are not read until confirms come back.
+MAX_INFLIGHT_PUBLISHES = 64
+
+
+class Session:
+    def __init__(
+        self,
+        node: Node,
+        verifier: TokenVerifier,
+        outbox: Outbox,
+        principal: Principal,
+        address: str | None,
+    ) -> None:
+        self.id = uuid.uuid4().hex
+        self.node = node
+        self.verifier = verifier
+        self.outbox = outbox
+        self.principal = principal
+        self.address = address
+        self.subscriptions: dict[str, str] = {}  # channel -> exchange
+        self._inflight = asyncio.Semaphore(MAX_INFLIGHT_PUBLISHES)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._expiry: asyncio.TimerHandle | None = None
+        self._schedule_expiry()
+
+    # --- life cycle ---------------------------------------------------------
+
+    def close(self, code: int, reason: str) -> None:
+        """Close the connection (the server's handler then calls ``ended``)."""
+        task = asyncio.get_running_loop().create_task(self.outbox.connection.close(code, reason))
+        self._keep(task)
+
+    async def ended(self) -> None:
+        """Release everything the session holds; after this it receives nothing."""
+        if self._expiry is not None:
+            self._expiry.cancel()
+        for channel in list(self.subscriptions):
+            self.node.remove_subscriber(self, channel)
+        self.subscriptions.clear()
+        # Let in-flight publishes reach their confirm: they were sent already.
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=self.node.settings.publish_confirm_timeout_seconds)
+
+    def _schedule_expiry(self) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+        loop = asyncio.get_running_loop()
+        delay = max(0.0, self.principal.exp - time.time())
+        self._expiry = loop.call_later(delay, self.close, CLOSE_AUTH, "token expired")
+
+    def _keep(self, task: asyncio.Task[None]) -> None:
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def send(self, frame: bytes) -> None:
+        self.outbox.send(frame)
+
+    # --- commands -----------------------------------------------------------
+
+    async def handle(self, text: str) -> None:
+        """Answer one client frame; never raises for anything the client sent."""
+        try:
+            frame = parse_frame(text)
+            await self._dispatch(frame)
+        except FrameError as exc:
+            self.send(error_frame(exc.code, exc.message, exc.request_id))
+
+    async def _dispatch(self, frame: ClientFrame) -> None:
+        match frame:
+            case Publish():
+                await self._publish(frame)
+            case Subscribe():
+                await self._subscribe(frame)
+            case Unsubscribe():
+                self._unsubscribe(frame)
+            case Ping():
+                self.send(pong_frame(frame.id))
+            case Auth():
+                await self._refresh(frame)
+
+    async def _subscribe(self, frame: Subscribe) -> None:
+        channel = frame.channel
+        decision = self.node.policies.decide(self.principal, "subscribe", channel)
+        if not decision.allowed or decision.rule is None:
+            raise FrameError("forbidden", f"not allowed to subscribe to {channel}", frame.id)
+        if channel not in self.subscriptions:
+            limit = self.node.settings.limits.max_channels_per_connection
+            if len(self.subscriptions) >= limit:
+                raise FrameError(
+                    "forbidden", f"at most {limit} channels per connection", frame.id
+                )
+            try:
+                await self.node.add_subscriber(self, channel, decision.rule.exchange)
+            except BrokerUnavailable:
+                raise FrameError("unavailable", "broker unavailable, retry later", frame.id) from None
+            self.subscriptions[channel] = decision.rule.exchange
+        self.send(ack_frame(frame.id, seq=self.node.latest_seq(channel)))
+
+    def _unsubscribe(self, frame: Unsubscribe) -> None:
+        if self.subscriptions.pop(frame.channel, None) is not None:
+            self.node.remove_subscriber(self, frame.channel)
+        self.send(ack_frame(frame.id))
+
+    async def _publish(self, frame: Publish) -> None:
+        decision = self.node.policies.decide(self.principal, "publish", frame.channel)
+        if not decision.allowed or decision.rule is None:
+            raise FrameError("forbidden", f"not allowed to publish to {frame.channel}", frame.id)
+        max_bytes = decision.rule.limits.max_bytes
+        if max_bytes is not None and len(frame.body) > max_bytes:
+            raise FrameError("too_large", f"data is larger than {max_bytes} bytes", frame.id)
+        message = client_message(frame.body, self.principal.sub, self.id, self.node.broker.user)
+        await self._inflight.acquire()
+        # The publish is written to RabbitMQ in the order tasks start, which is
+        # the order frames arrived: one publisher's messages keep their order.
+        task = asyncio.get_running_loop().create_task(
+            self._confirm(decision.rule.exchange, frame, message)
+        )
+        self._keep(task)
+
+    async def _confirm(self, exchange: str, frame: Publish, message: OutgoingMessage) -> None:
+        try:
+            await self.node.broker.publish(exchange, frame.channel, message)
+        except BrokerUnavailable as exc:
+            if frame.id is not None:
+                self.send(error_frame("unavailable", str(exc), frame.id))
+        else:
+            if frame.id is not None:
+                self.send(ack_frame(frame.id))
+        finally:
+            self._inflight.release()
+
+    async def _refresh(self, frame: Auth) -> None:
+        try:
+            principal = await self.verifier.verify(frame.token)
+        except AuthError as exc:
+            raise FrameError("unauthorized", str(exc), frame.id) from None
+        if principal.sub != self.principal.sub:
+            raise FrameError("unauthorized", "a refreshed token must carry the same sub", frame.id)
+        self.principal = principal
+        self._schedule_expiry()
+        # Answered even without an id: the client must know the refresh took.
+        self.send(ack_frame(frame.id))
