@@ -1,0 +1,221 @@
+"""The ``rabbitgate`` command: serve, certs, token.
+
+Every failure an operator can cause (a bad config, a missing certificate, an
+invalid policy set, an unreachable broker) ends in a one-line message and a
+non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import re
+import secrets
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from gateway.config import ConfigError, Settings, load_settings
+
+DEV_SECRET_FILE = "jwt-dev.secret"
+EXIT_USAGE = 2
+EXIT_FAILURE = 1
+
+
+class CliError(Exception):
+    """A failure reported as one line on stderr."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except (CliError, ConfigError) as exc:
+        print(f"rabbitgate: error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rabbitgate", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the gateway")
+    _add_config_flag(serve)
+    serve.add_argument("--host", help="address to listen on (default 0.0.0.0)")
+    serve.add_argument("--port", type=int, help="port to listen on (default 8443)")
+    serve.add_argument("--no-tls", action="store_true", help="plain ws:// (behind a TLS proxy only)")
+    serve.add_argument("--amqp-url", help="RabbitMQ URL (default amqp://guest:guest@127.0.0.1:5672/)")
+    serve.add_argument("--policies", help="policies folder (default policies/)")
+    serve.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR")
+    serve.set_defaults(run=_serve)
+
+    certs = commands.add_parser("certs", help="make a development CA, server certificate and JWT secret")
+    certs.add_argument("--dir", default="certs", help="where to write them (default certs/)")
+    certs.add_argument(
+        "--host",
+        action="append",
+        dest="hosts",
+        help="name or address the certificate is for (repeatable; default localhost, 127.0.0.1, ::1)",
+    )
+    certs.add_argument("--force", action="store_true", help="overwrite existing files")
+    certs.set_defaults(run=_certs)
+
+    token = commands.add_parser("token", help="mint a development token")
+    _add_config_flag(token)
+    token.add_argument("--sub", required=True, help="the user the token is for")
+    token.add_argument("--roles", default="", help="comma-separated roles")
+    token.add_argument("--scope", help="space-separated scopes")
+    token.add_argument("--ttl", default="1h", help="lifetime: 90s, 30m, 1h, 2d (default 1h)")
+    token.add_argument(
+        "--claim", action="append", default=[], metavar="NAME=VALUE", help="extra claim (repeatable)"
+    )
+    token.set_defaults(run=_token)
+    return parser
+
+
+def _add_config_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        default=os.environ.get("RABBITGATE_CONFIG"),
+        help="YAML config file (default: $RABBITGATE_CONFIG)",
+    )
+
+
+def _settings(args: argparse.Namespace, overrides: dict[str, Any] | None = None) -> Settings:
+    return load_settings(Path(args.config) if args.config else None, overrides=overrides)
+
+
+# --- serve ------------------------------------------------------------------
+
+
+def _serve(args: argparse.Namespace) -> int:
+    overrides: dict[str, Any] = {
+        "host": args.host,
+        "port": args.port,
+        "amqp_url": args.amqp_url,
+        "policies_dir": args.policies,
+        "log_level": args.log_level,
+    }
+    if args.no_tls:
+        overrides["tls.enabled"] = False
+    settings = _settings(args, overrides)
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        import uvloop
+
+        runner = uvloop.run
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        runner = asyncio.run
+    return runner(_run_gateway(settings))
+
+
+async def _run_gateway(settings: Settings) -> int:
+    from gateway.broker import BrokerUnavailable
+    from gateway.policy import PolicyError, load_policy_set
+    from gateway.server import Gateway
+
+    try:
+        policies = load_policy_set(settings.policies_dir)
+    except PolicyError as exc:
+        raise CliError(f"policy set rejected: {exc}") from None
+    gateway = Gateway(settings, policies)
+    try:
+        await gateway.start()
+    except BrokerUnavailable as exc:
+        await gateway.stop()
+        raise CliError(str(exc)) from None
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    logging.getLogger("rabbitgate").info("shutting down")
+    await gateway.stop()
+    return 0
+
+
+# --- certs ------------------------------------------------------------------
+
+
+def _certs(args: argparse.Namespace) -> int:
+    from gateway.devcerts import make_dev_certificates
+
+    directory = Path(args.dir)
+    hosts = tuple(args.hosts) if args.hosts else ("localhost", "127.0.0.1", "::1")
+    try:
+        made = make_dev_certificates(directory, hosts, overwrite=args.force)
+    except FileExistsError as exc:
+        raise CliError(f"{exc} (use --force to replace)") from None
+    except OSError as exc:
+        raise CliError(f"cannot write to {directory}: {exc.strerror}") from None
+    secret_file = directory / DEV_SECRET_FILE
+    if args.force or not secret_file.exists():
+        _write_private(secret_file, secrets.token_hex(32) + "\n")
+    print(f"CA certificate:     {made.ca_cert}  (clients trust this one)")
+    print(f"server certificate: {made.server_cert} for {', '.join(hosts)}")
+    print(f"JWT dev secret:     {secret_file}")
+    return 0
+
+
+def _write_private(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        path.unlink()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+
+
+# --- token ------------------------------------------------------------------
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
+_UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float:
+    match = _DURATION.match(text)
+    if match is None or float(match.group(1)) <= 0:
+        raise CliError(f"bad duration {text!r}: use a positive number with s, m, h or d")
+    return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+
+
+def _token(args: argparse.Namespace) -> int:
+    from gateway.devtokens import mint_token
+
+    settings = _settings(args)
+    extra: dict[str, Any] = {}
+    for item in args.claim:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise CliError(f"bad --claim {item!r}: use NAME=VALUE")
+        try:
+            extra[name] = json.loads(value)
+        except json.JSONDecodeError:
+            extra[name] = value
+    roles = [role.strip() for role in args.roles.split(",") if role.strip()]
+    print(
+        mint_token(
+            settings.jwt,
+            sub=args.sub,
+            roles=roles,
+            scope=args.scope,
+            ttl_seconds=parse_duration(args.ttl),
+            extra=extra,
+        )
+    )
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,212 @@
+"""The public listener: TLS WebSockets, the handshake, authentication, the frame loop.
+
+Only this module and ``broker.py`` touch the network. A connection goes:
+handshake (``_process_request``: path, origin, Authorization header) ->
+``_authenticate`` (header principal, or the first ``auth`` frame within the
+auth timeout) -> ``welcome`` -> ``Session.handle`` for every frame -> ``ended``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import weakref
+from collections.abc import Sequence
+from http import HTTPStatus
+
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed, NegotiationError
+from websockets.http11 import Request, Response
+from websockets.typing import Subprotocol
+
+from gateway.auth import AuthError, TokenVerifier
+from gateway.config import Settings
+from gateway.devcerts import server_ssl_context
+from gateway.node import Node
+from gateway.outbox import Outbox
+from gateway.policy import PolicySet, Principal
+from gateway.protocol import Auth, FrameError, error_frame, parse_frame, welcome_frame
+from gateway.session import CLOSE_AUTH, Session
+
+log = logging.getLogger("rabbitgate.server")
+
+SUBPROTOCOL = Subprotocol("rabbitgate.v1")
+WS_PATH = "/ws"
+CLOSE_POLICY = 1008
+CLOSE_AUTH_TIMEOUT = 4408
+# What a rejected handshake has to say: nothing a client could learn from.
+_UNAUTHORIZED_BODY = "invalid or missing token\n"
+
+
+def select_subprotocol(
+    connection: ServerConnection, offered: Sequence[Subprotocol]
+) -> Subprotocol | None:
+    """``rabbitgate.v1`` when offered; no subprotocol when none is offered;
+    refuse a client that offers only subprotocols we do not speak."""
+    if SUBPROTOCOL in offered:
+        return SUBPROTOCOL
+    if offered:
+        raise NegotiationError("unsupported subprotocol; this server speaks rabbitgate.v1")
+    return None
+
+
+class Gateway:
+    """One gateway process: the public WebSocket listener and its Node."""
+
+    def __init__(self, settings: Settings, policies: PolicySet) -> None:
+        self.settings = settings
+        self.node = Node(settings, policies)
+        self.verifier = TokenVerifier(settings.jwt)
+        self._server: Server | None = None
+        # What the handshake learnt about a connection, for its handler.
+        self._header_principals: weakref.WeakKeyDictionary[ServerConnection, Principal] = (
+            weakref.WeakKeyDictionary()
+        )
+        self._refused: weakref.WeakSet[ServerConnection] = weakref.WeakSet()
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def start(self) -> None:
+        """Load keys, connect to RabbitMQ, listen. Raises ConfigError/BrokerUnavailable."""
+        ssl_context = None
+        if self.settings.tls.enabled:
+            ssl_context = server_ssl_context(self.settings.tls.cert_file, self.settings.tls.key_file)
+        await self.verifier.start()
+        await self.node.start()
+        limits = self.settings.limits
+        self._server = await serve(
+            self._handle,
+            self.settings.host,
+            self.settings.port,
+            ssl=ssl_context,
+            process_request=self._process_request,
+            select_subprotocol=select_subprotocol,
+            subprotocols=[SUBPROTOCOL],
+            compression="deflate" if self.settings.compression else None,
+            server_header=None,
+            open_timeout=limits.handshake_timeout_seconds,
+            ping_interval=limits.heartbeat_seconds,
+            ping_timeout=limits.heartbeat_timeout_seconds,
+            close_timeout=5,
+            max_size=limits.max_frame_bytes,
+            max_queue=16,
+        )
+        log.info(
+            "listening on %s://%s:%d%s",
+            "wss" if ssl_context else "ws",
+            self.settings.host,
+            self.port,
+            WS_PATH,
+        )
+
+    async def stop(self) -> None:
+        """Stop accepting, close every client with 1001, then leave RabbitMQ."""
+        if self._server is not None:
+            self._server.close(close_connections=True)
+            await self._server.wait_closed()
+        await self.node.stop()
+        await self.verifier.close()
+
+    # --- handshake ----------------------------------------------------------
+
+    async def _process_request(
+        self, connection: ServerConnection, request: Request
+    ) -> Response | None:
+        if request.path.split("?", 1)[0] != WS_PATH:
+            return connection.respond(HTTPStatus.NOT_FOUND, "not found\n")
+        if not self._origin_allowed(request):
+            # Refused after the upgrade with 1008, as the contract says, so that
+            # a browser's script can see why; no token work is done for it.
+            self._refused.add(connection)
+            return None
+        authorization = request.headers.get("Authorization")
+        if authorization is None:
+            return None  # the client authenticates with its first frame
+        scheme, _, token = authorization.partition(" ")
+        try:
+            if scheme.lower() != "bearer" or not token.strip():
+                raise AuthError("malformed", "Authorization must be 'Bearer <token>'")
+            principal = await self.verifier.verify(token.strip())
+        except AuthError as exc:
+            log.info("handshake refused: %s", exc.reason)
+            response = connection.respond(HTTPStatus.UNAUTHORIZED, _UNAUTHORIZED_BODY)
+            response.headers["WWW-Authenticate"] = 'Bearer error="invalid_token"'
+            return response
+        self._header_principals[connection] = principal
+        return None
+
+    def _origin_allowed(self, request: Request) -> bool:
+        allowed = self.settings.allowed_origins
+        origin = request.headers.get("Origin")
+        # Non-browser clients send no Origin; cross-site hijacking needs a browser.
+        return not allowed or origin is None or origin in allowed
+
+    # --- connection ---------------------------------------------------------
+
+    async def _handle(self, connection: ServerConnection) -> None:
+        if connection in self._refused:
+            await connection.close(CLOSE_POLICY, "origin not allowed")
+            return
+        principal = self._header_principals.pop(connection, None)
+        if principal is None:
+            principal = await self._authenticate(connection)
+            if principal is None:
+                return
+        limits = self.settings.limits
+        outbox = Outbox(
+            connection,
+            max_bytes=limits.send_buffer_bytes,
+            max_messages=limits.send_buffer_messages,
+        )
+        address = connection.remote_address[0] if connection.remote_address else None
+        session = Session(self.node, self.verifier, outbox, principal, address)
+        self.node.sessions.add(session)
+        try:
+            session.send(welcome_frame(session.id, principal.sub, limits.heartbeat_seconds))
+            async for message in connection:
+                if isinstance(message, bytes):
+                    session.send(error_frame("bad_request", "binary frames are not accepted"))
+                    continue
+                await session.handle(message)
+        except ConnectionClosed:
+            pass
+        finally:
+            self.node.sessions.discard(session)
+            await session.ended()
+
+    async def _authenticate(self, connection: ServerConnection) -> Principal | None:
+        """Wait for a valid ``auth`` frame; close with 4408/4401 and return None otherwise."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.limits.auth_timeout_seconds
+        try:
+            while True:
+                async with asyncio.timeout_at(deadline):
+                    message = await connection.recv()
+                if isinstance(message, bytes):
+                    await connection.send(error_frame("unauthorized", "authenticate first"))
+                    continue
+                try:
+                    frame = parse_frame(message)
+                except FrameError as exc:
+                    await connection.send(error_frame("unauthorized", "authenticate first", exc.request_id))
+                    continue
+                if not isinstance(frame, Auth):
+                    request_id = getattr(frame, "id", None)
+                    await connection.send(error_frame("unauthorized", "authenticate first", request_id))
+                    continue
+                try:
+                    return await self.verifier.verify(frame.token)
+                except AuthError as exc:
+                    log.info("auth frame refused: %s", exc.reason)
+                    await connection.close(CLOSE_AUTH, str(exc)[:120])
+                    return None
+        except TimeoutError:
+            with contextlib.suppress(ConnectionClosed):
+                await connection.close(CLOSE_AUTH_TIMEOUT, "no auth frame in time")
+            return None
+        except ConnectionClosed:
+            return None
