@@ -1,0 +1,53 @@
+from pathlib import Path
+
+import pytest
+
+from gateway.config import ConfigError, load_settings
+
+
+def test_defaults_need_a_jwt_key() -> None:
+    with pytest.raises(ConfigError, match="jwt"):
+        load_settings(environ={})
+
+
+def test_precedence_file_then_environment_then_flags(tmp_path: Path) -> None:
+    config = tmp_path / "gw.yaml"
+    config.write_text("port: 9000\njwt: {secret: abc, issuer: file}\nlimits: {max_frame_bytes: 10}\n")
+    settings = load_settings(
+        config,
+        environ={"RABBITGATE_JWT_ISSUER": "env", "RABBITGATE_PORT": "9001"},
+        overrides={"port": 9002, "tls.enabled": False},
+    )
+    assert settings.port == 9002
+    assert settings.jwt.issuer == "env"
+    assert settings.jwt.secret == "abc"
+    assert settings.limits.max_frame_bytes == 10
+    assert settings.tls.enabled is False
+    assert settings.host == "0.0.0.0" and settings.tls.cert_file == Path("certs/server.pem")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("jwt: {algorithms: [none], secret: x}", "not a signing algorithm"),
+        ("jwt: {algorithms: [HS256, RS256], secret: x}", "mixes"),
+        ("jwt: {algorithms: [RS256]}", "public_key_file or jwt.jwks_url"),
+        ("jwt: {algorithms: [], secret: x}", "empty"),
+        ("prot: 1\njwt: {secret: x}", "unknown config key 'prot'"),
+        ("port: abc\njwt: {secret: x}", "bad value"),
+        ("port: 70000\njwt: {secret: x}", "out of range"),
+        ("tls: {enabled: maybe}\njwt: {secret: x}", "bad value"),
+        ("- a list", "mapping"),
+        ("a: [unclosed", "not valid YAML"),
+    ],
+)
+def test_refused_configurations(tmp_path: Path, text: str, message: str) -> None:
+    config = tmp_path / "gw.yaml"
+    config.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_settings(config, environ={})
+
+
+def test_secret_never_in_repr() -> None:
+    settings = load_settings(environ={"RABBITGATE_JWT_SECRET": "topsecretvalue"})
+    assert "topsecretvalue" not in repr(settings)
