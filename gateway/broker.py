@@ -27,8 +27,13 @@ from typing import Any
 
 import aio_pika
 import aiormq
-from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractExchange, AbstractQueue
-from aio_pika.abc import AbstractIncomingMessage
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractConnection,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractQueue,
+)
 from yarl import URL
 
 from gateway.envelope import CONTENT_TYPE, OutgoingMessage, sender_of, timestamp_ms_of
@@ -235,7 +240,9 @@ class Broker:
             attempt = 0
             while True:
                 # Full jitter, so that many gateways do not reconnect in step.
-                delay = random.uniform(0, min(RECONNECT_CAP_SECONDS, RECONNECT_BASE_SECONDS * 2**attempt))
+                delay = random.uniform(
+                    0, min(RECONNECT_CAP_SECONDS, RECONNECT_BASE_SECONDS * 2**attempt)
+                )
                 await asyncio.sleep(delay)
                 try:
                     await self._connect()
@@ -280,7 +287,11 @@ class Broker:
         offset = (message.headers or {}).get("x-stream-offset")
         last = self._following.get(exchange, -1)
         # A stream consumer starts at a chunk boundary: skip what we already delivered.
-        if isinstance(offset, int) and exchange in self._following and (last is None or offset > last):
+        if (
+            isinstance(offset, int)
+            and exchange in self._following
+            and (last is None or offset > last)
+        ):
             self._following[exchange] = offset
             delivery = Delivery(
                 exchange=exchange,

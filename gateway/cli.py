@@ -51,19 +51,25 @@ def _parser() -> argparse.ArgumentParser:
     _add_config_flag(serve)
     serve.add_argument("--host", help="address to listen on (default 0.0.0.0)")
     serve.add_argument("--port", type=int, help="port to listen on (default 8443)")
-    serve.add_argument("--no-tls", action="store_true", help="plain ws:// (behind a TLS proxy only)")
-    serve.add_argument("--amqp-url", help="RabbitMQ URL (default amqp://guest:guest@127.0.0.1:5672/)")
+    serve.add_argument(
+        "--no-tls", action="store_true", help="plain ws:// (behind a TLS proxy only)"
+    )
+    serve.add_argument(
+        "--amqp-url", help="RabbitMQ URL (default amqp://guest:guest@127.0.0.1:5672/)"
+    )
     serve.add_argument("--policies", help="policies folder (default policies/)")
     serve.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR")
     serve.set_defaults(run=_serve)
 
-    certs = commands.add_parser("certs", help="make a development CA, server certificate and JWT secret")
+    certs = commands.add_parser(
+        "certs", help="make a development CA, server certificate and JWT secret"
+    )
     certs.add_argument("--dir", default="certs", help="where to write them (default certs/)")
     certs.add_argument(
         "--host",
         action="append",
         dest="hosts",
-        help="name or address the certificate is for (repeatable; default localhost, 127.0.0.1, ::1)",
+        help="name or address to certify (repeatable; default localhost, 127.0.0.1, ::1)",
     )
     certs.add_argument("--force", action="store_true", help="overwrite existing files")
     certs.set_defaults(run=_certs)
@@ -75,7 +81,11 @@ def _parser() -> argparse.ArgumentParser:
     token.add_argument("--scope", help="space-separated scopes")
     token.add_argument("--ttl", default="1h", help="lifetime: 90s, 30m, 1h, 2d (default 1h)")
     token.add_argument(
-        "--claim", action="append", default=[], metavar="NAME=VALUE", help="extra claim (repeatable)"
+        "--claim",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="extra claim (repeatable)",
     )
     token.set_defaults(run=_token)
     return parser

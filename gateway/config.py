@@ -208,10 +208,12 @@ def _check(settings: Settings) -> Settings:
     unknown = algorithms - ASYMMETRIC_ALGORITHMS - SYMMETRIC_ALGORITHMS
     if unknown:
         names = ", ".join(sorted(unknown))
-        raise ConfigError(f"jwt.algorithms holds {names}: not a signing algorithm rabbitgate accepts")
+        raise ConfigError(
+            f"jwt.algorithms holds {names}: not a signing algorithm rabbitgate accepts"
+        )
     if algorithms & SYMMETRIC_ALGORITHMS and algorithms & ASYMMETRIC_ALGORITHMS:
         raise ConfigError(
-            "jwt.algorithms mixes HS* with RS*/ES*/EdDSA: that invites key confusion; pick one family"
+            "jwt.algorithms mixes HS* with RS*/ES*/EdDSA (key confusion risk); pick one family"
         )
     if algorithms & SYMMETRIC_ALGORITHMS:
         if not (jwt.secret or jwt.secret_file):
@@ -219,7 +221,9 @@ def _check(settings: Settings) -> Settings:
     elif not (jwt.public_key_file or jwt.jwks_url):
         raise ConfigError("jwt: RS*/ES*/EdDSA algorithms need jwt.public_key_file or jwt.jwks_url")
     if jwt.max_token_bytes <= 0 or jwt.leeway_seconds < 0:
-        raise ConfigError("jwt.max_token_bytes must be positive and jwt.leeway_seconds not negative")
+        raise ConfigError(
+            "jwt.max_token_bytes must be positive and jwt.leeway_seconds not negative"
+        )
     if not 0 < settings.port < 65536:
         raise ConfigError(f"port {settings.port} is out of range")
     return settings

@@ -167,7 +167,9 @@ _PARSERS = {
 
 
 def welcome_frame(session: str, user: str, heartbeat: float) -> bytes:
-    return orjson.dumps({"type": "welcome", "session": session, "user": user, "heartbeat": heartbeat})
+    return orjson.dumps(
+        {"type": "welcome", "session": session, "user": user, "heartbeat": heartbeat}
+    )
 
 
 def ack_frame(request_id: RequestId, **extra: Any) -> bytes:

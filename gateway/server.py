@@ -74,7 +74,9 @@ class Gateway:
         """Load keys, connect to RabbitMQ, listen. Raises ConfigError/BrokerUnavailable."""
         ssl_context = None
         if self.settings.tls.enabled:
-            ssl_context = server_ssl_context(self.settings.tls.cert_file, self.settings.tls.key_file)
+            ssl_context = server_ssl_context(
+                self.settings.tls.cert_file, self.settings.tls.key_file
+            )
         await self.verifier.start()
         await self.node.start()
         limits = self.settings.limits
@@ -187,16 +189,22 @@ class Gateway:
                 async with asyncio.timeout_at(deadline):
                     message = await connection.recv()
                 if isinstance(message, bytes):
-                    await connection.send(error_frame("unauthorized", "authenticate first"))
+                    await connection.send(
+                        error_frame("unauthorized", "authenticate first"), text=True
+                    )
                     continue
                 try:
                     frame = parse_frame(message)
                 except FrameError as exc:
-                    await connection.send(error_frame("unauthorized", "authenticate first", exc.request_id))
+                    await connection.send(
+                        error_frame("unauthorized", "authenticate first", exc.request_id), text=True
+                    )
                     continue
                 if not isinstance(frame, Auth):
                     request_id = getattr(frame, "id", None)
-                    await connection.send(error_frame("unauthorized", "authenticate first", request_id))
+                    await connection.send(
+                        error_frame("unauthorized", "authenticate first", request_id), text=True
+                    )
                     continue
                 try:
                     return await self.verifier.verify(frame.token)

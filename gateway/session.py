@@ -80,7 +80,9 @@ class Session:
         self.subscriptions.clear()
         # Let in-flight publishes reach their confirm: they were sent already.
         if self._tasks:
-            await asyncio.wait(set(self._tasks), timeout=self.node.settings.publish_confirm_timeout_seconds)
+            await asyncio.wait(
+                set(self._tasks), timeout=self.node.settings.publish_confirm_timeout_seconds
+            )
 
     def _schedule_expiry(self) -> None:
         if self._expiry is not None:
@@ -127,13 +129,13 @@ class Session:
         if channel not in self.subscriptions:
             limit = self.node.settings.limits.max_channels_per_connection
             if len(self.subscriptions) >= limit:
-                raise FrameError(
-                    "forbidden", f"at most {limit} channels per connection", frame.id
-                )
+                raise FrameError("forbidden", f"at most {limit} channels per connection", frame.id)
             try:
                 await self.node.add_subscriber(self, channel, decision.rule.exchange)
             except BrokerUnavailable:
-                raise FrameError("unavailable", "broker unavailable, retry later", frame.id) from None
+                raise FrameError(
+                    "unavailable", "broker unavailable, retry later", frame.id
+                ) from None
             self.subscriptions[channel] = decision.rule.exchange
         self.send(ack_frame(frame.id, seq=self.node.latest_seq(channel)))
 

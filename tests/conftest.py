@@ -39,7 +39,9 @@ def jwt_settings() -> JwtSettings:
 
 @pytest.fixture(scope="session")
 def make_token(jwt_settings: JwtSettings) -> Callable[..., str]:
-    def make(sub: str, roles: tuple[str, ...] = ("member",), ttl: float = 600, **claims: Any) -> str:
+    def make(
+        sub: str, roles: tuple[str, ...] = ("member",), ttl: float = 600, **claims: Any
+    ) -> str:
         return mint_token(jwt_settings, sub=sub, roles=list(roles), ttl_seconds=ttl, extra=claims)
 
     return make

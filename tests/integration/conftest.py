@@ -112,6 +112,7 @@ async def connect_client(
             ssl=client_ssl,
             additional_headers=headers,
             subprotocols=["rabbitgate.v1"],
+            max_queue=None,  # tests read lazily; never stall the server on us
         )
         client = Client(ws)
         opened.append(client)

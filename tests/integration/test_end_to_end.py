@@ -23,7 +23,9 @@ async def test_a_published_message_reaches_a_subscriber_with_the_verified_sender
     ack = await alice.request("subscribe", channel="chat.lobby")
     assert ack["type"] == "ack" and "seq" in ack
 
-    published = await bob.request("publish", channel="chat.lobby", data={"text": "hi", "from": "mallory"})
+    published = await bob.request(
+        "publish", channel="chat.lobby", data={"text": "hi", "from": "mallory"}
+    )
     assert published == {"type": "ack", "id": published["id"]}
 
     message = await alice.next_message()
@@ -154,7 +156,9 @@ async def test_ping_is_answered(connect_client: Any) -> None:
     assert await alice.request("ping", id=7) == {"type": "pong", "id": 7}
 
 
-async def test_welcome_names_session_user_and_heartbeat(connect_client: Any, gateway: Gateway) -> None:
+async def test_welcome_names_session_user_and_heartbeat(
+    connect_client: Any, gateway: Gateway
+) -> None:
     alice = await connect_client("alice")
     assert alice.welcome["user"] == "alice"
     assert alice.welcome["heartbeat"] == gateway.settings.limits.heartbeat_seconds

@@ -34,7 +34,9 @@ async def test_an_invalid_header_token_is_refused_with_401_before_the_upgrade(
     gateway: Gateway, client_ssl: ssl.SSLContext, authorization: str
 ) -> None:
     with pytest.raises(InvalidStatus) as refused:
-        await connect(url(gateway), ssl=client_ssl, additional_headers={"Authorization": authorization})
+        await connect(
+            url(gateway), ssl=client_ssl, additional_headers={"Authorization": authorization}
+        )
     assert refused.value.response.status_code == 401
     assert b"a.b.c" not in refused.value.response.body
 
@@ -44,16 +46,22 @@ async def test_an_expired_header_token_is_refused_with_401(
 ) -> None:
     token = make_token("alice", ttl=-10)
     with pytest.raises(InvalidStatus) as refused:
-        await connect(url(gateway), ssl=client_ssl, additional_headers={"Authorization": f"Bearer {token}"})
+        await connect(
+            url(gateway), ssl=client_ssl, additional_headers={"Authorization": f"Bearer {token}"}
+        )
     assert refused.value.response.status_code == 401
 
 
-async def test_no_auth_frame_in_time_closes_with_4408(gateway: Gateway, client_ssl: ssl.SSLContext) -> None:
+async def test_no_auth_frame_in_time_closes_with_4408(
+    gateway: Gateway, client_ssl: ssl.SSLContext
+) -> None:
     async with connect(url(gateway), ssl=client_ssl) as ws:
         assert await close_code(ws) == 4408
 
 
-async def test_an_invalid_auth_frame_closes_with_4401(gateway: Gateway, client_ssl: ssl.SSLContext) -> None:
+async def test_an_invalid_auth_frame_closes_with_4401(
+    gateway: Gateway, client_ssl: ssl.SSLContext
+) -> None:
     async with connect(url(gateway), ssl=client_ssl) as ws:
         await ws.send('{"type":"auth","token":"eyJhbGciOiJub25lIn0.eyJzdWIiOiJhIn0."}')
         assert await close_code(ws) == 4401
@@ -108,15 +116,22 @@ async def test_subprotocols(gateway: Gateway, client_ssl: ssl.SSLContext, make_t
     async with connect(url(gateway), ssl=client_ssl, additional_headers=headers) as ws:
         assert ws.subprotocol is None
     async with connect(
-        url(gateway), ssl=client_ssl, additional_headers=headers, subprotocols=["x", "rabbitgate.v1"]
+        url(gateway),
+        ssl=client_ssl,
+        additional_headers=headers,
+        subprotocols=["x", "rabbitgate.v1"],
     ) as ws:
         assert ws.subprotocol == "rabbitgate.v1"
     with pytest.raises(InvalidHandshake):
-        await connect(url(gateway), ssl=client_ssl, additional_headers=headers, subprotocols=["stomp"])
+        await connect(
+            url(gateway), ssl=client_ssl, additional_headers=headers, subprotocols=["stomp"]
+        )
 
 
 async def test_plaintext_is_refused_on_the_tls_port(gateway: Gateway) -> None:
-    with pytest.raises((InvalidHandshake, ConnectionError, EOFError, OSError, asyncio.TimeoutError)):
+    with pytest.raises(
+        (InvalidHandshake, ConnectionError, EOFError, OSError, asyncio.TimeoutError)
+    ):
         await asyncio.wait_for(connect(f"ws://localhost:{gateway.port}/ws"), 5)
 
 

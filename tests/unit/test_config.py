@@ -12,7 +12,9 @@ def test_defaults_need_a_jwt_key() -> None:
 
 def test_precedence_file_then_environment_then_flags(tmp_path: Path) -> None:
     config = tmp_path / "gw.yaml"
-    config.write_text("port: 9000\njwt: {secret: abc, issuer: file}\nlimits: {max_frame_bytes: 10}\n")
+    config.write_text(
+        "port: 9000\njwt: {secret: abc, issuer: file}\nlimits: {max_frame_bytes: 10}\n"
+    )
     settings = load_settings(
         config,
         environ={"RABBITGATE_JWT_ISSUER": "env", "RABBITGATE_PORT": "9001"},
