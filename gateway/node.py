@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from gateway.broker import Broker, Delivery
 from gateway.config import Settings
+from gateway.events import EventBus
 from gateway.hub import Hub
 from gateway.outbox import fan_out
 from gateway.policy import PolicySet
@@ -44,6 +45,7 @@ class Node:
             connect_timeout=settings.broker_connect_timeout_seconds,
         )
         self.sessions: set[Session] = set()
+        self.events = EventBus()
         # Latest seq seen per channel (what a subscribe ack reports).
         self._latest_seq: dict[str, int] = {}
         self._following: dict[str, asyncio.Future[None]] = {}

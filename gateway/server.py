@@ -23,6 +23,7 @@ from websockets.typing import Subprotocol
 from gateway.auth import AuthError, TokenVerifier
 from gateway.config import Settings
 from gateway.devcerts import server_ssl_context
+from gateway.events import TrafficEvent
 from gateway.node import Node
 from gateway.outbox import Outbox
 from gateway.policy import PolicySet, Principal
@@ -120,6 +121,8 @@ class Gateway:
     ) -> Response | None:
         if request.path.split("?", 1)[0] != WS_PATH:
             return connection.respond(HTTPStatus.NOT_FOUND, "not found\n")
+        address = _address(connection)
+        self.node.events.emit(TrafficEvent("connect", address))
         if not self._origin_allowed(request):
             # Refused after the upgrade with 1008, as the contract says, so that
             # a browser's script can see why; no token work is done for it.
@@ -135,10 +138,12 @@ class Gateway:
             principal = await self.verifier.verify(token.strip())
         except AuthError as exc:
             log.info("handshake refused: %s", exc.reason)
+            self.node.events.emit(TrafficEvent("auth_failed", address, detail=exc.reason))
             response = connection.respond(HTTPStatus.UNAUTHORIZED, _UNAUTHORIZED_BODY)
             response.headers["WWW-Authenticate"] = 'Bearer error="invalid_token"'
             return response
         self._header_principals[connection] = principal
+        self.node.events.emit(TrafficEvent("auth_ok", address, principal.sub, detail="header"))
         return None
 
     def _origin_allowed(self, request: Request) -> bool:
@@ -164,7 +169,7 @@ class Gateway:
             max_bytes=limits.send_buffer_bytes,
             max_messages=limits.send_buffer_messages,
         )
-        address = connection.remote_address[0] if connection.remote_address else None
+        address = _address(connection)
         session = Session(self.node, self.verifier, outbox, principal, address)
         self.node.sessions.add(session)
         try:
@@ -178,6 +183,7 @@ class Gateway:
             pass
         finally:
             self.node.sessions.discard(session)
+            session.emit("closed", detail=str(connection.close_code))
             await session.ended()
 
     async def _authenticate(self, connection: ServerConnection) -> Principal | None:
@@ -206,15 +212,25 @@ class Gateway:
                         error_frame("unauthorized", "authenticate first", request_id), text=True
                     )
                     continue
+                address = _address(connection)
                 try:
-                    return await self.verifier.verify(frame.token)
+                    principal = await self.verifier.verify(frame.token)
                 except AuthError as exc:
                     log.info("auth frame refused: %s", exc.reason)
+                    self.node.events.emit(TrafficEvent("auth_failed", address, detail=exc.reason))
                     await connection.close(CLOSE_AUTH, str(exc)[:120])
                     return None
+                accepted = TrafficEvent("auth_ok", address, principal.sub, detail="frame")
+                self.node.events.emit(accepted)
+                return principal
         except TimeoutError:
             with contextlib.suppress(ConnectionClosed):
                 await connection.close(CLOSE_AUTH_TIMEOUT, "no auth frame in time")
             return None
         except ConnectionClosed:
             return None
+
+
+def _address(connection: ServerConnection) -> str | None:
+    remote = connection.remote_address
+    return str(remote[0]) if remote else None

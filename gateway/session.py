@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from gateway.auth import AuthError, TokenVerifier
 from gateway.broker import BrokerUnavailable
 from gateway.envelope import OutgoingMessage, client_message
+from gateway.events import EventKind, TrafficEvent
 from gateway.outbox import Outbox
 from gateway.policy import Principal
 from gateway.protocol import (
@@ -98,6 +99,11 @@ class Session:
     def send(self, frame: bytes) -> None:
         self.outbox.send(frame)
 
+    def emit(self, kind: EventKind, **fields: object) -> None:
+        self.node.events.emit(
+            TrafficEvent(kind, self.address, self.principal.sub, self.id, **fields)  # type: ignore[arg-type]
+        )
+
     # --- commands -----------------------------------------------------------
 
     async def handle(self, text: str) -> None:
@@ -106,6 +112,8 @@ class Session:
             frame = parse_frame(text)
             await self._dispatch(frame)
         except FrameError as exc:
+            if exc.code in ("bad_request", "too_large"):
+                self.emit("malformed", size=len(text), detail=exc.code)
             self.send(error_frame(exc.code, exc.message, exc.request_id))
 
     async def _dispatch(self, frame: ClientFrame) -> None:
@@ -125,6 +133,7 @@ class Session:
         channel = frame.channel
         decision = self.node.policies.decide(self.principal, "subscribe", channel)
         if not decision.allowed or decision.rule is None:
+            self.emit("denied", channel=channel, detail="subscribe", rule=_label(decision.rule))
             raise FrameError("forbidden", f"not allowed to subscribe to {channel}", frame.id)
         if channel not in self.subscriptions:
             limit = self.node.settings.limits.max_channels_per_connection
@@ -137,20 +146,24 @@ class Session:
                     "unavailable", "broker unavailable, retry later", frame.id
                 ) from None
             self.subscriptions[channel] = decision.rule.exchange
+            self.emit("subscribe", channel=channel, rule=decision.rule.label)
         self.send(ack_frame(frame.id, seq=self.node.latest_seq(channel)))
 
     def _unsubscribe(self, frame: Unsubscribe) -> None:
         if self.subscriptions.pop(frame.channel, None) is not None:
             self.node.remove_subscriber(self, frame.channel)
+            self.emit("unsubscribe", channel=frame.channel)
         self.send(ack_frame(frame.id))
 
     async def _publish(self, frame: Publish) -> None:
         decision = self.node.policies.decide(self.principal, "publish", frame.channel)
         if not decision.allowed or decision.rule is None:
+            self.emit("denied", channel=frame.channel, detail="publish", rule=_label(decision.rule))
             raise FrameError("forbidden", f"not allowed to publish to {frame.channel}", frame.id)
         max_bytes = decision.rule.limits.max_bytes
         if max_bytes is not None and len(frame.body) > max_bytes:
             raise FrameError("too_large", f"data is larger than {max_bytes} bytes", frame.id)
+        self.emit("publish", channel=frame.channel, size=len(frame.body), rule=decision.rule.label)
         message = client_message(frame.body, self.principal.sub, self.id, self.node.broker.user)
         await self._inflight.acquire()
         # The publish is written to RabbitMQ in the order tasks start, which is
@@ -176,10 +189,16 @@ class Session:
         try:
             principal = await self.verifier.verify(frame.token)
         except AuthError as exc:
+            self.emit("auth_failed", detail=exc.reason)
             raise FrameError("unauthorized", str(exc), frame.id) from None
         if principal.sub != self.principal.sub:
             raise FrameError("unauthorized", "a refreshed token must carry the same sub", frame.id)
         self.principal = principal
         self._schedule_expiry()
+        self.emit("auth_ok", detail="refresh")
         # Answered even without an id: the client must know the refresh took.
         self.send(ack_frame(frame.id))
+
+
+def _label(rule: object) -> str | None:
+    return getattr(rule, "label", None)
