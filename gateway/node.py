@@ -52,6 +52,21 @@ class Node:
         self._unfollow_timers: dict[str, asyncio.TimerHandle] = {}
         self.dropped_messages = 0
 
+    async def swap_policies(self, policies: PolicySet) -> int:
+        """Put a validated policy set in force and re-check every live subscription.
+
+        A subscription the new set no longer allows is ended with a
+        ``forbidden`` error frame for its channel; nothing more of it is
+        delivered. Returns how many subscriptions were ended. Declares the
+        exchanges new rules name (raises BrokerUnavailable if RabbitMQ refuses).
+        """
+        await self.broker.declare(policies.exchanges())
+        self.policies = policies
+        ended = 0
+        for session in list(self.sessions):
+            ended += session.recheck_subscriptions()
+        return ended
+
     async def start(self) -> None:
         await self.broker.start(self.policies.exchanges())
 

@@ -104,6 +104,29 @@ class Session:
             TrafficEvent(kind, self.address, self.principal.sub, self.id, **fields)  # type: ignore[arg-type]
         )
 
+    def recheck_subscriptions(self) -> int:
+        """End subscriptions the current policies (or token) no longer allow.
+
+        Called after a policy reload and a token refresh; the change is
+        synchronous, so no message of an ended subscription is delivered after.
+        """
+        ended = 0
+        for channel, exchange in list(self.subscriptions.items()):
+            decision = self.node.policies.decide(self.principal, "subscribe", channel)
+            if (
+                decision.allowed
+                and decision.rule is not None
+                and decision.rule.exchange == exchange
+            ):
+                continue
+            del self.subscriptions[channel]
+            self.node.remove_subscriber(self, channel)
+            self.emit("denied", channel=channel, detail="subscribe", rule=_label(decision.rule))
+            message = f"subscription to {channel} ended: no longer allowed"
+            self.send(error_frame("forbidden", message, channel=channel))
+            ended += 1
+        return ended
+
     # --- commands -----------------------------------------------------------
 
     async def handle(self, text: str) -> None:
@@ -196,6 +219,8 @@ class Session:
         self.principal = principal
         self._schedule_expiry()
         self.emit("auth_ok", detail="refresh")
+        # Roles or claims may have changed with the new token.
+        self.recheck_subscriptions()
         # Answered even without an id: the client must know the refresh took.
         self.send(ack_frame(frame.id))
 
