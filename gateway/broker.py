@@ -20,6 +20,7 @@ import contextlib
 import logging
 import random
 import time
+import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -41,6 +42,10 @@ from gateway.envelope import CONTENT_TYPE, OutgoingMessage, sender_of, timestamp
 log = logging.getLogger("rabbitgate.broker")
 
 STREAM_PREFIX = "rabbitgate.stream."
+# A marker is a message the gateway writes straight into a stream (through the
+# default exchange, so no backend bound to the exchange ever sees it) to learn
+# where the stream ends right now. Every consumer skips markers.
+MARKER_HEADER = "x-rabbitgate-marker"
 # Credit a stream consumer holds; acks go out in batches of a quarter of it
 # (multiple=True), so the credit never runs dry and acks stay cheap.
 STREAM_PREFETCH = 2000
@@ -61,6 +66,15 @@ class Delivery:
     body: bytes
     sender: str | None
     ts_ms: int
+
+
+@dataclass(frozen=True, slots=True)
+class Replay:
+    """What a channel's history holds after a given seq, up to the stream's end."""
+
+    recovered: bool
+    deliveries: list[Delivery]
+    tail: int  # offset of the marker that ended the read
 
 
 def stream_name(exchange: str) -> str:
@@ -106,6 +120,7 @@ class Broker:
         self._exchanges: dict[str, AbstractExchange] = {}
         self._consumers: dict[str, tuple[AbstractQueue, str]] = {}
         self._unacked: dict[str, int] = {}
+        self._marker_waiters: dict[str, asyncio.Future[int]] = {}
         self._lost = asyncio.Event()
         self._lock = asyncio.Lock()
         self._supervisor: asyncio.Task[None] | None = None
@@ -192,6 +207,13 @@ class Broker:
         if self.connected:
             async with self._lock:
                 await self._start_consumer(exchange)
+            # Once the consumer sees this marker it knows its position, so a
+            # reconnect resumes from there instead of from "next" (which would
+            # lose what was published during the outage).
+            try:
+                await self._publish_marker(exchange)
+            except BrokerUnavailable:
+                log.warning("could not mark the position of stream %s", stream_name(exchange))
 
     async def unfollow(self, exchange: str) -> None:
         self._following.pop(exchange, None)
@@ -200,6 +222,105 @@ class Broker:
             queue, tag = consumer
             with contextlib.suppress(Exception):
                 await queue.cancel(tag)
+
+    async def replay(
+        self,
+        exchange: str,
+        channel: str,
+        since: int,
+        *,
+        history: int,
+        scan_limit: int,
+        timeout: float,
+    ) -> Replay:
+        """Read ``channel``'s messages after ``since`` from the exchange's stream.
+
+        The exchange must be followed already. First a marker is written and
+        its offset learnt from the live consumer: that is where the read ends
+        (the caller buffers live messages from before the marker on, so the
+        two overlap and together miss nothing). ``recovered`` is True only when
+        the message at ``since`` is still in the stream and belongs to
+        ``channel`` (so nothing after it can have been dropped) and at most
+        ``history`` messages of the channel followed it. A ``since`` at or
+        beyond the marker means the history was reset: not recovered.
+        Raises BrokerUnavailable on outage or timeout.
+        """
+        marker_id = uuid.uuid4().hex
+        seen = asyncio.get_running_loop().create_future()
+        self._marker_waiters[marker_id] = seen
+        try:
+            await self._publish_marker(exchange, marker_id)
+            tail = await asyncio.wait_for(seen, timeout)
+        except TimeoutError:
+            raise BrokerUnavailable("could not find the end of the channel's history") from None
+        finally:
+            self._marker_waiters.pop(marker_id, None)
+        if since >= tail:
+            return Replay(False, [], tail)
+        return await self._read_stream(exchange, channel, since, tail, history, scan_limit, timeout)
+
+    async def _read_stream(
+        self,
+        exchange: str,
+        channel: str,
+        since: int,
+        tail: int,
+        history: int,
+        scan_limit: int,
+        timeout: float,
+    ) -> Replay:
+        connection = self._connection_or_fail()
+        found: list[Delivery] = []
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        scan = _Scan()
+
+        async def on_message(message: AbstractIncomingMessage) -> None:
+            scan.received += 1
+            if scan.received % ACK_EVERY == 0:  # keep the credit flowing
+                await message.ack(multiple=True)
+            headers = message.headers or {}
+            offset = headers.get("x-stream-offset")
+            # A consumer starts at a chunk boundary: skip what lies before `since`.
+            if done.done() or not isinstance(offset, int) or offset < since:
+                return
+            if offset >= tail:
+                done.set_result(None)
+                return
+            if scan.first is None:
+                scan.continuous = offset == since and message.routing_key == channel
+                scan.first = offset
+            scan.scanned += 1
+            if scan.scanned > scan_limit:
+                scan.continuous = False  # too far behind: as good as lost
+                done.set_result(None)
+            elif offset > since and message.routing_key == channel and not _is_marker(message):
+                found.append(self._delivery(exchange, offset, message))
+
+        reader = await connection.channel(publisher_confirms=False)
+        try:
+            await reader.set_qos(prefetch_count=STREAM_PREFETCH)
+            queue = await reader.get_queue(stream_name(exchange), ensure=False)
+            await queue.consume(on_message, arguments={"x-stream-offset": since})
+            await asyncio.wait_for(done, timeout)
+        except (TimeoutError, aio_pika.exceptions.AMQPError, aiormq.AMQPError, ConnectionError):
+            raise BrokerUnavailable("could not read the channel's history") from None
+        finally:
+            with contextlib.suppress(Exception):
+                await reader.close()
+        recovered = scan.continuous and len(found) <= history
+        return Replay(recovered, found if recovered else [], tail)
+
+    async def _publish_marker(self, exchange: str, marker_id: str | None = None) -> None:
+        channel = self._publish_channel
+        if channel is None:
+            raise BrokerUnavailable("broker unavailable")
+        message = aio_pika.Message(b"", headers={MARKER_HEADER: marker_id or uuid.uuid4().hex})
+        try:
+            await channel.default_exchange.publish(
+                message, stream_name(exchange), timeout=self._confirm_timeout
+            )
+        except (TimeoutError, aio_pika.exceptions.AMQPError, aiormq.AMQPError, ConnectionError):
+            raise BrokerUnavailable("broker did not confirm a stream marker") from None
 
     # --- connection life cycle ---------------------------------------------
 
@@ -287,24 +408,18 @@ class Broker:
         offset = (message.headers or {}).get("x-stream-offset")
         last = self._following.get(exchange, -1)
         # A stream consumer starts at a chunk boundary: skip what we already delivered.
-        if (
-            isinstance(offset, int)
-            and exchange in self._following
-            and (last is None or offset > last)
-        ):
+        fresh = isinstance(offset, int) and (last is None or offset > last)
+        if fresh and exchange in self._following:
+            assert isinstance(offset, int)
             self._following[exchange] = offset
-            delivery = Delivery(
-                exchange=exchange,
-                channel=message.routing_key or "",
-                seq=offset,
-                body=message.body,
-                sender=sender_of(message.headers, message.user_id, message.app_id, self.user),
-                ts_ms=timestamp_ms_of(message.headers, message.timestamp, int(time.time() * 1000)),
-            )
-            try:
-                self._on_delivery(delivery)
-            except Exception:
-                log.exception("delivery handler failed for %s seq %s", delivery.channel, offset)
+            if _is_marker(message):
+                self._marker_seen(message, offset)
+            else:
+                delivery = self._delivery(exchange, offset, message)
+                try:
+                    self._on_delivery(delivery)
+                except Exception:
+                    log.exception("delivery handler failed for %s seq %s", delivery.channel, offset)
         unacked = self._unacked.get(exchange, 0) + 1
         if unacked >= ACK_EVERY:
             unacked = 0
@@ -312,10 +427,37 @@ class Broker:
                 await message.ack(multiple=True)
         self._unacked[exchange] = unacked
 
+    def _marker_seen(self, message: AbstractIncomingMessage, offset: int) -> None:
+        waiter = self._marker_waiters.get(str((message.headers or {}).get(MARKER_HEADER)))
+        if waiter is not None and not waiter.done():
+            waiter.set_result(offset)
+
+    def _delivery(self, exchange: str, offset: int, message: AbstractIncomingMessage) -> Delivery:
+        return Delivery(
+            exchange=exchange,
+            channel=message.routing_key or "",
+            seq=offset,
+            body=message.body,
+            sender=sender_of(message.headers, message.user_id, message.app_id, self.user),
+            ts_ms=timestamp_ms_of(message.headers, message.timestamp, int(time.time() * 1000)),
+        )
+
     def _connection_or_fail(self) -> AbstractConnection:
         if self._connection is None:
             raise BrokerUnavailable("broker unavailable")
         return self._connection
+
+
+@dataclass
+class _Scan:
+    received: int = 0
+    scanned: int = 0
+    first: int | None = None
+    continuous: bool = False
+
+
+def _is_marker(message: AbstractIncomingMessage) -> bool:
+    return MARKER_HEADER in (message.headers or {})
 
 
 def _describe(exc: BaseException) -> str:

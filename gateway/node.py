@@ -11,13 +11,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from gateway.broker import Broker, Delivery
 from gateway.config import Settings
 from gateway.events import EventBus
 from gateway.hub import Hub
-from gateway.outbox import fan_out
+from gateway.outbox import CLOSE_SLOW_CONSUMER, fan_out
 from gateway.policy import PolicySet
 from gateway.protocol import data_from_body, message_frame
 
@@ -29,6 +30,16 @@ log = logging.getLogger("rabbitgate.node")
 # An exchange without local subscribers is still followed this long, so that
 # a client hopping between channels does not restart the stream consumer.
 UNFOLLOW_GRACE_SECONDS = 30.0
+# How many stream messages (of all channels of an exchange) one replay may
+# read; a client that was away for longer gets recovered: false.
+REPLAY_SCAN_LIMIT = 200_000
+
+
+@dataclass(frozen=True, slots=True)
+class Subscribed:
+    seq: int | None  # latest seq of the channel known here
+    recovered: bool | None  # None when the subscribe had no `since`
+    backlog: list[bytes]  # frames to send right after the ack
 
 
 class Node:
@@ -49,6 +60,8 @@ class Node:
         # Latest seq seen per channel (what a subscribe ack reports).
         self._latest_seq: dict[str, int] = {}
         self._following: dict[str, asyncio.Future[None]] = {}
+        # channel -> sessions reading its history, each with what arrived live meanwhile
+        self._recovering: dict[str, dict[Session, list[tuple[int, bytes]]]] = {}
         self._unfollow_timers: dict[str, asyncio.TimerHandle] = {}
         self.dropped_messages = 0
 
@@ -77,13 +90,65 @@ class Node:
 
     # --- subscriptions ------------------------------------------------------
 
-    async def add_subscriber(self, session: Session, channel: str, exchange: str) -> None:
-        """Attach ``session`` to ``channel``; returns once messages will flow.
+    async def add_subscriber(
+        self,
+        session: Session,
+        channel: str,
+        exchange: str,
+        *,
+        since: int | None = None,
+        history: int = 0,
+    ) -> Subscribed:
+        """Attach ``session`` to ``channel``, first replaying what followed ``since``.
 
-        Raises BrokerUnavailable when the exchange's stream cannot be followed.
+        Returns once messages flow, with what the subscribe ack must say and
+        the frames to send right after it (the replay, then what was delivered
+        meanwhile, each exactly once and in seq order). The caller must send
+        them before it awaits anything, so that nothing overtakes them.
+        Raises BrokerUnavailable when the stream cannot be followed or read.
         """
         await self._ensure_following(exchange)
+        if since is None:
+            self.hub.add(channel, exchange, session)
+            return Subscribed(self._latest_seq.get(channel), None, [])
+        # Buffer what arrives live while the history is read; the stream read
+        # ends at a marker written after buffering began, so the two overlap
+        # and together miss nothing.
+        waiting = self._recovering.setdefault(channel, {})
+        buffered: list[tuple[int, bytes]] = []
+        waiting[session] = buffered
+        try:
+            replay = await self.broker.replay(
+                exchange,
+                channel,
+                since,
+                history=history,
+                scan_limit=REPLAY_SCAN_LIMIT,
+                timeout=self.settings.publish_confirm_timeout_seconds * 2,
+            )
+        finally:
+            del waiting[session]
+            if not waiting:
+                del self._recovering[channel]
+        backlog: list[bytes] = []
+        last = since
+        if replay.recovered:
+            for delivery in replay.deliveries:
+                frame = self._frame(delivery)
+                if frame is not None:
+                    backlog.append(frame)
+                last = delivery.seq
+        for seq, frame in buffered:
+            if seq > last:
+                backlog.append(frame)
+                last = seq
+        # `since` itself counts only once the stream proved it is this channel's.
+        candidates = [self._latest_seq.get(channel)]
+        if replay.recovered or last != since:
+            candidates.append(last)
+        latest = max((seq for seq in candidates if seq is not None), default=None)
         self.hub.add(channel, exchange, session)
+        return Subscribed(latest, replay.recovered, backlog)
 
     def remove_subscriber(self, session: Session, channel: str) -> None:
         emptied = self.hub.remove(channel, session)
@@ -126,8 +191,23 @@ class Node:
         """Fan one broker message out to this process's subscribers of its channel."""
         self._latest_seq[delivery.channel] = delivery.seq
         subscribers = self.hub.subscribers(delivery.channel)
-        if not subscribers:
+        recovering = self._recovering.get(delivery.channel)
+        if not subscribers and not recovering:
             return
+        frame = self._frame(delivery)
+        if frame is None:
+            return
+        if subscribers:
+            fan_out((session.outbox for session in subscribers), frame)
+        if recovering:
+            for session, buffered in recovering.items():
+                if len(buffered) >= self.settings.limits.send_buffer_messages:
+                    session.close(CLOSE_SLOW_CONSUMER, "slow consumer")
+                else:
+                    buffered.append((delivery.seq, frame))
+
+    def _frame(self, delivery: Delivery) -> bytes | None:
+        """The message frame, serialized once for every subscriber; None if undeliverable."""
         try:
             data = data_from_body(delivery.body)
         except ValueError:
@@ -137,9 +217,8 @@ class Node:
                 delivery.channel,
                 delivery.seq,
             )
-            return
-        frame = message_frame(delivery.channel, delivery.seq, data, delivery.sender, delivery.ts_ms)
-        fan_out((session.outbox for session in subscribers), frame)
+            return None
+        return message_frame(delivery.channel, delivery.seq, data, delivery.sender, delivery.ts_ms)
 
 
 def _log_failure(task: asyncio.Future[None]) -> None:

@@ -60,6 +60,7 @@ class Session:
         self.principal = principal
         self.address = address
         self.subscriptions: dict[str, str] = {}  # channel -> exchange
+        self._joining: set[str] = set()  # subscribes waiting for the broker
         self._inflight = asyncio.Semaphore(MAX_INFLIGHT_PUBLISHES)
         self._tasks: set[asyncio.Task[None]] = set()
         self._expiry: asyncio.TimerHandle | None = None
@@ -155,22 +156,38 @@ class Session:
     async def _subscribe(self, frame: Subscribe) -> None:
         channel = frame.channel
         decision = self.node.policies.decide(self.principal, "subscribe", channel)
-        if not decision.allowed or decision.rule is None:
-            self.emit("denied", channel=channel, detail="subscribe", rule=_label(decision.rule))
+        rule = decision.rule
+        if not decision.allowed or rule is None:
+            self.emit("denied", channel=channel, detail="subscribe", rule=_label(rule))
             raise FrameError("forbidden", f"not allowed to subscribe to {channel}", frame.id)
-        if channel not in self.subscriptions:
-            limit = self.node.settings.limits.max_channels_per_connection
-            if len(self.subscriptions) >= limit:
-                raise FrameError("forbidden", f"at most {limit} channels per connection", frame.id)
-            try:
-                await self.node.add_subscriber(self, channel, decision.rule.exchange)
-            except BrokerUnavailable:
+        if channel in self.subscriptions:
+            if frame.since is not None:
+                # Replaying into a live subscription would deliver messages twice.
                 raise FrameError(
-                    "unavailable", "broker unavailable, retry later", frame.id
-                ) from None
-            self.subscriptions[channel] = decision.rule.exchange
-            self.emit("subscribe", channel=channel, rule=decision.rule.label)
-        self.send(ack_frame(frame.id, seq=self.node.latest_seq(channel)))
+                    "bad_request", f"already subscribed to {channel}; unsubscribe first", frame.id
+                )
+            self.send(ack_frame(frame.id, seq=self.node.latest_seq(channel)))
+            return
+        limit = self.node.settings.limits.max_channels_per_connection
+        if len(self.subscriptions) + len(self._joining) >= limit:
+            raise FrameError("forbidden", f"at most {limit} channels per connection", frame.id)
+        self._joining.add(channel)
+        try:
+            joined = await self.node.add_subscriber(
+                self, channel, rule.exchange, since=frame.since, history=rule.history
+            )
+        except BrokerUnavailable:
+            raise FrameError("unavailable", "broker unavailable, retry later", frame.id) from None
+        finally:
+            self._joining.discard(channel)
+        self.subscriptions[channel] = rule.exchange
+        self.emit("subscribe", channel=channel, rule=rule.label)
+        if joined.recovered is None:
+            self.send(ack_frame(frame.id, seq=joined.seq))
+        else:
+            self.send(ack_frame(frame.id, seq=joined.seq, recovered=joined.recovered))
+        for message in joined.backlog:
+            self.send(message)
 
     def _unsubscribe(self, frame: Unsubscribe) -> None:
         if self.subscriptions.pop(frame.channel, None) is not None:

@@ -74,6 +74,11 @@ rules:
     exchange: {p}.news
     subscribe: [anyone]
     publish: ["scope:news.write"]
+  - channel: "small.{{topic}}"
+    exchange: {p}.small
+    subscribe: [anyone]
+    publish: [anyone]
+    history: 3
 """
 
 
@@ -113,7 +118,7 @@ async def cleanup_broker(exchange_prefix: str) -> AsyncIterator[None]:
     yield
     connection = await aio_pika.connect(AMQP_URL)
     try:
-        for kind in ("chat", "notify", "feeds", "news"):
+        for kind in ("chat", "notify", "feeds", "news", "small"):
             channel = await connection.channel()
             await channel.queue_delete(f"rabbitgate.stream.{exchange_prefix}.{kind}")
             await channel.exchange_delete(f"{exchange_prefix}.{kind}")
