@@ -64,6 +64,7 @@ class Node:
         self._recovering: dict[str, dict[Session, list[tuple[int, bytes]]]] = {}
         self._unfollow_timers: dict[str, asyncio.TimerHandle] = {}
         self.dropped_messages = 0
+        self.shutting_down = False
 
     async def swap_policies(self, policies: PolicySet) -> int:
         """Put a validated policy set in force and re-check every live subscription.

@@ -81,10 +81,13 @@ class Session:
             self.node.remove_subscriber(self, channel)
         self.subscriptions.clear()
         # Let in-flight publishes reach their confirm: they were sent already.
+        await self.drain()
+
+    async def drain(self) -> None:
+        """Wait (bounded by the confirm timeout) for in-flight publishes to be answered."""
         if self._tasks:
-            await asyncio.wait(
-                set(self._tasks), timeout=self.node.settings.publish_confirm_timeout_seconds
-            )
+            timeout = self.node.settings.publish_confirm_timeout_seconds
+            await asyncio.wait(set(self._tasks), timeout=timeout)
 
     def _schedule_expiry(self) -> None:
         if self._expiry is not None:
@@ -204,6 +207,8 @@ class Session:
         if max_bytes is not None and len(frame.body) > max_bytes:
             raise FrameError("too_large", f"data is larger than {max_bytes} bytes", frame.id)
         self.emit("publish", channel=frame.channel, size=len(frame.body), rule=decision.rule.label)
+        if self.node.shutting_down:
+            raise FrameError("unavailable", "server shutting down, reconnect elsewhere", frame.id)
         message = client_message(frame.body, self.principal.sub, self.id, self.node.broker.user)
         await self._inflight.acquire()
         # The publish is written to RabbitMQ in the order tasks start, which is
