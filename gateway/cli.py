@@ -1,4 +1,4 @@
-"""The ``rabbitgate`` command: serve, certs, token.
+"""The ``rabbitgate`` command: serve, certs, token, policy.
 
 Every failure an operator can cause (a bad config, a missing certificate, an
 invalid policy set, an unreachable broker) ends in a one-line message and a
@@ -88,6 +88,10 @@ def _parser() -> argparse.ArgumentParser:
         help="extra claim (repeatable)",
     )
     token.set_defaults(run=_token)
+
+    from gateway.policy_cli import add_policy_commands
+
+    add_policy_commands(commands, _add_config_flag)
     return parser
 
 
@@ -149,6 +153,8 @@ async def _run_gateway(settings: Settings) -> int:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    # SIGHUP: re-read the policies folder now (an invalid set keeps the last good one).
+    loop.add_signal_handler(signal.SIGHUP, gateway.reloader.reload_soon, "SIGHUP")
     await stop.wait()
     logging.getLogger("rabbitgate").info("shutting down")
     await gateway.stop()

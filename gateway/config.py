@@ -83,6 +83,8 @@ class Settings:
     stream_max_age: str = "7D"
     publish_confirm_timeout_seconds: float = 5.0
     policies_dir: Path = Path("policies")
+    # Reload the policies when a *.yaml file of policies_dir changes (SIGHUP always does).
+    policy_watch: bool = True
     jwt: JwtSettings = field(default_factory=JwtSettings)
     limits: LimitSettings = field(default_factory=LimitSettings)
     compression: bool = False

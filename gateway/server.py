@@ -28,6 +28,7 @@ from gateway.node import Node
 from gateway.outbox import Outbox
 from gateway.policy import PolicySet, Principal
 from gateway.protocol import Auth, FrameError, error_frame, parse_frame, welcome_frame
+from gateway.reloader import PolicyReloader
 from gateway.session import CLOSE_AUTH, Session
 
 log = logging.getLogger("rabbitgate.server")
@@ -58,6 +59,9 @@ class Gateway:
     def __init__(self, settings: Settings, policies: PolicySet) -> None:
         self.settings = settings
         self.node = Node(settings, policies)
+        self.reloader = PolicyReloader(
+            self.node, settings.policies_dir, watch=settings.policy_watch
+        )
         self.verifier = TokenVerifier(settings.jwt)
         self._server: Server | None = None
         # What the handshake learnt about a connection, for its handler.
@@ -80,6 +84,7 @@ class Gateway:
             )
         await self.verifier.start()
         await self.node.start()
+        await self.reloader.start()  # watches policies_dir; SIGHUP calls reload_soon
         limits = self.settings.limits
         self._server = await serve(
             self._handle,
@@ -108,6 +113,7 @@ class Gateway:
 
     async def stop(self) -> None:
         """Stop accepting, close every client with 1001, then leave RabbitMQ."""
+        await self.reloader.stop()  # no policy swap while shutting down
         if self._server is not None:
             self._server.close(close_connections=True)
             await self._server.wait_closed()
