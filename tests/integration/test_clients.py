@@ -1,0 +1,342 @@
+"""The Python client (gateway/client.py) against the real TLS gateway on the real
+RabbitMQ: receive, reconnect by itself, recover with `since`, queue publishes,
+refresh its token in band; and against a hostile fake server, to show that bad
+frames never crash it."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import ssl
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+import pytest
+from websockets.asyncio.server import ServerConnection, serve
+
+from gateway.client import ClientClosed, Message, QueueFull, RabbitgateClient, RabbitgateError
+from gateway.config import Settings
+from gateway.policy import load_policy_set
+from gateway.server import Gateway
+
+pytestmark = pytest.mark.integration
+
+
+def url(gateway: Gateway) -> str:
+    return f"wss://localhost:{gateway.port}/ws"
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float = 10) -> None:
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.02)
+
+
+async def take(inbox: asyncio.Queue[Message], count: int, timeout: float = 10) -> list[Any]:
+    async with asyncio.timeout(timeout):
+        return [(await inbox.get()).data for _ in range(count)]
+
+
+def drop(gateway: Gateway, sub: str, code: int = 4409) -> None:
+    """The server ends every connection of ``sub`` (as it does a slow consumer)."""
+    for session in list(gateway.node.sessions):
+        if session.principal.sub == sub:
+            session.close(code, "dropped by the test")
+
+
+async def test_the_client_subscribes_publishes_and_receives_over_tls(
+    gateway: Gateway, client_ssl: ssl.SSLContext, make_token: Callable[..., str]
+) -> None:
+    async with RabbitgateClient(url(gateway), token=make_token("alice"), ssl=client_ssl) as alice:
+        await alice.subscribe("chat.lobby")
+        await alice.publish("chat.lobby", {"text": "hi"})
+        messages = alice.messages()
+        message = await asyncio.wait_for(anext(messages), 5)
+        assert (message.channel, message.data, message.sender) == (
+            "chat.lobby",
+            {"text": "hi"},
+            "alice",
+        )
+        assert isinstance(message.seq, int) and message.ts and message.ts > 1_700_000_000_000
+        assert await alice.ping() < 5
+
+        with pytest.raises(RabbitgateError) as denied:
+            await alice.publish("news.today", "needs scope news.write")
+        assert denied.value.code == "forbidden"
+        with pytest.raises(RabbitgateError) as refused:
+            await alice.subscribe("user.bob.inbox")
+        assert refused.value.code == "forbidden"
+
+
+async def test_after_the_gateway_restarts_the_client_reconnects_resubscribes_and_sends_its_queue(
+    gateway: Gateway,
+    settings: Settings,
+    client_ssl: ssl.SSLContext,
+    make_token: Callable[..., str],
+    connect_client: Any,
+) -> None:
+    calls = 0
+
+    async def token() -> str:
+        nonlocal calls
+        calls += 1
+        return make_token("carol")
+
+    inbox: asyncio.Queue[Message] = asyncio.Queue()
+    lost: list[str] = []
+    port = gateway.port
+    client = RabbitgateClient(
+        url(gateway),
+        token=token,
+        ssl=client_ssl,
+        on_message=inbox.put_nowait,
+        on_recovery_lost=lost.append,
+        backoff_base=0.05,
+        backoff_cap=0.5,
+    )
+    await client.connect()
+    second: Gateway | None = None
+    try:
+        await client.subscribe("chat.restart")
+        await client.publish("chat.restart", "before")
+        assert await take(inbox, 1) == ["before"]
+        first_session = client.session
+
+        await gateway.stop()  # every client is closed with 1001
+        await wait_until(lambda: client.session is None)
+        queued = [
+            asyncio.create_task(client.publish("chat.restart", f"queued {i}")) for i in (1, 2)
+        ]
+        await asyncio.sleep(0.5)  # the client keeps trying a closed port meanwhile
+        assert not any(task.done() for task in queued)
+
+        second = Gateway(
+            dataclasses.replace(settings, port=port), load_policy_set(settings.policies_dir)
+        )
+        await second.start()
+        await asyncio.wait_for(asyncio.gather(*queued), 10)  # sent after reconnect, and acked
+        assert client.session not in (None, first_session)
+        assert calls >= 2  # a fresh token for the new connection
+
+        bob = await connect_client("bob", gw=second)
+        assert (await bob.request("publish", channel="chat.restart", data="after"))["type"] == "ack"
+        assert await take(inbox, 3) == ["queued 1", "queued 2", "after"]
+        assert lost == []  # the history in RabbitMQ covered the gap
+        await asyncio.sleep(0.3)
+        assert inbox.empty(), "a message was delivered twice"
+    finally:
+        await client.close()
+        if second is not None:
+            await second.stop()
+
+
+async def test_messages_published_while_the_client_was_away_are_replayed_once(
+    gateway: Gateway,
+    client_ssl: ssl.SSLContext,
+    make_token: Callable[..., str],
+    connect_client: Any,
+) -> None:
+    calls = 0
+    gate = asyncio.Event()
+
+    async def token() -> str:
+        nonlocal calls
+        calls += 1
+        if calls > 1:
+            await gate.wait()  # hold the reconnect until the test has published
+        return make_token("carol")
+
+    inbox: asyncio.Queue[Message] = asyncio.Queue()
+    lost: list[str] = []
+    bob = await connect_client("bob")
+    async with RabbitgateClient(
+        url(gateway),
+        token=token,
+        ssl=client_ssl,
+        on_message=inbox.put_nowait,
+        on_recovery_lost=lost.append,
+        backoff_base=0.01,
+    ) as client:
+        await client.subscribe("chat.away")
+        await bob.request("publish", channel="chat.away", data=1)
+        assert await take(inbox, 1) == [1]
+
+        drop(gateway, "carol")
+        await wait_until(lambda: calls == 2)  # reconnecting, waiting for its token
+        for value in (2, 3):
+            assert (await bob.request("publish", channel="chat.away", data=value))["type"] == "ack"
+        gate.set()
+        assert await take(inbox, 2) == [2, 3]
+        await bob.request("publish", channel="chat.away", data=4)
+        assert await take(inbox, 1) == [4]
+        assert lost == [] and client.connections == 2
+        await asyncio.sleep(0.3)
+        assert inbox.empty(), "a message was delivered twice"
+
+
+async def test_when_the_history_no_longer_covers_the_gap_the_app_is_told_to_reload(
+    gateway: Gateway,
+    client_ssl: ssl.SSLContext,
+    make_token: Callable[..., str],
+    connect_client: Any,
+) -> None:
+    calls = 0
+    gate = asyncio.Event()
+
+    async def token() -> str:
+        nonlocal calls
+        calls += 1
+        if calls > 1:
+            await gate.wait()
+        return make_token("carol")
+
+    events: list[Any] = []
+    received = asyncio.Event()
+
+    def on_message(message: Message) -> None:
+        events.append(message.data)
+        received.set()
+
+    bob = await connect_client("bob")
+    async with RabbitgateClient(
+        url(gateway),
+        token=token,
+        ssl=client_ssl,
+        on_message=on_message,
+        on_recovery_lost=lambda channel: events.append(("reload", channel)),
+        backoff_base=0.01,
+    ) as client:
+        await client.subscribe("chat.gap")
+        await bob.request("publish", channel="chat.gap", data="seen")
+        await asyncio.wait_for(received.wait(), 5)
+        drop(gateway, "carol")
+        await wait_until(lambda: calls == 2)
+        for i in range(130):  # the rule keeps 100 messages of history
+            await bob.send(type="publish", channel="chat.gap", data=i, id=f"m{i}")
+        acked = 0
+        while acked < 130:
+            frame = await bob.recv()
+            assert frame["type"] == "ack", frame
+            acked += 1
+        gate.set()
+        await wait_until(lambda: ("reload", "chat.gap") in events)
+        await bob.request("publish", channel="chat.gap", data="fresh")
+        await wait_until(lambda: events[-1] == "fresh")
+        assert events[:2] == ["seen", ("reload", "chat.gap")]
+        assert client.connections == 2
+
+
+async def test_the_token_is_refreshed_in_band_before_it_expires(
+    gateway: Gateway, client_ssl: ssl.SSLContext, make_token: Callable[..., str]
+) -> None:
+    issued: list[str] = []
+
+    def token() -> str:  # a plain (not async) callback works too
+        issued.append(make_token("dave", ttl=3))
+        return issued[-1]
+
+    async with RabbitgateClient(
+        url(gateway), token=token, ssl=client_ssl, refresh_margin=2, backoff_base=0.01
+    ) as client:
+        session = client.session
+        await client.subscribe("chat.refresh")
+        await asyncio.sleep(5)  # past the first token's exp
+        assert client.session == session and client.connections == 1
+        assert len(issued) >= 3  # the connect, then about one refresh a second
+        await client.publish("chat.refresh", "still here")
+        assert await client.ping() < 5
+
+
+async def test_a_fixed_token_that_is_refused_stops_the_client(
+    gateway: Gateway, client_ssl: ssl.SSLContext, make_token: Callable[..., str]
+) -> None:
+    client = RabbitgateClient(url(gateway), token=make_token("erin", ttl=-10), ssl=client_ssl)
+    with pytest.raises(ClientClosed) as closed:
+        await asyncio.wait_for(client.connect(), 10)
+    assert closed.value.close_code == 4401
+    with pytest.raises(ClientClosed):
+        await client.publish("chat.x", 1)
+    await client.close()
+
+
+async def test_publishes_beyond_the_queue_bound_are_refused_while_disconnected() -> None:
+    client = RabbitgateClient("ws://127.0.0.1:9/ws", token="t", max_queued_publishes=2)
+    waiting = [asyncio.create_task(client.publish("chat.q", i)) for i in range(2)]
+    await asyncio.sleep(0)
+    with pytest.raises(QueueFull):
+        await client.publish("chat.q", 3)
+    await client.close()
+    for task in waiting:
+        with pytest.raises(ClientClosed):
+            await task
+
+
+# --- a hostile server -------------------------------------------------------
+
+GARBAGE = [
+    "not json",
+    "[1, 2]",
+    '"a string"',
+    '{"type": 5}',
+    '{"type": "surprise"}',
+    '{"no": "type"}',
+    '{"type": "message", "channel": "c.x", "seq": "2", "data": "bad seq"}',
+    '{"type": "message", "channel": 7, "seq": 2, "data": "bad channel"}',
+    '{"type": "message", "channel": "c.x", "seq": true, "data": "bool seq"}',
+    '{"type": "message", "channel": "c.other", "seq": 9, "data": "not subscribed"}',
+    '{"type": "ack", "id": [1]}',
+    '{"type": "ack", "id": 99999}',
+    '{"type": "error"}',
+    '{"type": "pong", "id": {"a": 1}}',
+]
+
+
+async def test_malformed_frames_from_the_server_are_skipped_and_the_client_carries_on() -> None:
+    opened = 0
+
+    async def handler(ws: ServerConnection) -> None:
+        nonlocal opened
+        opened += 1
+        assert orjson.loads(await ws.recv())["type"] == "auth"
+        await ws.send("garbage before welcome")
+        await ws.send('{"type": "welcome", "session": "s1", "user": "u", "heartbeat": 20}')
+        subscribe = orjson.loads(await ws.recv())
+        await ws.send(orjson.dumps({"type": "ack", "id": subscribe["id"], "seq": 1}).decode())
+        for frame in GARBAGE:
+            await ws.send(frame)
+        await ws.send(b"\xff\xfe binary")
+        good = {"type": "message", "channel": "c.x", "seq": 2, "data": "ok", "from": "u", "ts": 1}
+        await ws.send(orjson.dumps(good).decode())
+        await ws.send(orjson.dumps(good).decode())  # a duplicate
+        await ws.send(orjson.dumps({**good, "seq": 1, "data": "old"}).decode())
+        await ws.send(
+            orjson.dumps({**good, "seq": 3, "data": "next", "from": 7, "ts": "x"}).decode()
+        )
+        ping = orjson.loads(await ws.recv())
+        await ws.send(orjson.dumps({"type": "pong", "id": ping["id"]}).decode())
+        await ws.recv()  # the client says something more, or closes
+        await ws.close(4403, "banned")
+
+    errors: list[RabbitgateError] = []
+    async with serve(handler, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        client = RabbitgateClient(
+            f"ws://127.0.0.1:{port}/ws", token="t", on_error=errors.append, backoff_base=0.01
+        )
+        await client.connect()
+        await client.subscribe("c.x")
+        stream = client.messages()
+        first = await asyncio.wait_for(anext(stream), 5)
+        second = await asyncio.wait_for(anext(stream), 5)
+        assert (first.data, first.seq, first.sender, first.ts) == ("ok", 2, "u", 1)
+        assert (second.data, second.seq, second.sender, second.ts) == ("next", 3, None, None)
+        assert [e.code for e in errors] == ["internal"]  # the id-less error frame, reported
+        assert await client.ping() < 5  # still connected, still answering
+        await client._ws.send("{}")  # type: ignore[union-attr]  # let the server ban us
+        with pytest.raises(ClientClosed) as banned:
+            await asyncio.wait_for(anext(stream), 5)
+        assert banned.value.close_code == 4403
+        await asyncio.sleep(0.2)
+        assert opened == 1  # banned: no reconnect
+        await client.close()
