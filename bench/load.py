@@ -1,0 +1,326 @@
+"""Fan-out load test: N subscribers on one channel, P publishers, rabbitgate
+against RabbitMQ Web-STOMP on the same broker, in one run.
+
+    .venv/bin/python -m bench.load --subscribers 100 --rate 100 --seconds 20 --size 200
+
+For each target: connect the subscribers (spread over client worker
+processes), start publishing, let it warm up, then measure for ``--seconds``:
+messages delivered per second, latency from publish to receipt (p50, p99,
+max), and the CPU seconds the servers spent in that window (read from
+/proc): the gateway process plus RabbitMQ (``beam.smp``) for rabbitgate,
+RabbitMQ alone for Web-STOMP. The figure compared is server CPU microseconds
+per delivered message. ``--json`` prints one JSON object instead of tables.
+
+Only 127.0.0.1 is ever contacted; every phase has a timeout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.clients import worker_main
+from bench.pool import Pool
+from bench.proc import broker_pids, cpu_seconds, total_cpu_seconds
+from bench.target import CHANNEL, ensure_webstomp, start_gateway, webstomp_endpoint
+
+SUBSCRIBERS_PER_WORKER = 500
+SETUP_TIMEOUT_SECONDS = 180.0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.load", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--subscribers", type=int, default=100, help="subscriber connections")
+    parser.add_argument("--publishers", type=int, default=1, help="publisher connections")
+    parser.add_argument(
+        "--rate", type=float, default=100.0, help="total messages/s published (0: flat out)"
+    )
+    parser.add_argument("--seconds", type=float, default=20.0, help="measurement window")
+    parser.add_argument("--warmup", type=float, default=3.0, help="seconds before measuring")
+    parser.add_argument("--size", type=int, default=200, help="message body bytes (JSON)")
+    parser.add_argument("--tls", action="store_true", help="wss:// to the gateway")
+    parser.add_argument(
+        "--target", choices=("gateway", "webstomp", "both"), default="both", help="what to measure"
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help=f"subscriber worker processes (default: one per {SUBSCRIBERS_PER_WORKER}, at least 1)",
+    )
+    parser.add_argument(
+        "--window", type=int, default=64, help="unconfirmed messages per publisher at most"
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    parser.add_argument(
+        "--gateway-src",
+        type=Path,
+        metavar="DIR",
+        help="run the gateway package found in DIR (a copy with a change to measure)",
+    )
+    parser.add_argument(
+        "--profile",
+        metavar="FILE",
+        help="record the gateway with py-spy during the window (FILE.svg: flame graph, "
+        "FILE.txt: collapsed stacks); the figures of a profiled run are not comparable",
+    )
+    args = parser.parse_args(argv)
+    if args.subscribers < 1 or args.publishers < 1 or args.seconds <= 0 or args.size < 1:
+        parser.error("--subscribers, --publishers, --seconds and --size must be positive")
+    if args.subscribers > 20000:
+        parser.error("--subscribers is capped at 20000")
+    return args
+
+
+def _specs(args: argparse.Namespace, endpoint: dict[str, Any]) -> tuple[list[dict], dict]:
+    workers = args.workers or max(1, math.ceil(args.subscribers / SUBSCRIBERS_PER_WORKER))
+    base = {
+        "endpoint": endpoint,
+        "channel": CHANNEL,
+        "size": args.size,
+        "window": args.window,
+        "rate": args.rate / args.publishers,
+        "connect_concurrency": 100,
+    }
+    share, extra = divmod(args.subscribers, workers)
+    subscriber_specs = [
+        {**base, "name": f"w{i}", "subscribers": share + (1 if i < extra else 0), "publishers": 0}
+        for i in range(workers)
+    ]
+    publisher_spec = {**base, "name": "pub", "subscribers": 0, "publishers": args.publishers}
+    return subscriber_specs, publisher_spec
+
+
+def run_target(kind: str, args: argparse.Namespace, log: Any) -> dict[str, Any]:
+    gateway = None
+    subscribers = publishers = None
+    try:
+        if kind == "gateway":
+            gateway = start_gateway(tls=args.tls, source=args.gateway_src)
+            endpoint = gateway.endpoint()
+        else:
+            ensure_webstomp()
+            endpoint = webstomp_endpoint()
+        brokers = broker_pids()
+        idle_before = total_cpu_seconds(brokers)
+        time.sleep(1.0)
+        broker_idle = total_cpu_seconds(brokers) - idle_before
+        sub_specs, pub_spec = _specs(args, endpoint)
+        log(f"[{kind}] connecting {args.subscribers} subscribers in {len(sub_specs)} worker(s)")
+        started = time.monotonic()
+        subscribers = Pool(worker_main, sub_specs)
+        ready = subscribers.wait_ready(SETUP_TIMEOUT_SECONDS)
+        connect_seconds = time.monotonic() - started
+        publishers = Pool(worker_main, [pub_spec])
+        ready += publishers.wait_ready(SETUP_TIMEOUT_SECONDS)
+        connected = sum(r["subscribers"] for r in ready)
+        failures: dict[str, int] = {}
+        for r in ready:
+            for reason, count in r["failures"].items():
+                failures[reason] = failures.get(reason, 0) + count
+        if connected == 0 or sum(r["publishers"] for r in ready) == 0:
+            raise RuntimeError(f"[{kind}] no connection could be set up: {failures}")
+        log(f"[{kind}] {connected} subscribers ready in {connect_seconds:.1f}s; publishing")
+        publishers.ask("publish_on")
+        time.sleep(args.warmup)
+
+        server_pids = brokers + ([gateway.pid] if gateway else [])
+        cpu_before = {pid: cpu_seconds(pid) for pid in server_pids}
+        clients_before = subscribers.cpu_seconds() + publishers.cpu_seconds()
+        profiler = _start_profiler(args, gateway.pid) if gateway and args.profile else None
+        subscribers.ask("measure_on")
+        publishers.ask("measure_on")
+        t0 = time.monotonic()
+        time.sleep(args.seconds)
+        if profiler is not None:
+            _stop_profiler(profiler, log)
+        pub_stats = [a[1] for a in publishers.ask("measure_off")]
+        sub_stats = [a[1] for a in subscribers.ask("measure_off", timeout=120)]
+        elapsed = time.monotonic() - t0
+        cpu_after = {pid: cpu_seconds(pid) for pid in server_pids}
+        clients_cpu = subscribers.cpu_seconds() + publishers.cpu_seconds() - clients_before
+        publishers.ask("publish_off")
+        gateway_alive = gateway is None or gateway.process.poll() is None
+    finally:
+        for pool in (publishers, subscribers):
+            if pool is not None:
+                pool.close()
+        if gateway is not None:
+            gateway.stop()
+
+    broker_cpu = sum(cpu_after[p] - cpu_before[p] for p in brokers)
+    gateway_cpu = cpu_after[gateway.pid] - cpu_before[gateway.pid] if gateway else 0.0
+    latencies = (
+        np.concatenate([np.frombuffer(s["latencies_ns"], dtype=np.int64) for s in sub_stats]) / 1e6
+    )
+    delivered = sum(s["received"] for s in sub_stats)
+    published = sum(s["sent"] for s in pub_stats)
+    confirmed = sum(s["acked"] for s in pub_stats)
+    server_cpu = broker_cpu + gateway_cpu
+    errors = sum(s["errors"] for s in sub_stats + pub_stats)
+    close_codes: dict[str, int] = {}
+    for s in sub_stats + pub_stats:
+        for code, count in s["close_codes"].items():
+            close_codes[str(code)] = close_codes.get(str(code), 0) + count
+    samples = [x for s in sub_stats + pub_stats for x in s["error_samples"]][:3]
+    per = (lambda cpu: cpu / delivered * 1e6) if delivered else (lambda cpu: float("nan"))
+    return {
+        "target": kind,
+        "tls": bool(args.tls) if kind == "gateway" else False,
+        "subscribers": connected,
+        "subscriber_failures": failures,
+        "publishers": args.publishers,
+        "rate": args.rate,
+        "size": args.size,
+        "seconds": round(elapsed, 3),
+        "published_per_s": published / elapsed,
+        "confirmed_per_s": confirmed / elapsed,
+        "delivered": delivered,
+        "delivered_per_s": delivered / elapsed,
+        "delivery_ratio": delivered / (published * connected) if published and connected else 0.0,
+        "latency_ms": {
+            "p50": float(np.percentile(latencies, 50)) if delivered else float("nan"),
+            "p99": float(np.percentile(latencies, 99)) if delivered else float("nan"),
+            "max": float(latencies.max()) if delivered else float("nan"),
+        },
+        "cpu_seconds": {
+            "gateway": gateway_cpu,
+            "broker": broker_cpu,
+            "server": server_cpu,
+            "clients": clients_cpu,
+            "broker_idle_per_s": broker_idle,
+        },
+        "cpu_us_per_delivery": {
+            "gateway": per(gateway_cpu),
+            "broker": per(broker_cpu),
+            "server": per(server_cpu),
+        },
+        "errors": errors,
+        "error_samples": samples,
+        "closed_connections": sum(s["closed"] for s in sub_stats),
+        "close_codes": close_codes,
+        "gateway_alive": gateway_alive,
+        "connect_seconds": connect_seconds,
+    }
+
+
+def _start_profiler(args: argparse.Namespace, pid: int) -> subprocess.Popen[bytes]:
+    py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(py_spy).exists():
+        raise RuntimeError("--profile needs py-spy (pip install py-spy)")
+    fmt = "raw" if args.profile.endswith(".txt") else "flamegraph"
+    command = [py_spy, "record", "--pid", str(pid), "--output", args.profile, "--format", fmt]
+    command += ["--duration", str(math.ceil(args.seconds)), "--rate", "250", "--nonblocking"]
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def _stop_profiler(profiler: subprocess.Popen[bytes], log: Any) -> None:
+    try:
+        _, err = profiler.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        profiler.kill()
+        _, err = profiler.communicate()
+    if profiler.returncode != 0:
+        log(f"py-spy failed: {err.decode(errors='replace').strip()[-300:]}")
+
+
+def ratios(results: dict[str, dict[str, Any]]) -> dict[str, float] | None:
+    gw, ws = results.get("gateway"), results.get("webstomp")
+    if not gw or not ws:
+        return None
+
+    def ratio(a: float, b: float) -> float:
+        return a / b if b and not math.isnan(b) else float("nan")
+
+    return {
+        "server_cpu_per_delivery": ratio(
+            gw["cpu_us_per_delivery"]["server"], ws["cpu_us_per_delivery"]["server"]
+        ),
+        "p50_latency": ratio(gw["latency_ms"]["p50"], ws["latency_ms"]["p50"]),
+        "p99_latency": ratio(gw["latency_ms"]["p99"], ws["latency_ms"]["p99"]),
+        "delivered_per_s": ratio(gw["delivered_per_s"], ws["delivered_per_s"]),
+    }
+
+
+def render(args: argparse.Namespace, results: dict[str, dict[str, Any]]) -> str:
+    rows = [
+        ("subscribers connected", lambda r: f"{r['subscribers']}"),
+        (
+            "published msg/s (confirmed)",
+            lambda r: f"{r['published_per_s']:.0f} ({r['confirmed_per_s']:.0f})",
+        ),
+        ("delivered msg/s", lambda r: f"{r['delivered_per_s']:.0f}"),
+        ("delivery ratio", lambda r: f"{r['delivery_ratio']:.3f}"),
+        ("latency p50 ms", lambda r: f"{r['latency_ms']['p50']:.2f}"),
+        ("latency p99 ms", lambda r: f"{r['latency_ms']['p99']:.2f}"),
+        ("latency max ms", lambda r: f"{r['latency_ms']['max']:.2f}"),
+        ("gateway CPU s", lambda r: f"{r['cpu_seconds']['gateway']:.2f}"),
+        ("broker CPU s", lambda r: f"{r['cpu_seconds']['broker']:.2f}"),
+        ("client CPU s (load tool)", lambda r: f"{r['cpu_seconds']['clients']:.2f}"),
+        ("broker idle CPU s/s before", lambda r: f"{r['cpu_seconds']['broker_idle_per_s']:.3f}"),
+        ("gateway us/delivery", lambda r: f"{r['cpu_us_per_delivery']['gateway']:.2f}"),
+        ("broker us/delivery", lambda r: f"{r['cpu_us_per_delivery']['broker']:.2f}"),
+        ("server us/delivery", lambda r: f"{r['cpu_us_per_delivery']['server']:.2f}"),
+        ("errors / closed conns", lambda r: f"{r['errors']} / {r['closed_connections']}"),
+    ]
+    names = list(results)
+    head = (
+        f"bench.load: {args.subscribers} subscribers, {args.publishers} publisher(s), "
+        f"rate {'flat out' if not args.rate else f'{args.rate:g} msg/s'}, {args.size} B, "
+        f"{args.seconds:g} s, gateway TLS {'on' if args.tls else 'off'}"
+    )
+    width = max(len(label) for label, _ in rows)
+    lines = [head, "", f"{'':{width}}  " + "  ".join(f"{n:>14}" for n in names)]
+    for label, cell in rows:
+        lines.append(f"{label:{width}}  " + "  ".join(f"{cell(results[n]):>14}" for n in names))
+    found = ratios(results)
+    if found:
+        lines += [
+            "",
+            "ratios gateway / webstomp:",
+            f"  server CPU per delivery  {found['server_cpu_per_delivery']:.3f}  (target <= 0.5)",
+            f"  p99 latency              {found['p99_latency']:.3f}  (target <= 1.0)",
+            f"  p50 latency              {found['p50_latency']:.3f}",
+            f"  delivered msg/s          {found['delivered_per_s']:.3f}",
+        ]
+    for name, r in results.items():
+        if r["subscriber_failures"] or r["error_samples"] or r["close_codes"]:
+            lines.append(
+                f"[{name}] connect failures {r['subscriber_failures']}, close codes "
+                f"{r['close_codes']}, error samples {r['error_samples']}"
+            )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+
+    def log(text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+    kinds = ["gateway", "webstomp"] if args.target == "both" else [args.target]
+    results = {kind: run_target(kind, args, log) for kind in kinds}
+    if args.json:
+        print(
+            json.dumps(
+                {"args": vars(args), "results": results, "ratios": ratios(results)}, indent=2
+            )
+        )
+    else:
+        print(render(args, results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
