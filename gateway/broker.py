@@ -50,8 +50,8 @@ MARKER_HEADER = "x-rabbitgate-marker"
 # (multiple=True), so the credit never runs dry and acks stay cheap.
 STREAM_PREFETCH = 2000
 ACK_EVERY = STREAM_PREFETCH // 4
-RECONNECT_BASE_SECONDS = 0.5
-RECONNECT_CAP_SECONDS = 15.0
+RECONNECT_BASE_SECONDS = 0.25
+RECONNECT_CAP_SECONDS = 5.0
 
 
 class BrokerUnavailable(Exception):
@@ -121,6 +121,7 @@ class Broker:
         self._consumers: dict[str, tuple[AbstractQueue, str]] = {}
         self._unacked: dict[str, int] = {}
         self._marker_waiters: dict[str, asyncio.Future[int]] = {}
+        self._ready = False
         self._lost = asyncio.Event()
         self._lock = asyncio.Lock()
         self._supervisor: asyncio.Task[None] | None = None
@@ -128,7 +129,8 @@ class Broker:
 
     @property
     def connected(self) -> bool:
-        return self._connection is not None and not self._connection.is_closed
+        """True from a completed (re)connect until the connection is lost."""
+        return self._ready
 
     async def start(self, exchanges: Iterable[str]) -> None:
         """Connect (retrying until ``connect_timeout``) and declare ``exchanges``.
@@ -204,9 +206,14 @@ class Broker:
         if exchange in self._following:
             return
         self._following[exchange] = None
+        # Under the lock: a reconnect in progress either starts this consumer
+        # itself or has finished and left it to us.
+        async with self._lock:
+            if not self.connected:
+                del self._following[exchange]
+                raise BrokerUnavailable("broker unavailable")
+            await self._start_consumer(exchange)
         if self.connected:
-            async with self._lock:
-                await self._start_consumer(exchange)
             # Once the consumer sees this marker it knows its position, so a
             # reconnect resumes from there instead of from "next" (which would
             # lose what was published during the outage).
@@ -343,12 +350,14 @@ class Broker:
                     await connection.close()
                 raise
             self._lost.clear()
+            self._ready = True
             connection.close_callbacks.add(self._on_connection_closed)
         log.info("connected to RabbitMQ at %s", redacted(self._url))
         if self._on_state_change:
             self._on_state_change(True)
 
     def _on_connection_closed(self, *_: Any) -> None:
+        self._ready = False
         if not self._closing:
             self._lost.set()
 
@@ -394,6 +403,8 @@ class Broker:
 
     async def _start_consumer(self, exchange: str) -> None:
         assert self._consume_channel is not None
+        if exchange in self._consumers:
+            return
         last = self._following.get(exchange)
         offset: int | str = "next" if last is None else last + 1
         queue = await self._consume_channel.get_queue(stream_name(exchange), ensure=False)
