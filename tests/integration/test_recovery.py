@@ -22,7 +22,9 @@ async def publish_all(client: Any, channel: str, values: list[Any]) -> None:
         assert answer["type"] == "ack", answer
 
 
-async def test_resubscribing_with_since_replays_exactly_what_was_missed(connect_client: Any) -> None:
+async def test_resubscribing_with_since_replays_exactly_what_was_missed(
+    connect_client: Any,
+) -> None:
     alice = await connect_client("alice")
     bob = await connect_client("bob")
     await alice.request("subscribe", channel="chat.r")

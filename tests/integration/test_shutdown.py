@@ -42,7 +42,11 @@ async def test_stop_answers_every_in_flight_publish_then_closes_with_1001(
 
 
 async def test_sigterm_stops_the_process_within_bounds(
-    settings: Settings, tmp_path: Path, client_ssl: ssl.SSLContext, make_token: Any, cleanup_broker: None
+    settings: Settings,
+    tmp_path: Path,
+    client_ssl: ssl.SSLContext,
+    make_token: Any,
+    cleanup_broker: None,
 ) -> None:
     process = GatewayProcess(settings, tmp_path).start()
     try:
