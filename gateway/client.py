@@ -245,6 +245,7 @@ class RabbitgateClient:
         self._closed: ClientClosed | None = None
         self._fatal = False
         self._requests: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._subscribing: dict[int, str] = {}  # subscribe request id -> channel
         self._queue: deque[_Publish] = deque()  # publishes waiting for a connection, in order
         self._inflight: dict[int, _Publish] = {}  # sent, waiting for the ack
         self._tracker = SeqTracker()
@@ -427,6 +428,7 @@ class RabbitgateClient:
             if not waiter.done():
                 waiter.set_exception(Disconnected("disconnected", "connection lost"))
         self._requests.clear()
+        self._subscribing.clear()
         # Sent but not acked: unknown fate. Send again first, in the original order.
         for item in sorted(self._inflight.values(), key=lambda i: i.id, reverse=True):
             item.attempts += 1
@@ -489,6 +491,9 @@ class RabbitgateClient:
         if request_id in self._inflight:
             self._on_publish_answer(self._inflight.pop(request_id), frame)
         elif (waiter := self._requests.get(request_id)) is not None:  # type: ignore[arg-type]
+            channel = self._subscribing.pop(request_id, None)  # type: ignore[arg-type]
+            if channel is not None and kind == "ack":
+                await self._on_subscribed(channel, frame)
             if not waiter.done():
                 waiter.set_result(frame)
         elif kind == "error":
@@ -534,11 +539,15 @@ class RabbitgateClient:
             except ConnectionClosed:
                 return  # _on_disconnected puts it back in the queue
 
-    async def _request(self, ws: ClientConnection, frame: dict[str, Any]) -> dict[str, Any]:
+    async def _request(
+        self, ws: ClientConnection, frame: dict[str, Any], *, subscribing: str | None = None
+    ) -> dict[str, Any]:
         """Send a frame with a fresh id; return its ack/pong/error frame."""
         request_id = next(self._ids)
         waiter = asyncio.get_running_loop().create_future()
         self._requests[request_id] = waiter
+        if subscribing is not None:
+            self._subscribing[request_id] = subscribing
         try:
             await ws.send(orjson.dumps({**frame, "id": request_id}).decode())
             async with asyncio.timeout(REQUEST_TIMEOUT):
@@ -547,6 +556,7 @@ class RabbitgateClient:
             raise Disconnected("disconnected", "connection lost") from None
         finally:
             self._requests.pop(request_id, None)
+            self._subscribing.pop(request_id, None)
 
     async def _subscribe_on(self, ws: ClientConnection, channel: str) -> None:
         since = self._tracker.since(channel)
@@ -555,11 +565,13 @@ class RabbitgateClient:
             frame["since"] = since
         for attempt in range(1, MAX_ATTEMPTS + 1):
             try:
-                answer = await self._request(ws, frame)
-            except (Disconnected, TimeoutError):
+                answer = await self._request(ws, frame, subscribing=channel)
+            except Disconnected:
                 return  # the next connection subscribes again
+            except TimeoutError:
+                answer = {"type": "error", "code": "unavailable", "message": "no answer in time"}
             if answer.get("type") == "ack":
-                break
+                return  # _on_subscribed did the rest, before the frames that follow the ack
             error = _error(answer)
             if error.code != "unavailable" or attempt == MAX_ATTEMPTS:
                 self._tracker.remove(channel)
@@ -570,13 +582,13 @@ class RabbitgateClient:
                     await self._inbox.put(("error", error))
                 return
             await asyncio.sleep(backoff_delay(attempt, self.backoff_base, self.backoff_cap))
-        lost = self._tracker.on_ack(
-            channel, _int_or_none(answer.get("seq")), answer.get("recovered")
-        )
+
+    async def _on_subscribed(self, channel: str, ack: dict[str, Any]) -> None:
+        """Called by the reader for a subscribe ack, before it reads the replay behind it."""
+        lost = self._tracker.on_ack(channel, _int_or_none(ack.get("seq")), ack.get("recovered"))
         if (waiter := self._first_ack.pop(channel, None)) is not None:
             _succeed(waiter)
-        if lost:
-            # Through the inbox, so the app hears it before the channel's next message.
+        if lost:  # through the inbox: the app hears it before the channel's next message
             await self._inbox.put(("recovery_lost", channel))
 
     async def _refresh_loop(self, ws: ClientConnection, token: str) -> None:
