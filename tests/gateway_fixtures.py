@@ -1,3 +1,5 @@
+"""Fixtures that run a real gateway (TLS, real tokens, the real RabbitMQ) and a test client."""
+
 from __future__ import annotations
 
 import asyncio
