@@ -69,6 +69,24 @@ class LimitSettings:
     heartbeat_seconds: float = 20.0
     heartbeat_timeout_seconds: float = 20.0
     max_channels_per_connection: int = 100
+    # Token buckets (rate per second, burst) and caps; see gateway/limiter.py
+    # and the README's "Rate limits and defenses" for what each one guards.
+    frames_per_second: float = 100.0  # every frame of one connection
+    frames_burst: int = 500
+    subscribes_per_second: float = 10.0  # subscribe requests of one connection
+    subscribes_burst: int = 100
+    connects_per_second_per_address: float = 10.0  # new connections of one address
+    connects_burst: int = 100
+    auth_failures_per_minute_per_address: float = 20.0  # refused tokens of one address
+    auth_failures_burst: int = 40
+    max_connections_per_user: int = 50
+    max_connections_per_address: int = 1000
+    # This many rate_limited answers within the window close the connection with 4429.
+    rate_limited_strikes_before_close: int = 10
+    rate_limited_strike_window_seconds: float = 10.0
+    idle_timeout_seconds: float = 300.0  # no frame from the client this long: close 1000; 0 = off
+    bucket_table_size: int = 50_000  # buckets kept in memory per kind of limit
+    redis_timeout_seconds: float = 0.25  # each Redis call; slower means "Redis down"
 
 
 @dataclass(frozen=True)
@@ -90,6 +108,18 @@ class Settings:
     compression: bool = False
     allowed_origins: tuple[str, ...] = ()
     log_level: str = "INFO"
+    # "json": one JSON object a line (gateway/logs.py); "text": plain lines.
+    log_format: str = "json"
+    # Admin listener: /metrics, /healthz, /readyz (gateway/admin.py). It has no
+    # authentication: keep it on loopback or a monitoring network. 0: any free port.
+    admin_host: str = "127.0.0.1"
+    admin_port: int = 9090
+    # Server-Sent Events, GET /events (gateway/sse_server.py): a second public
+    # port on `host`, with the same TLS as the WebSocket one. null: off.
+    sse_port: int | None = 8444
+    # Share the rate limits between gateway processes (redis://, rediss://,
+    # unix://). None: each process limits on its own, in memory.
+    redis_url: str | None = None
 
 
 _SECTIONS: dict[str, type] = {"tls": TlsSettings, "jwt": JwtSettings, "limits": LimitSettings}
@@ -226,6 +256,49 @@ def _check(settings: Settings) -> Settings:
         raise ConfigError(
             "jwt.max_token_bytes must be positive and jwt.leeway_seconds not negative"
         )
-    if not 0 < settings.port < 65536:
+    if not 0 <= settings.port < 65536:  # 0: any free port (tests)
         raise ConfigError(f"port {settings.port} is out of range")
+    if settings.log_format not in ("json", "text"):
+        raise ConfigError(f"log_format {settings.log_format!r} must be json or text")
+    for name in ("admin_port", "sse_port"):
+        value = getattr(settings, name)
+        if value is not None and not 0 <= value < 65536:
+            raise ConfigError(f"{name} {value} is out of range")
+    _check_limits(settings.limits)
     return settings
+
+
+def _check_limits(limits: LimitSettings) -> None:
+    """Rates must be positive, bursts and caps at least 1: a zero would lock everyone out."""
+    positive = [
+        "frames_per_second",
+        "subscribes_per_second",
+        "connects_per_second_per_address",
+        "auth_failures_per_minute_per_address",
+        "rate_limited_strike_window_seconds",
+        "redis_timeout_seconds",
+        "max_frame_bytes",
+        "send_buffer_bytes",
+        "send_buffer_messages",
+        "auth_timeout_seconds",
+        "handshake_timeout_seconds",
+    ]
+    at_least_one = [
+        "frames_burst",
+        "subscribes_burst",
+        "connects_burst",
+        "auth_failures_burst",
+        "max_connections_per_user",
+        "max_connections_per_address",
+        "rate_limited_strikes_before_close",
+        "bucket_table_size",
+        "max_channels_per_connection",
+    ]
+    for name in positive:
+        if not getattr(limits, name) > 0:
+            raise ConfigError(f"limits.{name} must be positive")
+    for name in at_least_one:
+        if getattr(limits, name) < 1:
+            raise ConfigError(f"limits.{name} must be at least 1")
+    if limits.idle_timeout_seconds < 0:
+        raise ConfigError("limits.idle_timeout_seconds must not be negative (0 turns it off)")

@@ -16,6 +16,9 @@ from gateway.config import JwtSettings, LimitSettings, Settings, TlsSettings
 from gateway.devcerts import make_dev_certificates
 from gateway.devtokens import mint_token
 
+# The real-gateway fixtures (gateway, connect_client, client_ssl, Client).
+pytest_plugins = ["gateway_fixtures"]
+
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 ISSUER = "rabbitgate-test"
 AUDIENCE = "rabbitgate"
@@ -102,6 +105,8 @@ def settings(certs: Any, jwt_settings: JwtSettings, policies_dir: Path) -> Setti
         jwt=jwt_settings,
         limits=LimitSettings(auth_timeout_seconds=1.0),
         stream_max_bytes=16 * 1024 * 1024,
+        admin_port=0,  # any free port: tests run several gateways at once
+        sse_port=0,
     )
 
 
