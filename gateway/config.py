@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from anomaly.settings import AnomalySettings
+
 
 class ConfigError(Exception):
     """A configuration that the gateway refuses to start with (one-line message)."""
@@ -120,9 +122,16 @@ class Settings:
     # Share the rate limits between gateway processes (redis://, rediss://,
     # unix://). None: each process limits on its own, in memory.
     redis_url: str | None = None
+    # Traffic anomaly detection and alert review (anomaly/settings.py); off by default.
+    anomaly: AnomalySettings = field(default_factory=AnomalySettings)
 
 
-_SECTIONS: dict[str, type] = {"tls": TlsSettings, "jwt": JwtSettings, "limits": LimitSettings}
+_SECTIONS: dict[str, type] = {
+    "tls": TlsSettings,
+    "jwt": JwtSettings,
+    "limits": LimitSettings,
+    "anomaly": AnomalySettings,
+}
 
 
 def load_settings(
@@ -265,6 +274,9 @@ def _check(settings: Settings) -> Settings:
         if value is not None and not 0 <= value < 65536:
             raise ConfigError(f"{name} {value} is out of range")
     _check_limits(settings.limits)
+    anomaly_problem = settings.anomaly.problem()
+    if anomaly_problem is not None:
+        raise ConfigError(anomaly_problem)
     return settings
 
 

@@ -1,0 +1,87 @@
+"""The ``anomaly:`` section of the gateway configuration (``gateway/config.py``).
+
+Off by default: with ``enabled: false`` nothing of the detector is created
+and no event sink sits on the hot path. Environment variables work as for the
+other sections: ``RABBITGATE_ANOMALY_ENABLED=1``, ``RABBITGATE_ANOMALY_DATA_DIR``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+SEVERITIES = ("low", "medium", "high", "critical")
+RESPONSES = ("record", "throttle", "ban")
+
+
+@dataclass(frozen=True)
+class AnomalySettings:
+    enabled: bool = False
+    # Model file, alert database, recorded traffic: writable by the gateway user only.
+    data_dir: Path = Path("data/anomaly")
+    window_seconds: float = 60.0  # one feature vector per subject per window
+    # A second, longer window of this many short windows catches slow attacks; 0: off.
+    long_window_windows: int = 10
+    # Without a model file: learn from this many windows of live traffic first.
+    warmup_windows: int = 60
+    # Without a model file: train from this recorded traffic (JSON lines of events).
+    traffic_file: Path | None = None
+    # Record the live traffic events to this file (for `rabbitgate anomaly train`).
+    record_file: Path | None = None
+    retrain_interval_seconds: float = 86400.0  # 0: never retrain
+    # Share of normal windows expected above the alert threshold.
+    contamination: float = 0.005
+    max_subjects: int = 10_000  # per kind per window; the rest count as one overflow subject
+    # Scores at or above these raise the severity (below medium: low).
+    severity_medium: float = 0.62
+    severity_high: float = 0.70
+    severity_critical: float = 0.80
+    # What happens to the subject of an alert, per severity: record, throttle, ban.
+    response_low: str = "record"
+    response_medium: str = "record"
+    response_high: str = "record"
+    response_critical: str = "record"
+    ban_seconds: float = 3600.0
+    throttle_seconds: float = 600.0
+    throttle_per_second: float = 1.0  # publishes and subscribes of a throttled subject
+    exchange: str = "rabbitgate.alerts"
+    # Reviewers of the admin review page: lines "name:scrypt$..." (see
+    # `rabbitgate alerts add-reviewer`). No file: the review page is not served.
+    reviewers_file: Path | None = None
+    review_session_seconds: float = 8 * 3600.0
+
+    def problem(self) -> str | None:
+        """What is wrong with these settings, in one line, or None."""
+        if self.window_seconds <= 0:
+            return "anomaly.window_seconds must be positive"
+        if self.long_window_windows < 0 or self.warmup_windows < 1:
+            return "anomaly.long_window_windows must be >= 0 and anomaly.warmup_windows >= 1"
+        if not 0 < self.contamination < 0.5:
+            return "anomaly.contamination must be between 0 and 0.5"
+        if self.max_subjects < 1:
+            return "anomaly.max_subjects must be at least 1"
+        if not 0 < self.severity_medium <= self.severity_high <= self.severity_critical <= 1:
+            return "anomaly.severity_* must rise: 0 < medium <= high <= critical <= 1"
+        for severity in SEVERITIES:
+            response = getattr(self, f"response_{severity}")
+            if response not in RESPONSES:
+                return f"anomaly.response_{severity} must be one of {', '.join(RESPONSES)}"
+        if self.ban_seconds <= 0 or self.throttle_seconds <= 0 or self.throttle_per_second <= 0:
+            return "anomaly.ban_seconds, throttle_seconds and throttle_per_second must be positive"
+        if self.retrain_interval_seconds < 0:
+            return "anomaly.retrain_interval_seconds must not be negative (0: never)"
+        if not self.exchange:
+            return "anomaly.exchange must not be empty"
+        return None
+
+    def response(self, severity: str) -> str:
+        return str(getattr(self, f"response_{severity}"))
+
+    def severity(self, score: float) -> str:
+        if score >= self.severity_critical:
+            return "critical"
+        if score >= self.severity_high:
+            return "high"
+        if score >= self.severity_medium:
+            return "medium"
+        return "low"
