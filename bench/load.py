@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,6 +29,7 @@ import numpy as np
 from bench.clients import worker_main
 from bench.pool import Pool
 from bench.proc import broker_pids, cpu_seconds, total_cpu_seconds
+from bench.profiling import start_profiler, stop_profiler
 from bench.target import CHANNEL, ensure_webstomp, start_gateway, webstomp_endpoint
 
 SUBSCRIBERS_PER_WORKER = 500
@@ -138,13 +137,15 @@ def run_target(kind: str, args: argparse.Namespace, log: Any) -> dict[str, Any]:
         server_pids = brokers + ([gateway.pid] if gateway else [])
         cpu_before = {pid: cpu_seconds(pid) for pid in server_pids}
         clients_before = subscribers.cpu_seconds() + publishers.cpu_seconds()
-        profiler = _start_profiler(args, gateway.pid) if gateway and args.profile else None
+        profiler = None
+        if gateway is not None and args.profile:
+            profiler = start_profiler(args.profile, gateway.pid, args.seconds)
         subscribers.ask("measure_on")
         publishers.ask("measure_on")
         t0 = time.monotonic()
         time.sleep(args.seconds)
         if profiler is not None:
-            _stop_profiler(profiler, log)
+            stop_profiler(profiler, log)
         pub_stats = [a[1] for a in publishers.ask("measure_off")]
         sub_stats = [a[1] for a in subscribers.ask("measure_off", timeout=120)]
         elapsed = time.monotonic() - t0
@@ -213,26 +214,6 @@ def run_target(kind: str, args: argparse.Namespace, log: Any) -> dict[str, Any]:
         "gateway_alive": gateway_alive,
         "connect_seconds": connect_seconds,
     }
-
-
-def _start_profiler(args: argparse.Namespace, pid: int) -> subprocess.Popen[bytes]:
-    py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
-    if not Path(py_spy).exists():
-        raise RuntimeError("--profile needs py-spy (pip install py-spy)")
-    fmt = "raw" if args.profile.endswith(".txt") else "flamegraph"
-    command = [py_spy, "record", "--pid", str(pid), "--output", args.profile, "--format", fmt]
-    command += ["--duration", str(math.ceil(args.seconds)), "--rate", "250", "--nonblocking"]
-    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-
-
-def _stop_profiler(profiler: subprocess.Popen[bytes], log: Any) -> None:
-    try:
-        _, err = profiler.communicate(timeout=30)
-    except subprocess.TimeoutExpired:
-        profiler.kill()
-        _, err = profiler.communicate()
-    if profiler.returncode != 0:
-        log(f"py-spy failed: {err.decode(errors='replace').strip()[-300:]}")
 
 
 def ratios(results: dict[str, dict[str, Any]]) -> dict[str, float] | None:
@@ -310,7 +291,11 @@ def main(argv: list[str] | None = None) -> int:
         print(text, file=sys.stderr, flush=True)
 
     kinds = ["gateway", "webstomp"] if args.target == "both" else [args.target]
-    results = {kind: run_target(kind, args, log) for kind in kinds}
+    try:
+        results = {kind: run_target(kind, args, log) for kind in kinds}
+    except (RuntimeError, OSError) as exc:
+        print(f"bench.load: error: {exc}", file=sys.stderr)
+        return 1
     if args.json:
         print(
             json.dumps(

@@ -29,18 +29,36 @@ def pids_named(comm: str) -> list[int]:
 
 
 def broker_pids() -> list[int]:
-    pids = pids_named(BROKER_COMM)
-    if not pids:
-        raise RuntimeError("no beam.smp process found: is RabbitMQ running on this machine?")
-    return pids
+    """The RabbitMQ server's Erlang VM(s): ``beam.smp`` booting the ``rabbit`` application.
+
+    ``rabbitmqctl`` and ``rabbitmq-plugins`` run short-lived ``beam.smp``
+    processes of their own; they are left out, or a window would count CPU
+    of a process that then vanished.
+    """
+    servers = [pid for pid in pids_named(BROKER_COMM) if _boots_rabbit(pid)]
+    if not servers:
+        raise RuntimeError("no RabbitMQ server (beam.smp) found: is RabbitMQ running here?")
+    return servers
+
+
+def _boots_rabbit(pid: int) -> bool:
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return any(args[i : i + 3] == [b"-s", b"rabbit", b"boot"] for i in range(len(args)))
+
+
+class ProcessGone(RuntimeError):
+    """A process measured over a window ended during it: the window is void."""
 
 
 def cpu_seconds(pid: int) -> float:
-    """utime + stime of one process; 0.0 if it is gone."""
+    """utime + stime of one process; raises ProcessGone if it has ended."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
-        return 0.0
+        raise ProcessGone(f"process {pid} has ended") from None
     # The command name (field 2) may hold spaces: split after its closing paren.
     fields = stat[stat.rindex(")") + 2 :].split()
     utime, stime = int(fields[11]), int(fields[12])  # fields 14 and 15 of stat(5)

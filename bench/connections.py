@@ -1,0 +1,268 @@
+"""Concurrent authenticated connections on one gateway process.
+
+    .venv/bin/python -m bench.connections --connections 10000
+
+Starts a gateway (TLS on unless ``--no-tls``), then client worker processes
+that each open their share of the connections: TLS handshake, WebSocket
+upgrade with ``Authorization: Bearer`` (a token per connection, each for its
+own user, minted before the clock starts), up to ``welcome``. Reports the
+handshake-plus-auth rate (connections/s, first start to last ``welcome``),
+per-connection setup latency, the gateway's CPU seconds per connection, and
+its resident memory (VmRSS) before and after, as KiB per idle connection.
+Raises the open-files limit (soft to hard) in the clients and the gateway.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import sys
+import time
+from multiprocessing.connection import Connection
+from typing import Any
+
+import numpy as np
+
+from bench.clients import Connector, gather_limited
+from bench.pool import Pool
+from bench.proc import cpu_seconds, rss_kib
+from bench.profiling import start_profiler, stop_profiler
+from bench.target import raise_nofile_limit, start_gateway
+from bench.wire import WsClient
+
+CONNECTIONS_PER_WORKER = 2500
+WARMUP_CONNECTIONS = 50
+SETTLE_SECONDS = 3.0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.connections", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--connections", type=int, default=10_000, help="connections to open")
+    parser.add_argument("--no-tls", action="store_true", help="plain ws:// (TLS is on by default)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help=f"client processes (default: one per {CONNECTIONS_PER_WORKER})",
+    )
+    parser.add_argument(
+        "--concurrency",
+        type=int,
+        default=64,
+        help="handshakes in progress at once, over all client processes (default 64: below "
+        "the listen backlog of 100, so no SYN is dropped and retried a second later)",
+    )
+    parser.add_argument(
+        "--hold", type=float, default=SETTLE_SECONDS, help="idle seconds before RSS"
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument(
+        "--profile",
+        metavar="FILE",
+        help="record the gateway with py-spy while connections open (FILE.svg or FILE.txt)",
+    )
+    parser.add_argument(
+        "--profile-seconds", type=float, default=10.0, help="how long --profile records"
+    )
+    args = parser.parse_args(argv)
+    if args.connections < 1 or args.connections > 50_000:
+        parser.error("--connections must be between 1 and 50000")
+    return args
+
+
+# --- the client worker -------------------------------------------------------------
+
+
+def connections_worker(pipe: Connection, spec: dict[str, Any]) -> None:
+    raise_nofile_limit()
+    try:
+        import uvloop
+
+        uvloop.run(_connections(pipe, spec))
+    except ImportError:  # pragma: no cover
+        asyncio.run(_connections(pipe, spec))
+
+
+async def _connections(pipe: Connection, spec: dict[str, Any]) -> None:
+    loop = asyncio.get_running_loop()
+    commands: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
+    loop.add_reader(pipe.fileno(), lambda: commands.put_nowait(pipe.recv()))
+    os.set_blocking(pipe.fileno(), True)
+    connector = Connector(spec["endpoint"])
+    name = spec["name"]
+    tokens = [connector.token(f"{name}-c{i}") for i in range(spec["count"])]
+    pipe.send(("ready", {"subscribers": 0, "publishers": 0, "failures": {}}))
+    opened: list[WsClient] = []
+    while True:
+        command = (await commands.get())[0]
+        if command == "open":
+            setup_ns: list[int] = []
+
+            async def one(i: int, setup_ns: list[int] = setup_ns) -> WsClient:
+                started = time.time_ns()
+                client = await connector.open(f"{name}-c{i}", tokens[i])
+                setup_ns.append(time.time_ns() - started)
+                return client
+
+            first = time.time()
+            opened, failures = await gather_limited(spec["count"], spec["concurrency"], one)
+            last = time.time()
+            pipe.send(
+                (
+                    "opened",
+                    {
+                        "opened": len(opened),
+                        "failures": dict(failures),
+                        "first": first,
+                        "last": last,
+                        "setup_ns": np.array(setup_ns, dtype=np.int64).tobytes(),
+                    },
+                )
+            )
+        elif command == "count":
+            pipe.send(("count", sum(1 for c in opened if c.is_open)))
+        elif command == "exit":
+            break
+    for client in opened:
+        client.close()
+    await asyncio.sleep(0.5)
+    pipe.send(("bye",))
+
+
+# --- the controller ----------------------------------------------------------------
+
+
+def run(args: argparse.Namespace, log: Any) -> dict[str, Any]:
+    raise_nofile_limit()
+    tls = not args.no_tls
+    gateway = start_gateway(tls=tls)
+    try:
+        endpoint = gateway.endpoint()
+        # Warm up: first connections load code and caches that any gateway has.
+        warm = Pool(
+            connections_worker,
+            [
+                {
+                    "endpoint": endpoint,
+                    "name": "warm",
+                    "count": WARMUP_CONNECTIONS,
+                    "concurrency": 10,
+                }
+            ],
+        )
+        try:
+            warm.wait_ready(60)
+            warm.ask("open", timeout=120)
+        finally:
+            warm.close()
+        time.sleep(1.0)
+        workers = args.workers or max(1, math.ceil(args.connections / CONNECTIONS_PER_WORKER))
+        share, extra = divmod(args.connections, workers)
+        specs = [
+            {
+                "endpoint": endpoint,
+                "name": f"w{i}",
+                "count": share + (1 if i < extra else 0),
+                "concurrency": max(1, args.concurrency // workers),
+            }
+            for i in range(workers)
+        ]
+        log(f"minting {args.connections} tokens in {workers} client process(es)")
+        pool = Pool(connections_worker, specs)
+        try:
+            pool.wait_ready(300)
+            rss_before = rss_kib(gateway.pid)
+            cpu_before = cpu_seconds(gateway.pid)
+            log(f"opening {args.connections} connections (TLS {'on' if tls else 'off'})")
+            profiler = None
+            if args.profile:
+                profiler = start_profiler(args.profile, gateway.pid, args.profile_seconds)
+            answers = [a[1] for a in pool.ask("open", timeout=600)]
+            cpu_setup = cpu_seconds(gateway.pid) - cpu_before
+            if profiler is not None:
+                stop_profiler(profiler, log)
+            time.sleep(args.hold)
+            rss_after = rss_kib(gateway.pid)
+            still_open = sum(a[1] for a in pool.ask("count"))
+            gateway_alive = gateway.process.poll() is None
+        finally:
+            pool.close()
+    finally:
+        gateway.stop()
+    opened = sum(a["opened"] for a in answers)
+    failures: dict[str, int] = {}
+    for a in answers:
+        for reason, count in a["failures"].items():
+            failures[reason] = failures.get(reason, 0) + count
+    span = max(a["last"] for a in answers) - min(a["first"] for a in answers)
+    setup_ms = np.concatenate([np.frombuffer(a["setup_ns"], dtype=np.int64) for a in answers]) / 1e6
+    return {
+        "tls": tls,
+        "requested": args.connections,
+        "opened": opened,
+        "failures": failures,
+        "still_open_after_hold": still_open,
+        "seconds_to_open": span,
+        "connections_per_s": opened / span if span > 0 else float("nan"),
+        "setup_ms": {
+            "p50": float(np.percentile(setup_ms, 50)) if opened else float("nan"),
+            "p99": float(np.percentile(setup_ms, 99)) if opened else float("nan"),
+            "max": float(setup_ms.max()) if opened else float("nan"),
+        },
+        "gateway_cpu_seconds_opening": cpu_setup,
+        "gateway_cpu_ms_per_connection": cpu_setup / opened * 1e3 if opened else float("nan"),
+        "rss_kib_before": rss_before,
+        "rss_kib_after": rss_after,
+        "rss_kib_per_connection": (rss_after - rss_before) / opened if opened else float("nan"),
+        "gateway_alive": gateway_alive,
+        "client_processes": len(specs),
+    }
+
+
+def render(r: dict[str, Any]) -> str:
+    return "\n".join(
+        [
+            f"bench.connections: {r['requested']} connections, TLS {'on' if r['tls'] else 'off'}, "
+            f"{r['client_processes']} client process(es)",
+            "",
+            f"opened (welcome received)        {r['opened']}",
+            f"still open after the hold        {r['still_open_after_hold']}",
+            f"handshake+auth rate              {r['connections_per_s']:.0f} connections/s "
+            f"({r['seconds_to_open']:.1f} s)",
+            f"setup latency p50 / p99 / max    {r['setup_ms']['p50']:.1f} / "
+            f"{r['setup_ms']['p99']:.1f} / {r['setup_ms']['max']:.1f} ms",
+            f"gateway CPU per connection       {r['gateway_cpu_ms_per_connection']:.2f} ms",
+            f"gateway RSS before / after       {r['rss_kib_before'] / 1024:.1f} / "
+            f"{r['rss_kib_after'] / 1024:.1f} MiB",
+            f"RSS per idle connection          {r['rss_kib_per_connection']:.1f} KiB  "
+            "(target <= 40)",
+        ]
+        + ([f"failures                         {r['failures']}"] if r["failures"] else [])
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+
+    def log(text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+    try:
+        result = run(args, log)
+    except (RuntimeError, OSError) as exc:
+        print(f"bench.connections: error: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps({"args": vars(args), **result}, indent=2))
+    else:
+        print(render(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,226 @@
+"""Publish throughput with confirms: one gateway process against a bare aio-pika
+publisher on the same broker, in one run.
+
+    .venv/bin/python -m bench.publish --connections 4 --window 64 --seconds 10
+
+rabbitgate: ``--connections`` client connections publish flat out, each
+keeping ``--window`` publishes with an ``id`` unanswered at most; a publish
+counts when its ack (sent after RabbitMQ's confirm) arrives. Bare: one
+aio-pika connection with publisher confirms, ``connections x window``
+publishes awaiting their confirm at any time, same exchange (so the same
+history stream behind it), same body size. The ratio gateway / bare is what
+the issue asks to be at least 0.7.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+from multiprocessing.connection import Connection
+from typing import Any
+
+from bench.clients import body_padding, make_body, worker_main
+from bench.pool import Pool
+from bench.proc import broker_pids, cpu_seconds
+from bench.target import AMQP_URL, CHANNEL, start_gateway
+
+SETUP_TIMEOUT_SECONDS = 60.0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.publish", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--connections", type=int, default=4, help="publishing connections")
+    parser.add_argument("--window", type=int, default=64, help="unconfirmed publishes each")
+    parser.add_argument("--seconds", type=float, default=10.0, help="measurement window")
+    parser.add_argument("--warmup", type=float, default=2.0, help="seconds before measuring")
+    parser.add_argument("--size", type=int, default=200, help="message body bytes (JSON)")
+    parser.add_argument("--tls", action="store_true", help="wss:// to the gateway")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = parser.parse_args(argv)
+    if min(args.connections, args.window, args.size) < 1 or args.seconds <= 0:
+        parser.error("--connections, --window, --size and --seconds must be positive")
+    if args.connections > 1000 or args.window > 10000:
+        parser.error("--connections is capped at 1000 and --window at 10000")
+    return args
+
+
+# --- the bare aio-pika publisher (its own process) ------------------------------
+
+
+def bare_worker(pipe: Connection, spec: dict[str, Any]) -> None:
+    try:
+        import uvloop
+
+        uvloop.run(_bare(pipe, spec))
+    except ImportError:  # pragma: no cover
+        asyncio.run(_bare(pipe, spec))
+
+
+async def _bare(pipe: Connection, spec: dict[str, Any]) -> None:
+    import aio_pika
+
+    loop = asyncio.get_running_loop()
+    commands: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
+    loop.add_reader(pipe.fileno(), lambda: commands.put_nowait(pipe.recv()))
+    os.set_blocking(pipe.fileno(), True)
+    connection = await aio_pika.connect(AMQP_URL)
+    channel = await connection.channel(publisher_confirms=True)
+    exchange = await channel.get_exchange(spec["exchange"], ensure=False)
+    padding = body_padding(spec["size"])
+    counts = {"confirmed": 0, "failed": 0}
+    measuring = False
+    stop = asyncio.Event()
+
+    async def publish_loop() -> None:
+        while not stop.is_set():
+            message = aio_pika.Message(
+                make_body(padding),
+                content_type="application/json",
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            )
+            try:
+                await exchange.publish(message, CHANNEL, timeout=10)
+            except Exception:
+                if measuring:
+                    counts["failed"] += 1
+                await asyncio.sleep(0.01)
+                continue
+            if measuring:
+                counts["confirmed"] += 1
+
+    pipe.send(("ready", {"subscribers": 0, "publishers": 1, "failures": {}}))
+    tasks: list[asyncio.Task[None]] = []
+    while True:
+        command = (await commands.get())[0]
+        if command == "publish_on":
+            tasks = [asyncio.create_task(publish_loop()) for _ in range(spec["inflight"])]
+            pipe.send(("ok",))
+        elif command == "measure_on":
+            counts.update(confirmed=0, failed=0)
+            measuring = True
+            pipe.send(("ok",))
+        elif command == "measure_off":
+            measuring = False
+            pipe.send(("stats", {"acked": counts["confirmed"], "errors": counts["failed"]}))
+        elif command == "publish_off":
+            stop.set()
+            await asyncio.wait(tasks, timeout=15)
+            pipe.send(("ok",))
+        elif command == "exit":
+            break
+    await connection.close()
+    pipe.send(("bye",))
+
+
+# --- the controller ----------------------------------------------------------------
+
+
+def _measure(pool: Pool, server_pids: list[int], args: argparse.Namespace) -> dict[str, Any]:
+    pool.wait_ready(SETUP_TIMEOUT_SECONDS)
+    pool.ask("publish_on")
+    time.sleep(args.warmup)
+    before = {pid: cpu_seconds(pid) for pid in server_pids}
+    clients_before = pool.cpu_seconds()
+    pool.ask("measure_on")
+    started = time.monotonic()
+    time.sleep(args.seconds)
+    stats = [answer[1] for answer in pool.ask("measure_off")]
+    elapsed = time.monotonic() - started
+    after = {pid: cpu_seconds(pid) for pid in server_pids}
+    clients = pool.cpu_seconds() - clients_before
+    pool.ask("publish_off")
+    confirmed = sum(s["acked"] for s in stats)
+    return {
+        "confirmed": confirmed,
+        "confirmed_per_s": confirmed / elapsed,
+        "errors": sum(s["errors"] for s in stats),
+        "seconds": round(elapsed, 3),
+        "cpu_seconds": {str(pid): after[pid] - before[pid] for pid in server_pids},
+        "client_cpu_seconds": clients,
+    }
+
+
+def run(args: argparse.Namespace, log: Any) -> dict[str, Any]:
+    brokers = broker_pids()
+    gateway = start_gateway(tls=args.tls)
+    try:
+        spec = {
+            "endpoint": gateway.endpoint(),
+            "channel": CHANNEL,
+            "size": args.size,
+            "window": args.window,
+            "rate": 0.0,
+            "name": "pub",
+            "subscribers": 0,
+            "publishers": args.connections,
+            "connect_concurrency": 100,
+        }
+        log(f"[gateway] {args.connections} connections x window {args.window}, flat out")
+        pool = Pool(worker_main, [spec])
+        try:
+            through_gateway = _measure(pool, brokers + [gateway.pid], args)
+        finally:
+            pool.close()
+        inflight = args.connections * args.window
+        log(f"[bare aio-pika] one connection, {inflight} publishes in flight")
+        bare_spec = {"exchange": gateway.exchange, "size": args.size, "inflight": inflight}
+        pool = Pool(bare_worker, [bare_spec])
+        try:
+            bare = _measure(pool, brokers, args)
+        finally:
+            pool.close()
+    finally:
+        gateway.stop()
+    gateway_cpu = through_gateway["cpu_seconds"].pop(str(gateway.pid))
+    through_gateway["gateway_cpu_seconds"] = gateway_cpu
+    for result in (through_gateway, bare):
+        result["broker_cpu_seconds"] = sum(result.pop("cpu_seconds").values())
+    ratio = through_gateway["confirmed_per_s"] / bare["confirmed_per_s"] if bare["confirmed"] else 0
+    return {"gateway": through_gateway, "bare_aio_pika": bare, "ratio": ratio}
+
+
+def render(args: argparse.Namespace, result: dict[str, Any]) -> str:
+    gw, bare = result["gateway"], result["bare_aio_pika"]
+    lines = [
+        f"bench.publish: {args.connections} connection(s) x window {args.window}, "
+        f"{args.size} B, {args.seconds:g} s, gateway TLS {'on' if args.tls else 'off'}",
+        "",
+        f"{'':28}{'gateway':>14}{'bare aio-pika':>16}",
+        f"{'confirmed msg/s':28}{gw['confirmed_per_s']:>14.0f}{bare['confirmed_per_s']:>16.0f}",
+        f"{'errors':28}{gw['errors']:>14}{bare['errors']:>16}",
+        f"{'gateway CPU s':28}{gw['gateway_cpu_seconds']:>14.2f}{'-':>16}",
+        f"{'broker CPU s':28}{gw['broker_cpu_seconds']:>14.2f}{bare['broker_cpu_seconds']:>16.2f}",
+        f"{'client CPU s (load tool)':28}{gw['client_cpu_seconds']:>14.2f}"
+        f"{bare['client_cpu_seconds']:>16.2f}",
+        "",
+        f"ratio gateway / bare aio-pika: {result['ratio']:.3f}  (target >= 0.7)",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+
+    def log(text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+    try:
+        result = run(args, log)
+    except (RuntimeError, OSError) as exc:
+        print(f"bench.publish: error: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps({"args": vars(args), **result}, indent=2))
+    else:
+        print(render(args, result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""Smoke runs of the load tools in bench/: tiny parameters, real gateway, real
+RabbitMQ (and Web-STOMP on it). They check that each tool runs to the end and
+reports every figure; they never assert on a time, a rate or a ratio, which
+depend on the machine."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
+TIMEOUT_SECONDS = 240
+
+
+def run_tool(module: str, *args: str) -> dict[str, Any]:
+    """Run ``python -m bench.<module> ... --json``; its parsed report, or a failure
+    that shows what the tool printed."""
+    command = [sys.executable, "-m", f"bench.{module}", *args, "--json"]
+    result = subprocess.run(
+        command,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_SECONDS,
+        check=False,
+    )
+    assert result.returncode == 0, (
+        f"{' '.join(command[1:])} exited with {result.returncode}:\n"
+        f"{result.stderr[-3000:]}\n{result.stdout[-2000:]}"
+    )
+    report = json.loads(result.stdout)
+    assert isinstance(report, dict)
+    return report
+
+
+def number(value: Any) -> float:
+    assert isinstance(value, int | float) and not isinstance(value, bool), value
+    assert math.isfinite(value), value
+    return float(value)
+
+
+def check_fan_out(result: dict[str, Any], subscribers: int) -> None:
+    assert result["subscribers"] == subscribers
+    assert number(result["delivered"]) > 0
+    assert number(result["delivered_per_s"]) > 0
+    for key in ("p50", "p99", "max"):
+        assert number(result["latency_ms"][key]) >= 0
+    for key in ("gateway", "broker", "server", "clients"):
+        assert number(result["cpu_seconds"][key]) >= 0
+    for key in ("gateway", "broker", "server"):
+        assert number(result["cpu_us_per_delivery"][key]) >= 0
+
+
+def test_load_against_gateway_and_webstomp() -> None:
+    # The tool enables rabbitmq_web_stomp itself when it is off; when it cannot,
+    # it exits non-zero with the reason, and this test fails with that message.
+    report = run_tool(
+        "load", "--subscribers", "5", "--seconds", "2", "--warmup", "1", "--rate", "50"
+    )
+    results = report["results"]
+    assert set(results) == {"gateway", "webstomp"}
+    check_fan_out(results["gateway"], 5)
+    check_fan_out(results["webstomp"], 5)
+    assert number(results["gateway"]["cpu_seconds"]["gateway"]) > 0
+    for key in ("server_cpu_per_delivery", "p50_latency", "p99_latency", "delivered_per_s"):
+        number(report["ratios"][key])
+
+
+def test_load_over_tls_flat_out() -> None:
+    report = run_tool(
+        "load",
+        "--subscribers", "3",
+        "--publishers", "2",
+        "--rate", "0",
+        "--seconds", "2",
+        "--warmup", "0.5",
+        "--tls",
+        "--target", "gateway",
+    )  # fmt: skip
+    result = report["results"]["gateway"]
+    assert result["tls"] is True
+    check_fan_out(result, 3)
+    assert report["ratios"] is None
+
+
+def test_publish_throughput() -> None:
+    report = run_tool(
+        "publish", "--connections", "2", "--window", "8", "--seconds", "2", "--warmup", "0.5"
+    )
+    assert number(report["gateway"]["confirmed_per_s"]) > 0
+    assert number(report["bare_aio_pika"]["confirmed_per_s"]) > 0
+    assert number(report["gateway"]["gateway_cpu_seconds"]) >= 0
+    number(report["ratio"])
+
+
+def test_connections() -> None:
+    report = run_tool("connections", "--connections", "50", "--hold", "0.5")
+    assert report["tls"] is True
+    assert report["opened"] > 0
+    number(report["connections_per_s"])
+    number(report["rss_kib_per_connection"])
+    assert number(report["rss_kib_after"]) > 0
+    number(report["setup_ms"]["p99"])
