@@ -18,6 +18,7 @@ from gateway.broker import Broker, Delivery
 from gateway.config import Settings
 from gateway.events import EventBus
 from gateway.hub import Hub
+from gateway.limiter import Limiter
 from gateway.outbox import CLOSE_SLOW_CONSUMER, fan_out
 from gateway.policy import PolicySet
 from gateway.protocol import data_from_body, message_frame
@@ -57,6 +58,7 @@ class Node:
         )
         self.sessions: set[Session] = set()
         self.events = EventBus()
+        self.limiter = Limiter(settings)  # rate limits and connection caps
         # Latest seq seen per channel (what a subscribe ack reports).
         self._latest_seq: dict[str, int] = {}
         self._following: dict[str, asyncio.Future[None]] = {}
@@ -83,11 +85,13 @@ class Node:
 
     async def start(self) -> None:
         await self.broker.start(self.policies.exchanges())
+        await self.limiter.start()
 
     async def stop(self) -> None:
         for timer in self._unfollow_timers.values():
             timer.cancel()
         await self.broker.close()
+        await self.limiter.close()
 
     # --- subscriptions ------------------------------------------------------
 

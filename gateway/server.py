@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import weakref
 from collections.abc import Sequence
 from http import HTTPStatus
@@ -24,6 +25,7 @@ from gateway.auth import AuthError, TokenVerifier
 from gateway.config import Settings
 from gateway.devcerts import server_ssl_context
 from gateway.events import TrafficEvent
+from gateway.limiter import Refusal, rate_limited_frame
 from gateway.node import Node
 from gateway.outbox import Outbox
 from gateway.policy import PolicySet, Principal
@@ -37,6 +39,7 @@ SUBPROTOCOL = Subprotocol("rabbitgate.v1")
 WS_PATH = "/ws"
 CLOSE_POLICY = 1008
 CLOSE_AUTH_TIMEOUT = 4408
+CLOSE_RATE_LIMITED = 4429
 # What a rejected handshake has to say: nothing a client could learn from.
 _UNAUTHORIZED_BODY = "invalid or missing token\n"
 
@@ -129,6 +132,18 @@ class Gateway:
             return connection.respond(HTTPStatus.NOT_FOUND, "not found\n")
         address = _address(connection)
         self.node.events.emit(TrafficEvent("connect", address))
+        # Connect rate, failed authentications, concurrent connections of the
+        # address: checked before any token work, refused with 429.
+        admitted = await self.node.limiter.admit_connection(address)
+        if isinstance(admitted, Refusal):
+            self.node.events.emit(TrafficEvent("rate_limited", address, detail=admitted.limit))
+            return _too_many_requests(connection, admitted)
+        if admitted is not None:
+            # Given back when the socket goes, however it ends (a failed handshake too).
+            slot = admitted
+            connection.connection_lost_waiter.add_done_callback(
+                lambda _: self.node.limiter.release(slot)
+            )
         if not self._origin_allowed(request):
             # Refused after the upgrade with 1008, as the contract says, so that
             # a browser's script can see why; no token work is done for it.
@@ -145,6 +160,7 @@ class Gateway:
         except AuthError as exc:
             log.info("handshake refused: %s", exc.reason)
             self.node.events.emit(TrafficEvent("auth_failed", address, detail=exc.reason))
+            await self.node.limiter.record_auth_failure(address)
             response = connection.respond(HTTPStatus.UNAUTHORIZED, _UNAUTHORIZED_BODY)
             response.headers["WWW-Authenticate"] = 'Bearer error="invalid_token"'
             return response
@@ -169,6 +185,18 @@ class Gateway:
             principal = await self._authenticate(connection)
             if principal is None:
                 return
+        user_slot = await self.node.limiter.admit_user(principal.sub)
+        if isinstance(user_slot, Refusal):
+            refused = TrafficEvent(
+                "rate_limited", _address(connection), principal.sub, detail=user_slot.limit
+            )
+            self.node.events.emit(refused)
+            await connection.close(CLOSE_POLICY, "too many connections")
+            return
+        held = user_slot
+        connection.connection_lost_waiter.add_done_callback(
+            lambda _: self.node.limiter.release(held)
+        )
         limits = self.settings.limits
         outbox = Outbox(
             connection,
@@ -196,10 +224,18 @@ class Gateway:
         """Wait for a valid ``auth`` frame; close with 4408/4401 and return None otherwise."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.limits.auth_timeout_seconds
+        guard = self.node.limiter.connection_guard()  # frames before auth count too
         try:
             while True:
                 async with asyncio.timeout_at(deadline):
                     message = await connection.recv()
+                refusal = guard.frame()
+                if refusal is not None:
+                    if guard.strike():
+                        await connection.close(CLOSE_RATE_LIMITED, "rate limits broken too often")
+                        return None
+                    await connection.send(rate_limited_frame(refusal), text=True)
+                    continue
                 if isinstance(message, bytes):
                     await connection.send(
                         error_frame("unauthorized", "authenticate first"), text=True
@@ -224,6 +260,7 @@ class Gateway:
                 except AuthError as exc:
                     log.info("auth frame refused: %s", exc.reason)
                     self.node.events.emit(TrafficEvent("auth_failed", address, detail=exc.reason))
+                    await self.node.limiter.record_auth_failure(address)
                     await connection.close(CLOSE_AUTH, str(exc)[:120])
                     return None
                 accepted = TrafficEvent("auth_ok", address, principal.sub, detail="frame")
@@ -235,6 +272,12 @@ class Gateway:
             return None
         except ConnectionClosed:
             return None
+
+
+def _too_many_requests(connection: ServerConnection, refusal: Refusal) -> Response:
+    response = connection.respond(HTTPStatus.TOO_MANY_REQUESTS, "too many requests\n")
+    response.headers["Retry-After"] = str(max(1, math.ceil(refusal.retry_after)))
+    return response
 
 
 def _address(connection: ServerConnection) -> str | None:

@@ -17,6 +17,7 @@ from gateway.auth import AuthError, TokenVerifier
 from gateway.broker import BrokerUnavailable
 from gateway.envelope import OutgoingMessage, client_message
 from gateway.events import EventKind, TrafficEvent
+from gateway.limiter import Refusal, rate_limited_frame
 from gateway.outbox import Outbox
 from gateway.policy import Principal
 from gateway.protocol import (
@@ -25,6 +26,7 @@ from gateway.protocol import (
     FrameError,
     Ping,
     Publish,
+    RequestId,
     Subscribe,
     Unsubscribe,
     ack_frame,
@@ -39,6 +41,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("rabbitgate.session")
 
 CLOSE_AUTH = 4401
+CLOSE_RATE_LIMITED = 4429
+# Idle timeout: a normal closure (1000), not 1001, which the contract keeps
+# for "server shutting down, reconnect elsewhere"; an idle client that comes
+# back later simply reconnects.
+CLOSE_IDLE = 1000
 # Publishes of one connection waiting for their broker confirm at once; past
 # this, the connection's frames are not read until confirms come back.
 MAX_INFLIGHT_PUBLISHES = 64
@@ -65,6 +72,10 @@ class Session:
         self._tasks: set[asyncio.Task[None]] = set()
         self._expiry: asyncio.TimerHandle | None = None
         self._schedule_expiry()
+        # This connection's rate limits and idle timeout (gateway/limiter.py).
+        self.guard = node.limiter.connection_guard()
+        self._idle: asyncio.TimerHandle | None = None
+        self._watch_idle()
 
     # --- life cycle ---------------------------------------------------------
 
@@ -77,6 +88,8 @@ class Session:
         """Release everything the session holds; after this it receives nothing."""
         if self._expiry is not None:
             self._expiry.cancel()
+        if self._idle is not None:
+            self._idle.cancel()
         for channel in list(self.subscriptions):
             self.node.remove_subscriber(self, channel)
         self.subscriptions.clear()
@@ -131,10 +144,36 @@ class Session:
             ended += 1
         return ended
 
+    # --- limits -------------------------------------------------------------
+
+    def _refuse(self, refusal: Refusal, request_id: RequestId | None) -> None:
+        """Answer ``rate_limited``; after too many of them, close with 4429 instead."""
+        self.emit("rate_limited", detail=refusal.limit)
+        if self.guard.strike():
+            self.emit("banned", detail=str(CLOSE_RATE_LIMITED))
+            self.close(CLOSE_RATE_LIMITED, "rate limits broken too often")
+            return
+        self.send(rate_limited_frame(refusal, request_id))
+
+    def _watch_idle(self) -> None:
+        left = self.guard.idle_left()
+        if left is None:
+            return
+        if left <= 0:
+            self.close(CLOSE_IDLE, "idle timeout")
+            return
+        self._idle = asyncio.get_running_loop().call_later(left, self._watch_idle)
+
     # --- commands -----------------------------------------------------------
 
     async def handle(self, text: str) -> None:
         """Answer one client frame; never raises for anything the client sent."""
+        if self.guard.closing:
+            return  # closing with 4429: nothing more is processed
+        refusal = self.guard.frame()
+        if refusal is not None:
+            self._refuse(refusal, _request_id(text))
+            return
         try:
             frame = parse_frame(text)
             await self._dispatch(frame)
@@ -157,6 +196,10 @@ class Session:
                 await self._refresh(frame)
 
     async def _subscribe(self, frame: Subscribe) -> None:
+        refusal = self.guard.subscribe()
+        if refusal is not None:
+            self._refuse(refusal, frame.id)
+            return
         channel = frame.channel
         decision = self.node.policies.decide(self.principal, "subscribe", channel)
         rule = decision.rule
@@ -206,6 +249,10 @@ class Session:
         max_bytes = decision.rule.limits.max_bytes
         if max_bytes is not None and len(frame.body) > max_bytes:
             raise FrameError("too_large", f"data is larger than {max_bytes} bytes", frame.id)
+        refusal = await self.node.limiter.take_publish(self.principal.sub, decision.rule)
+        if refusal is not None:
+            self._refuse(refusal, frame.id)  # nothing of it reaches RabbitMQ
+            return
         self.emit("publish", channel=frame.channel, size=len(frame.body), rule=decision.rule.label)
         if self.node.shutting_down:
             raise FrameError("unavailable", "server shutting down, reconnect elsewhere", frame.id)
@@ -245,6 +292,14 @@ class Session:
         self.recheck_subscriptions()
         # Answered even without an id: the client must know the refresh took.
         self.send(ack_frame(frame.id))
+
+
+def _request_id(text: str) -> RequestId | None:
+    """The id of a frame refused before it was parsed, to echo in the answer."""
+    try:
+        return getattr(parse_frame(text), "id", None)
+    except FrameError as exc:
+        return exc.request_id
 
 
 def _label(rule: object) -> str | None:

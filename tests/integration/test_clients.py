@@ -260,6 +260,25 @@ async def test_a_fixed_token_that_is_refused_stops_the_client(
     await client.close()
 
 
+async def test_a_token_callback_that_fails_at_first_is_retried_with_backoff(
+    gateway: Gateway, client_ssl: ssl.SSLContext, make_token: Callable[..., str]
+) -> None:
+    calls = 0
+
+    async def token() -> str:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("identity provider down")
+        return make_token("erin", ttl=-10 if calls == 2 else 600)  # then refused with 4401
+
+    async with RabbitgateClient(
+        url(gateway), token=token, ssl=client_ssl, backoff_base=0.01
+    ) as client:
+        assert calls == 3 and client.connections == 1
+        assert await client.ping() < 5
+
+
 async def test_publishes_beyond_the_queue_bound_are_refused_while_disconnected() -> None:
     client = RabbitgateClient("ws://127.0.0.1:9/ws", token="t", max_queued_publishes=2)
     waiting = [asyncio.create_task(client.publish("chat.q", i)) for i in range(2)]
