@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -151,6 +152,7 @@ def run_target(kind: str, args: argparse.Namespace, log: Any) -> dict[str, Any]:
         elapsed = time.monotonic() - t0
         cpu_after = {pid: cpu_seconds(pid) for pid in server_pids}
         clients_cpu = subscribers.cpu_seconds() + publishers.cpu_seconds() - clients_before
+        load_average = os.getloadavg()[0]
         publishers.ask("publish_off")
         gateway_alive = gateway is None or gateway.process.poll() is None
     finally:
@@ -213,6 +215,7 @@ def run_target(kind: str, args: argparse.Namespace, log: Any) -> dict[str, Any]:
         "close_codes": close_codes,
         "gateway_alive": gateway_alive,
         "connect_seconds": connect_seconds,
+        "load_average_1m": load_average,
     }
 
 
@@ -254,6 +257,7 @@ def render(args: argparse.Namespace, results: dict[str, dict[str, Any]]) -> str:
         ("broker us/delivery", lambda r: f"{r['cpu_us_per_delivery']['broker']:.2f}"),
         ("server us/delivery", lambda r: f"{r['cpu_us_per_delivery']['server']:.2f}"),
         ("errors / closed conns", lambda r: f"{r['errors']} / {r['closed_connections']}"),
+        ("machine load average (1 min)", lambda r: f"{r['load_average_1m']:.2f}"),
     ]
     names = list(results)
     head = (

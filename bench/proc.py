@@ -28,17 +28,53 @@ def pids_named(comm: str) -> list[int]:
     return sorted(found)
 
 
-def broker_pids() -> list[int]:
-    """The RabbitMQ server's Erlang VM(s): ``beam.smp`` booting the ``rabbit`` application.
+def broker_pids(amqp_port: int = 5672) -> list[int]:
+    """The RabbitMQ server measured: the ``beam.smp`` listening on ``amqp_port``.
 
     ``rabbitmqctl`` and ``rabbitmq-plugins`` run short-lived ``beam.smp``
-    processes of their own; they are left out, or a window would count CPU
-    of a process that then vanished.
+    processes of their own, and a test may run a second broker on other
+    ports; neither is counted.
     """
     servers = [pid for pid in pids_named(BROKER_COMM) if _boots_rabbit(pid)]
+    inodes = _listening_inodes(amqp_port)
+    listening = [pid for pid in servers if inodes & _socket_inodes(pid)]
+    if listening:
+        return listening
     if not servers:
         raise RuntimeError("no RabbitMQ server (beam.smp) found: is RabbitMQ running here?")
+    if len(servers) > 1:
+        raise RuntimeError(f"several RabbitMQ servers and none found listening on {amqp_port}")
     return servers
+
+
+def _listening_inodes(port: int) -> set[str]:
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            local, state, inode = fields[1], fields[3], fields[9]
+            if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port:  # 0A: LISTEN
+                inodes.add(inode)
+    return inodes
+
+
+def _socket_inodes(pid: int) -> set[str]:
+    found = set()
+    try:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                found.add(target[8:-1])
+    except OSError:
+        pass
+    return found
 
 
 def _boots_rabbit(pid: int) -> bool:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import yaml
 
-from gateway.config import JwtSettings, LimitSettings
+from gateway.config import JwtSettings, LimitSettings, Settings
 from gateway.devcerts import client_ssl_context, make_dev_certificates
 from gateway.devtokens import mint_token
 
@@ -58,6 +58,16 @@ BENCH_LIMITS: dict[str, float] = {
     "max_connections_per_address": 1_000_000,
     "bucket_table_size": 200_000,
 }
+
+
+# Other listeners a gateway may open on fixed ports: any free port, or off, so
+# that a benchmark never collides with a gateway already running here.
+BENCH_SETTINGS: dict[str, object] = {"admin_port": 0, "sse_port": None}
+
+
+def bench_settings() -> dict[str, object]:
+    known = {f.name for f in dataclasses.fields(Settings)}
+    return {name: value for name, value in BENCH_SETTINGS.items() if name in known}
 
 
 def bench_limits() -> dict[str, float]:
@@ -183,6 +193,7 @@ def start_gateway(
         "stream_max_bytes": 64 * 1024 * 1024,
         "log_level": log_level,
         "limits": bench_limits(),
+        **bench_settings(),
         "jwt": {
             "algorithms": ["HS256"],
             "secret_file": str(secret_file),
