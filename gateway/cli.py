@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.config import ConfigError, Settings, load_settings
+from gateway.logs import configure_logging
 
 DEV_SECRET_FILE = "jwt-dev.secret"
 EXIT_USAGE = 2
@@ -59,6 +60,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--policies", help="policies folder (default policies/)")
     serve.add_argument("--log-level", help="DEBUG, INFO, WARNING, ERROR")
+    serve.add_argument(
+        "--log-format", choices=("json", "text"), help="one JSON object a line (default) or text"
+    )
+    serve.add_argument(
+        "--admin-port", type=int, help="admin port: /metrics, /healthz, /readyz (default 9090)"
+    )
+    serve.add_argument("--sse-port", type=int, help="Server-Sent Events port (default 8444)")
     serve.set_defaults(run=_serve)
 
     certs = commands.add_parser(
@@ -117,14 +125,14 @@ def _serve(args: argparse.Namespace) -> int:
         "amqp_url": args.amqp_url,
         "policies_dir": args.policies,
         "log_level": args.log_level,
+        "log_format": args.log_format,
+        "admin_port": args.admin_port,
+        "sse_port": args.sse_port,
     }
     if args.no_tls:
         overrides["tls.enabled"] = False
     settings = _settings(args, overrides)
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(settings.log_level, settings.log_format)
     try:
         import uvloop
 

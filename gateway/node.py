@@ -19,6 +19,7 @@ from gateway.config import Settings
 from gateway.events import EventBus
 from gateway.hub import Hub
 from gateway.limiter import Limiter
+from gateway.metrics import Metrics
 from gateway.outbox import CLOSE_SLOW_CONSUMER, fan_out
 from gateway.policy import PolicySet
 from gateway.protocol import data_from_body, message_frame
@@ -58,6 +59,7 @@ class Node:
         )
         self.sessions: set[Session] = set()
         self.events = EventBus()
+        self.metrics = Metrics()  # its own registry; the Gateway serves it on /metrics
         self.limiter = Limiter(settings)  # rate limits and connection caps
         # Latest seq seen per channel (what a subscribe ack reports).
         self._latest_seq: dict[str, int] = {}
@@ -203,7 +205,8 @@ class Node:
         if frame is None:
             return
         if subscribers:
-            fan_out((session.outbox for session in subscribers), frame)
+            delivered = fan_out((session.outbox for session in subscribers), frame)
+            self.metrics.delivered(delivery.exchange, delivered, delivery.ts_ms)
         if recovering:
             for session, buffered in recovering.items():
                 if len(buffered) >= self.settings.limits.send_buffer_messages:

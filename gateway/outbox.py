@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Callable, Iterable
+from typing import Protocol
 
 from websockets.asyncio.server import ServerConnection, broadcast
 from websockets.protocol import State
@@ -86,9 +87,28 @@ class Outbox:
         )
 
 
-def fan_out(outboxes: Iterable[Outbox], frame: bytes) -> int:
-    """Write one serialized frame to many connections; returns how many took it."""
-    admitted = [outbox.connection for outbox in outboxes if outbox.admit(len(frame))]
+class FrameSink(Protocol):
+    """A subscriber's send path that is not a WebSocket (an SSE stream's buffer)."""
+
+    def send(self, frame: bytes) -> bool: ...
+
+    def pending(self) -> tuple[int, int]: ...
+
+
+def fan_out(outboxes: Iterable[Outbox | FrameSink], frame: bytes) -> int:
+    """Write one serialized frame to many connections; returns how many took it.
+
+    WebSocket outboxes are written with one ``broadcast`` for all of them;
+    any other sink with its own ``send``.
+    """
+    admitted = []
+    taken = 0
+    for outbox in outboxes:
+        if isinstance(outbox, Outbox):
+            if outbox.admit(len(frame)):
+                admitted.append(outbox.connection)
+        elif outbox.send(frame):
+            taken += 1
     if admitted:
         broadcast(admitted, frame, text=True)
-    return len(admitted)
+    return len(admitted) + taken

@@ -21,12 +21,14 @@ from websockets.exceptions import ConnectionClosed, NegotiationError
 from websockets.http11 import Request, Response
 from websockets.typing import Subprotocol
 
+from gateway import logs
 from gateway.auth import AuthError, TokenVerifier
 from gateway.config import Settings
 from gateway.devcerts import server_ssl_context
 from gateway.events import TrafficEvent
 from gateway.limiter import Refusal, rate_limited_frame
 from gateway.node import Node
+from gateway.operations import Operations
 from gateway.outbox import Outbox
 from gateway.policy import PolicySet, Principal
 from gateway.protocol import Auth, FrameError, error_frame, parse_frame, welcome_frame
@@ -66,6 +68,10 @@ class Gateway:
             self.node, settings.policies_dir, watch=settings.policy_watch
         )
         self.verifier = TokenVerifier(settings.jwt)
+        # Metrics, audit stream, admin and SSE listeners (gateway/operations.py).
+        self.metrics = self.node.metrics
+        self.ops = Operations(self)
+        self.admin_app = self.ops.admin_app  # add admin routes to it before start()
         self._server: Server | None = None
         # What the handshake learnt about a connection, for its handler.
         self._header_principals: weakref.WeakKeyDictionary[ServerConnection, Principal] = (
@@ -77,6 +83,14 @@ class Gateway:
     def port(self) -> int:
         assert self._server is not None
         return int(self._server.sockets[0].getsockname()[1])
+
+    @property
+    def admin_port(self) -> int:
+        return self.ops.admin_port
+
+    @property
+    def sse_port(self) -> int | None:
+        return self.ops.sse_port
 
     async def start(self) -> None:
         """Load keys, connect to RabbitMQ, listen. Raises ConfigError/BrokerUnavailable."""
@@ -113,9 +127,11 @@ class Gateway:
             self.port,
             WS_PATH,
         )
+        await self.ops.start(ssl_context)
 
     async def stop(self) -> None:
         """Stop accepting, close every client with 1001, then leave RabbitMQ."""
+        await self.ops.stop()  # SSE streams end with 1001 too
         await self.reloader.stop()  # no policy swap while shutting down
         if self._server is not None:
             self._server.close(close_connections=True)
@@ -205,6 +221,7 @@ class Gateway:
         )
         address = _address(connection)
         session = Session(self.node, self.verifier, outbox, principal, address)
+        logs.bind(session=session.id, user=principal.sub, address=address)
         self.node.sessions.add(session)
         try:
             session.send(welcome_frame(session.id, principal.sub, limits.heartbeat_seconds))

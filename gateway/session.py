@@ -266,12 +266,15 @@ class Session:
         self._keep(task)
 
     async def _confirm(self, exchange: str, frame: Publish, message: OutgoingMessage) -> None:
+        started = time.monotonic()
         try:
             await self.node.broker.publish(exchange, frame.channel, message)
         except BrokerUnavailable as exc:
+            self.node.metrics.publish_failed(exchange)
             if frame.id is not None:
                 self.send(error_frame("unavailable", str(exc), frame.id))
         else:
+            self.node.metrics.publish_confirmed(exchange, time.monotonic() - started)
             if frame.id is not None:
                 self.send(ack_frame(frame.id))
         finally:

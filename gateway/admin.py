@@ -1,0 +1,60 @@
+"""The admin listener: Prometheus metrics, liveness and readiness.
+
+Separate from the public listeners and bound to 127.0.0.1 by default: it has
+no authentication of its own, so expose it only to the monitoring network.
+
+``build_admin_app(gateway)`` returns the aiohttp ``Application``; a caller adds
+its own pages with ``app.router.add_get(...)`` (or passes ``routes``) before
+the gateway starts, when the router is frozen. ``Gateway.admin_app`` is the
+gateway's instance.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+GATEWAY = web.AppKey("gateway", object)
+
+
+def build_admin_app(gateway: Any, routes: Iterable[web.AbstractRouteDef] = ()) -> web.Application:
+    """The admin app of ``gateway`` (it needs ``node`` and ``metrics``)."""
+    app = web.Application()
+    app[GATEWAY] = gateway
+    app.router.add_get("/metrics", _metrics)
+    app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/readyz", _readyz)
+    app.router.add_routes(list(routes))
+    return app
+
+
+def readiness(gateway: Any) -> str | None:
+    """Why ``gateway`` cannot serve traffic now, or None when it can."""
+    node = gateway.node
+    if not node.broker.connected:
+        return "broker not connected"
+    policies = node.policies
+    if policies is None or not policies.rules:
+        return "no policy rules loaded"
+    return None
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    gateway = request.app[GATEWAY]
+    body = generate_latest(gateway.metrics.registry)  # type: ignore[attr-defined]
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def _readyz(request: web.Request) -> web.Response:
+    gateway = request.app[GATEWAY]
+    reason = readiness(gateway)
+    if reason is not None:
+        return web.json_response({"status": "unavailable", "reason": reason}, status=503)
+    return web.json_response({"status": "ready", "policy_digest": gateway.node.policies.digest})  # type: ignore[attr-defined]
