@@ -119,15 +119,6 @@ class Settings:
     # Server-Sent Events, GET /events (gateway/sse_server.py): a second public
     # port on `host`, with the same TLS as the WebSocket one. null: off.
     sse_port: int | None = 8444
-    # "json": one JSON object a line (gateway/logs.py); "text": plain lines.
-    log_format: str = "json"
-    # Admin listener: /metrics, /healthz, /readyz (gateway/admin.py). It has no
-    # authentication: keep it on loopback or a monitoring network. 0: any free port.
-    admin_host: str = "127.0.0.1"
-    admin_port: int = 9090
-    # Server-Sent Events, GET /events (gateway/sse_server.py): a second public
-    # port on `host`, with the same TLS as the WebSocket one. null: off.
-    sse_port: int | None = 8444
     # Share the rate limits between gateway processes (redis://, rediss://,
     # unix://). None: each process limits on its own, in memory.
     redis_url: str | None = None
@@ -276,12 +267,6 @@ def _check(settings: Settings) -> Settings:
         )
     if not 0 <= settings.port < 65536:  # 0: any free port (tests)
         raise ConfigError(f"port {settings.port} is out of range")
-    if settings.log_format not in ("json", "text"):
-        raise ConfigError(f"log_format {settings.log_format!r} must be json or text")
-    for name in ("admin_port", "sse_port"):
-        value = getattr(settings, name)
-        if value is not None and not 0 <= value < 65536:
-            raise ConfigError(f"{name} {value} is out of range")
     if settings.log_format not in ("json", "text"):
         raise ConfigError(f"log_format {settings.log_format!r} must be json or text")
     for name in ("admin_port", "sse_port"):
