@@ -110,7 +110,7 @@ def run_target(kind: str, args: argparse.Namespace, log: Any) -> dict[str, Any]:
             gateway = start_gateway(tls=args.tls, source=args.gateway_src)
             endpoint = gateway.endpoint()
         else:
-            ensure_webstomp()
+            ensure_webstomp(args.subscribers + args.publishers)
             endpoint = webstomp_endpoint()
         brokers = broker_pids()
         idle_before = total_cpu_seconds(brokers)

@@ -111,3 +111,13 @@ def rss_kib(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def open_files(pid: int) -> tuple[int, int]:
+    """(descriptors open now, soft limit) of a process."""
+    count = len(os.listdir(f"/proc/{pid}/fd"))
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            soft = line.split()[3]
+            return count, (2**31 if soft == "unlimited" else int(soft))
+    raise RuntimeError(f"no open-files limit for pid {pid}")

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import yaml
 
+from bench.proc import broker_pids, open_files
 from gateway.config import JwtSettings, LimitSettings, Settings
 from gateway.devcerts import client_ssl_context, make_dev_certificates
 from gateway.devtokens import mint_token
@@ -255,11 +256,37 @@ async def delete_exchange(exchange: str) -> None:
         await connection.close()
 
 
-def ensure_webstomp() -> None:
-    """Make sure Web-STOMP listens on 127.0.0.1:15674, enabling the plugin if needed.
+# Descriptors the broker must keep free besides one per Web-STOMP connection.
+BROKER_FD_MARGIN = 150
 
-    Raises RuntimeError with the reason when it cannot be enabled.
+
+def check_broker_headroom(connections: int) -> None:
+    """Refuse to open more Web-STOMP connections than the broker has descriptors for.
+
+    Each Web-STOMP client is a socket of the broker process. RabbitMQ running
+    out of descriptors does not just refuse connections: its memory monitor
+    and Mnesia crash with emfile and the node stops serving every client until
+    ``rabbitmqctl stop_app && rabbitmqctl start_app`` (seen here with 1,000
+    clients under the common 1,024 soft limit).
     """
+    for pid in broker_pids():
+        used, limit = open_files(pid)
+        if used + connections + BROKER_FD_MARGIN > limit:
+            raise RuntimeError(
+                f"Web-STOMP with {connections} connections needs about "
+                f"{used + connections + BROKER_FD_MARGIN} file descriptors in RabbitMQ "
+                f"(pid {pid}), whose limit is {limit}: start RabbitMQ with a higher one "
+                "(`ulimit -n 65536` before `rabbitmq-server -detached`, or LimitNOFILE=)"
+            )
+
+
+def ensure_webstomp(connections: int = 0) -> None:
+    """Make sure Web-STOMP listens on 127.0.0.1:15674, enabling the plugin if needed,
+    and that the broker has descriptors for ``connections`` more clients.
+
+    Raises RuntimeError with the reason when it cannot be enabled or would run out.
+    """
+    check_broker_headroom(connections)
     if port_open(WEBSTOMP_PORT):
         return
     plugins = shutil.which("rabbitmq-plugins")

@@ -107,6 +107,9 @@ class WsClient(asyncio.Protocol):
                 return
             del buf[: end + 4]
             self._upgraded = True
+            if self.opened.done():  # the caller gave up waiting
+                self._fail(TimeoutError("handshake answered too late"))
+                return
             self.opened.set_result(None)
         self._parse(time.time_ns())
 
