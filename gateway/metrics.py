@@ -197,7 +197,9 @@ class _LiveCollector:
             "Broker messages dropped because their body was neither JSON nor UTF-8.",
             value=node.dropped_messages,
         )
-        yield from _policy(node.policies, getattr(self._gateway, "policy_reloader", None))
+        gateway = self._gateway
+        reloader = getattr(gateway, "policy_reloader", None) or getattr(gateway, "reloader", None)
+        yield from _policy(node.policies, reloader)
 
 
 def _send_buffers(sessions: list[Any]) -> Iterator[Metric]:

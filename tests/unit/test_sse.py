@@ -1,0 +1,97 @@
+"""The SSE wire side, no network: event ids, event text, the bounded buffer."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+
+import orjson
+import pytest
+
+from gateway.sse import (
+    MAX_EVENT_ID_CHARS,
+    SseOutbox,
+    decode_event_id,
+    encode_event_id,
+    format_event,
+)
+
+
+def test_an_event_id_is_unpadded_base64url_of_the_compact_position_json() -> None:
+    event_id = encode_event_id({"chat.a": 12, "news.b-c_d": 0})
+    assert "=" not in event_id and "+" not in event_id and "/" not in event_id
+    padded = event_id + "=" * (-len(event_id) % 4)
+    assert orjson.loads(base64.urlsafe_b64decode(padded)) == {"chat.a": 12, "news.b-c_d": 0}
+    assert decode_event_id(event_id) == {"chat.a": 12, "news.b-c_d": 0}
+
+
+def _b64(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        None,
+        "",
+        "not base64 !",
+        _b64(b"not json"),
+        _b64(b"[1, 2]"),  # not an object
+        _b64(b'{"chat.#": 1}'),  # an AMQP wildcard is no channel
+        _b64(b'{"chat.a": -1}'),
+        _b64(b'{"chat.a": 1.5}'),
+        _b64(b'{"chat.a": true}'),
+        _b64(b'{"chat.a": "7"}'),
+        "A" * (MAX_EVENT_ID_CHARS + 1),
+    ],
+)
+def test_an_id_that_is_not_ours_decodes_to_none(text: str | None) -> None:
+    assert decode_event_id(text) is None
+
+
+def test_an_event_has_its_name_id_and_one_data_line() -> None:
+    frame = orjson.dumps({"type": "message", "data": "two\nlines"})
+    text = format_event("message", frame, "abc")
+    assert text == b"event: message\nid: abc\ndata: " + frame + b"\n\n"
+    assert text.count(b"\n") == 4  # orjson escapes the newline inside the JSON
+    assert format_event("recovery", b"{}") == b"event: recovery\ndata: {}\n\n"
+
+
+async def test_the_outbox_hands_over_frames_in_order_and_heartbeats_on_timeout() -> None:
+    outbox = SseOutbox(max_bytes=1000, max_messages=10)
+    assert await outbox.take(0.01) == []
+    assert outbox.send(b"one") and outbox.send(b"two")
+    assert outbox.pending() == (6, 2)
+    assert await outbox.take(1) == [b"one", b"two"]
+    assert outbox.pending() == (0, 0)
+
+
+async def test_the_outbox_wakes_a_waiting_writer() -> None:
+    outbox = SseOutbox(max_bytes=1000, max_messages=10)
+    waiting = asyncio.ensure_future(outbox.take(5))
+    await asyncio.sleep(0)
+    outbox.send(b"x")
+    assert await asyncio.wait_for(waiting, 1) == [b"x"]
+
+
+@pytest.mark.parametrize(("max_bytes", "max_messages", "sent"), [(10, 100, 2), (1000, 3, 3)])
+async def test_the_outbox_overflows_once_past_either_limit(
+    max_bytes: int, max_messages: int, sent: int
+) -> None:
+    overflows: list[bool] = []
+    outbox = SseOutbox(
+        max_bytes=max_bytes, max_messages=max_messages, on_overflow=lambda: overflows.append(True)
+    )
+    results = [outbox.send(b"12345") for _ in range(6)]
+    assert results == [True] * sent + [False] * (6 - sent)
+    assert overflows == [True] and outbox.overflowed
+    assert await outbox.take(1) is None  # the writer stops: the stream is dropped
+
+
+async def test_a_closed_outbox_delivers_what_it_holds_then_ends() -> None:
+    outbox = SseOutbox(max_bytes=1000, max_messages=10)
+    outbox.send(b"last")
+    outbox.close()
+    assert not outbox.send(b"late")
+    assert await outbox.take(1) == [b"last"]
+    assert await outbox.take(1) is None
