@@ -254,6 +254,7 @@ class RabbitgateClient:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._runner: asyncio.Task[None] | None = None
         self._sender: asyncio.Task[None] | None = None
+        self._sending_on: ClientConnection | None = None
         self._refresher: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> RabbitgateClient:
@@ -524,8 +525,10 @@ class RabbitgateClient:
 
     def _flush(self) -> None:
         """Send queued publishes, in order, by one task so the order holds."""
-        idle = self._sender is None or self._sender.done()
+        # A sender still stuck on a previous connection does not count: it stops by itself.
+        idle = self._sender is None or self._sender.done() or self._sending_on is not self._ws
         if idle and self._queue and self._ws is not None and self._ready.is_set():
+            self._sending_on = self._ws
             self._sender = self._spawn(self._send_queued(self._ws))
 
     async def _send_queued(self, ws: ClientConnection) -> None:
