@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import time
@@ -31,6 +32,8 @@ log = logging.getLogger("rabbitgate.audit")
 # first) finishes well within QUIET_MS, so a half-saved folder is not loaded.
 DEBOUNCE_MS = 2000
 QUIET_MS = 300
+# How often the watch thread hands over changes and checks for stop().
+WATCH_STEP_MS = 50
 # The folder could not be watched (removed, unreadable): retry after RETRY_SECONDS,
 # doubling up to MAX_RETRY_SECONDS while it stays unwatchable.
 RETRY_SECONDS = 1.0
@@ -91,7 +94,9 @@ class PolicyReloader:
         self._clock = clock
         self._lock = asyncio.Lock()  # one reload at a time: watcher and SIGHUP may race
         self._stopping = asyncio.Event()
+        self._changed = asyncio.Event()  # set by the watcher, cleared by the settler
         self._watcher: asyncio.Task[None] | None = None
+        self._settler: asyncio.Task[None] | None = None
         self._pending: set[asyncio.Task[bool]] = set()
 
     @property
@@ -106,6 +111,7 @@ class PolicyReloader:
             return
         self._stopping.clear()
         self._watcher = asyncio.create_task(self._watch(), name="policy-watcher")
+        self._settler = asyncio.create_task(self._settle(), name="policy-settler")
         # The watcher's first step arms the OS watch before it first waits, so one
         # turn of the loop is enough for a change made after start() to be seen.
         await asyncio.sleep(0)
@@ -114,9 +120,14 @@ class PolicyReloader:
         """Stop watching and abandon reloads in flight (the set in force stays)."""
         self._stopping.set()
         watcher, self._watcher = self._watcher, None
+        settler, self._settler = self._settler, None
+        if settler is not None:
+            settler.cancel()
+            await asyncio.gather(settler, return_exceptions=True)
         if watcher is not None:
-            # The watch thread notices the stop event within quiet_ms.
-            done, _ = await asyncio.wait({watcher}, timeout=max(1.0, 3 * self._quiet_ms / 1000))
+            # The watch thread notices the stop event within WATCH_STEP_MS;
+            # cancelling would wait for the thread just the same.
+            done, _ = await asyncio.wait({watcher}, timeout=5.0)
             if not done:
                 watcher.cancel()
             await asyncio.gather(watcher, return_exceptions=True)
@@ -208,48 +219,67 @@ class PolicyReloader:
     # --- watching -------------------------------------------------------------
 
     async def _watch(self) -> None:
+        """Turn OS change events into ``_changed``; re-arm when the folder is replaced."""
         folder = os.path.abspath(self.directory)
         delay = RETRY_SECONDS
         catch_up = False
         while not self._stopping.is_set():
-            catch_up_task = None
             try:
+                if not os.path.isdir(folder):  # checked first: no catch-up reload for nothing
+                    raise FileNotFoundError(errno.ENOENT, "no such folder")
                 changes = awatch(
                     folder,
                     watch_filter=lambda change, path: _relevant(folder, change, path),
-                    debounce=self._debounce_ms,
-                    step=self._quiet_ms,
+                    step=WATCH_STEP_MS,
                     stop_event=self._stopping,
                     recursive=False,
                 )
                 async with contextlib.aclosing(changes):
                     if catch_up:
-                        # Changes made while nothing watched were missed. This task
-                        # runs after the first step below has armed the new watch.
-                        catch_up_task = self.reload_soon("watch")
-                        catch_up = False
-                    async for batch in changes:
-                        delay = RETRY_SECONDS
-                        await self.reload("watch")
+                        # Changes made while nothing watched. The settler wakes only
+                        # once this task waits, after anext() below armed the watch.
+                        self._changed.set()
+                    # The generator's first step arms the OS watch before it waits.
+                    batch = await anext(changes)
+                    delay, catch_up = RETRY_SECONDS, False
+                    while True:
+                        self._changed.set()
                         if any(path == folder for _, path in batch):
                             # The folder itself was removed or renamed: the OS watch
                             # follows the old one. Watch whatever is at the path now.
-                            log.warning("policy reload: %s was replaced; watching it anew", folder)
+                            log.warning(
+                                "policy reload: %s was removed or replaced; watching the path anew",
+                                folder,
+                            )
                             catch_up = True
                             break
-                    else:
-                        return  # stop() was called
+                        batch = await anext(changes)
+            except StopAsyncIteration:
+                return  # stop() was called
             except Exception as exc:  # the folder is missing, or inotify is out of watches
-                if catch_up_task is not None:
-                    catch_up_task.cancel()  # not started yet: nothing to catch up with
                 log.warning(
-                    "policy reload: cannot watch %s (%s); retrying in %.0f s", folder, exc, delay
+                    "policy reload: cannot watch %s (%s); retrying in %g s", folder, exc, delay
                 )
                 catch_up = True
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(delay):
                         await self._stopping.wait()
                 delay = min(delay * 2, MAX_RETRY_SECONDS)
+
+    async def _settle(self) -> None:
+        """Reload once the folder has been quiet for quiet_ms (at most debounce_ms on)."""
+        loop = asyncio.get_running_loop()
+        quiet, longest = self._quiet_ms / 1000, self._debounce_ms / 1000
+        while True:
+            await self._changed.wait()
+            deadline = loop.time() + longest
+            while self._changed.is_set() and loop.time() < deadline:
+                self._changed.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(min(quiet, max(0.0, deadline - loop.time()))):
+                        await self._changed.wait()
+            self._changed.clear()
+            await self.reload("watch")
 
 
 def _relevant(folder: str, change: Change, path: str) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -251,6 +252,52 @@ async def test_the_watcher_follows_a_replaced_folder(
     # ... and keeps watching the new folder.
     (folder / "10-chat.yaml").write_text(RULES.format(who="scope:x"))
     await until(lambda: len(node.swaps) == 2)
+
+
+async def test_the_watcher_waits_for_a_removed_folder_to_come_back(
+    folder: Path, node: FakeNode, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("gateway.reloader.RETRY_SECONDS", 0.05)
+    reloader = PolicyReloader(node, folder, quiet_ms=50)  # type: ignore[arg-type]
+    await reloader.start()
+    try:
+        before = reloader.live_digest
+        shutil.rmtree(folder)
+        await until(lambda: reloader.reloads_failed == 1)
+        assert reloader.live_digest == before
+        assert reloader.last_error is not None and "cannot read the policies folder" in (
+            reloader.last_error
+        )
+        await asyncio.sleep(0.5)  # several retries: each is a warning, not another failed reload
+        assert reloader.reloads_failed == 1
+        folder.mkdir()
+        (folder / "10-chat.yaml").write_text(RULES.format(who="anyone"))
+        await until(lambda: len(node.swaps) == 1)
+        assert reloader.last_error is None
+    finally:
+        await reloader.stop()
+
+
+async def test_the_watcher_follows_a_kubernetes_configmap_update(tmp_path: Path) -> None:
+    # A ConfigMap volume: files are symlinks through "..data", which kubelet swaps
+    # atomically to a new timestamped folder; the file names never change.
+    folder = tmp_path / "policies"
+    (folder / "..v1").mkdir(parents=True)
+    (folder / "..v1" / "10-chat.yaml").write_text(RULES.format(who="role:member"))
+    (folder / "..data").symlink_to("..v1")
+    (folder / "10-chat.yaml").symlink_to("..data/10-chat.yaml")
+    node = FakeNode(load_policy_set(folder))
+    reloader = PolicyReloader(node, folder, quiet_ms=50)  # type: ignore[arg-type]
+    await reloader.start()
+    try:
+        (folder / "..v2").mkdir()
+        (folder / "..v2" / "10-chat.yaml").write_text(RULES.format(who="anyone"))
+        (folder / "..data_tmp").symlink_to("..v2")
+        os.replace(folder / "..data_tmp", folder / "..data")
+        await until(lambda: len(node.swaps) == 1)
+        assert str(node.swaps[0].rules[0].subscribe[0]) == "anyone"
+    finally:
+        await reloader.stop()
 
 
 async def test_stop_is_prompt_and_final(folder: Path, node: FakeNode) -> None:
