@@ -1,0 +1,381 @@
+"""Alerts: the body of protocol.md section 9, their review, their durable store.
+
+An alert is a JSON object exactly as the contract shows it (plus ``version``,
+``updated_at``, ``history``, ``subject.session`` and each reason's
+``percentile``). Review is a small state machine (``review``): open ->
+acknowledged -> closed, or open -> closed; closing needs a resolution
+(``true_positive``, ``false_positive``, ``benign``), the reviewer and a note.
+
+``AlertStore`` keeps alerts in SQLite (WAL, synchronous FULL: an alert that was
+raised survives a crash or restart) and is also the *outbox* of the alerts
+exchange: each change bumps the alert's ``version``, and a version stays
+"unpublished" until RabbitMQ confirmed it, so whoever publishes next (the
+gateway's detector, or the CLI) sends what is missing. Delivery is
+at-least-once: consumers deduplicate on (``id``, ``version``). The store also
+holds the bans and throttles responses put in force, so they survive a
+restart too. Its methods block: call them through ``asyncio.to_thread``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from anomaly.features import SubjectWindow
+from anomaly.model import Reason
+
+STATUSES = ("open", "acknowledged", "closed")
+RESOLUTIONS = ("true_positive", "false_positive", "benign")
+# (status, action) -> new status: the whole review state machine.
+TRANSITIONS = {
+    ("open", "acknowledge"): "acknowledged",
+    ("open", "close"): "closed",
+    ("acknowledged", "close"): "closed",
+}
+MAX_REVIEWER = 100
+MAX_NOTE = 4000
+STORE_FILE = "alerts.sqlite3"
+
+
+class ReviewError(Exception):
+    """A review step that is not allowed (one-line message for the reviewer)."""
+
+
+class UnknownAlert(ReviewError):
+    pass
+
+
+def iso(ts: float) -> str:
+    """``2026-11-27T22:10:00Z``; milliseconds only when the instant has them."""
+    moment = datetime.fromtimestamp(ts, UTC)
+    if moment.microsecond // 1000:
+        return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def new_alert_id(now: float) -> str:
+    """Sortable by creation time, unguessable: ``a-<ms hex>-<random>``."""
+    return f"a-{int(now * 1000):011x}-{secrets.token_hex(4)}"
+
+
+def make_alert(
+    window: SubjectWindow,
+    score: float,
+    severity: str,
+    reasons: Sequence[Reason] | Sequence[dict[str, Any]],
+    now: float | None = None,
+) -> dict[str, Any]:
+    """A new open alert about ``window`` (its actions are filled in by the response)."""
+    now = time.time() if now is None else now
+    subject: dict[str, Any] = {"kind": window.subject_kind}
+    if window.user is not None or window.subject_kind == "user":
+        subject["user"] = window.user
+    if window.address is not None or window.subject_kind == "address":
+        subject["address"] = window.address
+    if window.session is not None:
+        subject["session"] = window.session
+    return {
+        "id": new_alert_id(now),
+        "created_at": iso(now),
+        "severity": severity,
+        "score": round(float(score), 4),
+        "subject": subject,
+        "window": {"start": iso(window.start), "end": iso(window.end)},
+        "features": {name: _number(value) for name, value in window.features.items()},
+        "reasons": [r.to_json() if isinstance(r, Reason) else dict(r) for r in reasons],
+        "status": "open",
+        "resolution": None,
+        "reviewer": None,
+        "note": None,
+        "actions": [],
+        "version": 1,
+        "updated_at": iso(now),
+        "history": [],
+    }
+
+
+def _number(value: float) -> float | int:
+    value = float(value)
+    if value.is_integer():
+        return int(value)
+    return float(f"{value:.6g}")
+
+
+def review(
+    alert: dict[str, Any],
+    action: str,
+    reviewer: str,
+    *,
+    resolution: str | None = None,
+    note: str | None = None,
+    now: float | None = None,
+) -> dict[str, Any]:
+    """The alert after ``action`` ("acknowledge" or "close") by ``reviewer``; pure.
+
+    Raises ReviewError when the step is not allowed or a field is missing or bad.
+    """
+    reviewer = (reviewer or "").strip()
+    if not reviewer:
+        raise ReviewError("a reviewer is required")
+    if len(reviewer) > MAX_REVIEWER or not reviewer.isprintable():
+        raise ReviewError(f"reviewer must be printable and at most {MAX_REVIEWER} characters")
+    note = (note or "").strip() or None
+    if note is not None and len(note) > MAX_NOTE:
+        raise ReviewError(f"note is longer than {MAX_NOTE} characters")
+    status = alert["status"]
+    target = TRANSITIONS.get((status, action))
+    if target is None:
+        if action not in {a for _, a in TRANSITIONS}:
+            raise ReviewError(f"unknown review action {action!r}")
+        raise ReviewError(f"alert {alert['id']} is {status}: cannot {action} it")
+    changed = json.loads(json.dumps(alert))
+    now = time.time() if now is None else now
+    if action == "close":
+        if resolution not in RESOLUTIONS:
+            raise ReviewError(f"resolution must be one of {', '.join(RESOLUTIONS)}")
+        if note is None:
+            raise ReviewError("closing an alert needs a note saying why")
+        changed["resolution"] = resolution
+        changed["reviewer"] = reviewer
+        changed["note"] = note
+    else:
+        changed["reviewer"] = reviewer
+    changed["status"] = target
+    step = {"at": iso(now), "by": reviewer, "status": target}
+    if note is not None:
+        step["note"] = note
+    if resolution is not None and action == "close":
+        step["resolution"] = resolution
+    changed["history"] = [*alert.get("history", []), step]
+    return changed
+
+
+@dataclass(frozen=True)
+class Restriction:
+    """A ban or throttle in force on one subject until ``until`` (epoch seconds)."""
+
+    alert_id: str
+    kind: str  # "user" or "address"
+    key: str
+    mode: str  # "ban" or "throttle"
+    until: float
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS alerts (
+    id TEXT PRIMARY KEY,
+    created_ts REAL NOT NULL,
+    severity TEXT NOT NULL,
+    status TEXT NOT NULL,
+    subject_kind TEXT NOT NULL,
+    subject_user TEXT,
+    subject_address TEXT,
+    body TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    published_version INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS alerts_by_status ON alerts (status, created_ts);
+CREATE INDEX IF NOT EXISTS alerts_unpublished ON alerts (published_version, version);
+CREATE TABLE IF NOT EXISTS restrictions (
+    alert_id TEXT NOT NULL,
+    kind TEXT NOT NULL,
+    key TEXT NOT NULL,
+    mode TEXT NOT NULL,
+    until REAL NOT NULL,
+    lifted INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS restrictions_until ON restrictions (until);
+"""
+
+
+class AlertStore:
+    """Alerts and restrictions in one SQLite file; thread-safe, blocking."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if not path.exists():
+            # Created private: alerts name users and addresses.
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600))
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(path, timeout=10, check_same_thread=False)
+        self._db.row_factory = sqlite3.Row
+        with self._lock:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.rollback()
+                raise
+            self._db.commit()
+
+    # --- alerts -------------------------------------------------------------
+
+    def add(self, alert: dict[str, Any]) -> None:
+        subject = alert["subject"]
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO alerts (id, created_ts, severity, status, subject_kind,"
+                " subject_user, subject_address, body, version) VALUES (?,?,?,?,?,?,?,?,?)",
+                (
+                    alert["id"],
+                    time.time(),
+                    alert["severity"],
+                    alert["status"],
+                    subject["kind"],
+                    subject.get("user"),
+                    subject.get("address"),
+                    json.dumps(alert),
+                    alert["version"],
+                ),
+            )
+
+    def get(self, alert_id: str) -> dict[str, Any]:
+        with self._lock:
+            row = self._db.execute("SELECT body FROM alerts WHERE id = ?", (alert_id,)).fetchone()
+        if row is None:
+            raise UnknownAlert(f"no alert {alert_id}")
+        return dict(json.loads(row["body"]))
+
+    def find(
+        self,
+        *,
+        status: str | None = None,
+        severity: str | None = None,
+        subject: str | None = None,
+        limit: int = 200,
+    ) -> list[dict[str, Any]]:
+        """Newest first; ``subject`` matches the user or the address exactly."""
+        clauses, params = [], []
+        if status:
+            clauses.append("status = ?")
+            params.append(status)
+        if severity:
+            clauses.append("severity = ?")
+            params.append(severity)
+        if subject:
+            clauses.append("(subject_user = ? OR subject_address = ?)")
+            params.extend([subject, subject])
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        params.append(max(1, min(limit, 10_000)))
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT body FROM alerts {where} ORDER BY created_ts DESC, id DESC LIMIT ?",
+                params,
+            ).fetchall()
+        return [json.loads(row["body"]) for row in rows]
+
+    def review(
+        self,
+        alert_id: str,
+        action: str,
+        reviewer: str,
+        *,
+        resolution: str | None = None,
+        note: str | None = None,
+    ) -> dict[str, Any]:
+        """Apply one review step atomically; returns the changed alert."""
+        with self._transaction() as db:
+            alert = self._read(db, alert_id)
+            changed = review(alert, action, reviewer, resolution=resolution, note=note)
+            self._write(db, changed)
+            if changed["status"] == "closed" and resolution in ("false_positive", "benign"):
+                # A wrong or harmless alert must not keep its subject out.
+                lifted = db.execute(
+                    "UPDATE restrictions SET lifted = 1 WHERE alert_id = ? AND lifted = 0"
+                    " AND until > ?",
+                    (alert_id, time.time()),
+                ).rowcount
+                if lifted:
+                    changed["actions"].append(f"restrictions lifted by {changed['reviewer']}")
+                    self._write(db, changed)
+        return changed
+
+    def add_actions(self, alert_id: str, actions: Sequence[str]) -> dict[str, Any]:
+        with self._transaction() as db:
+            alert = self._read(db, alert_id)
+            alert["actions"] = [*alert["actions"], *actions]
+            self._write(db, alert)
+        return alert
+
+    def unpublished(self, limit: int = 100) -> list[dict[str, Any]]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT body FROM alerts WHERE published_version < version"
+                " ORDER BY created_ts LIMIT ?",
+                (limit,),
+            ).fetchall()
+        return [json.loads(row["body"]) for row in rows]
+
+    def mark_published(self, alert_id: str, version: int) -> None:
+        with self._transaction() as db:
+            db.execute(
+                "UPDATE alerts SET published_version = MAX(published_version, ?) WHERE id = ?",
+                (version, alert_id),
+            )
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            rows = self._db.execute("SELECT status, COUNT(*) FROM alerts GROUP BY status")
+            return {status: count for status, count in rows.fetchall()}
+
+    def _read(self, db: sqlite3.Connection, alert_id: str) -> dict[str, Any]:
+        row = db.execute("SELECT body FROM alerts WHERE id = ?", (alert_id,)).fetchone()
+        if row is None:
+            raise UnknownAlert(f"no alert {alert_id}")
+        return dict(json.loads(row["body"]))
+
+    def _write(self, db: sqlite3.Connection, alert: dict[str, Any]) -> None:
+        alert["version"] = int(alert.get("version", 1)) + 1
+        alert["updated_at"] = iso(time.time())
+        db.execute(
+            "UPDATE alerts SET status = ?, body = ?, version = ? WHERE id = ?",
+            (alert["status"], json.dumps(alert), alert["version"], alert["id"]),
+        )
+
+    # --- restrictions -------------------------------------------------------
+
+    def restrict(self, restriction: Restriction) -> None:
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO restrictions (alert_id, kind, key, mode, until) VALUES (?,?,?,?,?)",
+                (
+                    restriction.alert_id,
+                    restriction.kind,
+                    restriction.key,
+                    restriction.mode,
+                    restriction.until,
+                ),
+            )
+
+    def restrictions(self, now: float | None = None) -> list[Restriction]:
+        """Bans and throttles in force at ``now`` (not expired, not lifted)."""
+        now = time.time() if now is None else now
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT alert_id, kind, key, mode, until FROM restrictions"
+                " WHERE lifted = 0 AND until > ?",
+                (now,),
+            ).fetchall()
+        return [Restriction(*row) for row in rows]

@@ -1,0 +1,669 @@
+"""Labelled traffic against the real gateway: normal clients and injected attacks.
+
+``run_scenario`` starts an in-process ``Gateway`` (real TLS, real signed
+tokens, the real RabbitMQ, the detector on) and drives it with:
+
+* a population of normal chat-like users, each from its own loopback address
+  (127.0.1.N; a few share one, as behind a NAT, a few have a second device):
+  Poisson publishing at rates from 0.05 to 1.5 a second with bursts of
+  typing, message sizes like chat text, a few rooms, now and then a room
+  change, a forbidden channel, a malformed frame, a token refresh, a
+  reconnect, an expired token;
+* attackers of each kind, each on subjects of its own:
+  ``credential_stuffing`` (one address, many invalid tokens),
+  ``channel_scanning`` (one user subscribing to channel after channel, most
+  refused), ``regular_bot`` (publishes at a fixed interval, one template),
+  ``large_payloads`` (bursts of 8-48 KiB messages),
+  ``token_many_addresses`` (one user's token used from 8-12 addresses at once).
+
+Linux routes all of 127.0.0.0/8 to loopback, so each client binds its socket
+to its own 127.x.y.z (``local_addr``) and the gateway sees distinct peers.
+
+The detector first learns for ``warmup_windows`` windows of normal traffic
+only; then the attacks start at a window boundary and both populations run
+for ``attack_windows`` windows. Every scored subject-window of that second
+phase is labelled: the subject an attack is *about* (the address for
+credential stuffing, the user for the others) is a positive of its kind; the
+other subjects the attackers touched (their own addresses) are left out; the
+rest are the normal windows. ``metrics`` turns this into precision, recall
+and false-positive rate per attack kind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import random
+import secrets
+import ssl
+import tempfile
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import InvalidStatus, WebSocketException
+
+from anomaly.detector import Scored
+from anomaly.settings import AnomalySettings
+
+log = logging.getLogger("rabbitgate.scenarios")
+
+ATTACK_KINDS = (
+    "credential_stuffing",
+    "channel_scanning",
+    "regular_bot",
+    "large_payloads",
+    "token_many_addresses",
+)
+AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
+ROOMS = 8
+
+_POLICY = """
+version: 1
+rules:
+  - channel: "chat.{{room}}"
+    exchange: {p}.chat
+    subscribe: [role:member]
+    publish: [role:member]
+    limits: {{max_bytes: 60000}}
+  - channel: "user.{{user}}.inbox"
+    exchange: {p}.notify
+    subscribe: ["claim:sub={{user}}"]
+    publish: [nobody]
+  - channel: "tenant.{{tenant}}.feed"
+    exchange: {p}.feeds
+    subscribe: [{{all: ["role:member", "claim:tenant={{tenant}}"]}}]
+    publish: [nobody]
+"""
+_EXCHANGE_KINDS = ("chat", "notify", "feeds")
+
+
+@dataclass(frozen=True)
+class ScenarioConfig:
+    window_seconds: float = 5.0
+    long_window_windows: int = 4
+    warmup_windows: int = 12
+    attack_windows: int = 12
+    normal_users: int = 40
+    attackers_per_kind: int = 3
+    kinds: tuple[str, ...] = ATTACK_KINDS
+    contamination: float = 0.005
+    seed: int = 7
+    amqp_url: str = AMQP_URL
+
+
+@dataclass
+class Labels:
+    """Which subjects belong to which attack kind, and which to leave out."""
+
+    positives: dict[tuple[str, str], str] = field(default_factory=dict)  # subject -> kind
+    excluded: set[tuple[str, str]] = field(default_factory=set)
+
+
+@dataclass
+class ScenarioResult:
+    config: ScenarioConfig
+    decisions: list[Scored]  # every decision of the attack phase
+    labels: Labels
+    alerts: list[dict[str, Any]]
+    seconds: float
+
+
+# --- metrics (pure) ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Row:
+    kind: str
+    windows: int
+    flagged: int
+    precision: float | None
+    recall: float | None
+    fpr: float | None
+
+
+def label_of(decision: Scored, labels: Labels) -> str | None:
+    """The attack kind of a decision's subject, "normal", or None (left out)."""
+    window = decision.window
+    subject = (window.subject_kind, window.key)
+    if subject in labels.positives:
+        return labels.positives[subject]
+    if subject in labels.excluded or window.overflow:
+        return None
+    return "normal"
+
+
+def metrics(
+    decisions: list[Scored], labels: Labels, short_key: str, mode: str = "either"
+) -> list[Row]:
+    """Per attack kind: its windows, flagged, precision, recall; then the normal row.
+
+    The unit is one subject in one short window. ``mode`` says what flags it:
+    ``"short"`` its short-window decision, ``"long"`` the decision of the long
+    window covering it, ``"either"`` (the detector's answer) one of the two.
+    Each kind is scored as its own binary problem against the normal windows:
+    precision = TP / (TP + flagged normal windows), recall = TP / windows of
+    the kind, FPR = flagged normal windows / normal windows (the same for all).
+    """
+    long_flags: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    for decision in decisions:
+        if not decision.key.endswith(short_key) and decision.flagged:
+            w = decision.window
+            long_flags.setdefault((w.subject_kind, w.key), []).append((w.start, w.end))
+    counts: dict[str, list[int]] = {}
+    for decision in decisions:
+        if not decision.key.endswith(short_key):
+            continue
+        kind = label_of(decision, labels)
+        if kind is None:
+            continue
+        w = decision.window
+        middle = (w.start + w.end) / 2
+        by_long = any(a <= middle < b for a, b in long_flags.get((w.subject_kind, w.key), ()))
+        flagged = {"short": decision.flagged, "long": by_long}.get(
+            mode, decision.flagged or by_long
+        )
+        tally = counts.setdefault(kind, [0, 0])
+        tally[0] += 1
+        tally[1] += int(flagged)
+    normal_windows, false_positives = counts.get("normal", [0, 0])
+    fpr = false_positives / normal_windows if normal_windows else None
+    rows = []
+    for kind in sorted(k for k in counts if k != "normal"):
+        windows, flagged = counts[kind]
+        precision = flagged / (flagged + false_positives) if flagged + false_positives else None
+        rows.append(Row(kind, windows, flagged, precision, flagged / windows, fpr))
+    rows.append(Row("normal", normal_windows, false_positives, None, None, fpr))
+    return rows
+
+
+def format_table(rows: list[Row]) -> str:
+    def pct(value: float | None) -> str:
+        return "—" if value is None else f"{value:.3f}"
+
+    lines = [
+        "| attack kind | windows | flagged | precision | recall | FPR (normal) |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row.kind} | {row.windows} | {row.flagged} | {pct(row.precision)} | "
+            f"{pct(row.recall)} | {pct(row.fpr)} |"
+        )
+    return "\n".join(lines)
+
+
+# --- clients ----------------------------------------------------------------
+
+
+class Peer:
+    """One client connection from a chosen source address; reads everything sent to it."""
+
+    _ids = itertools.count(1)
+
+    def __init__(self, env: Environment, address: str) -> None:
+        self.env = env
+        self.address = address
+        self.ws: ClientConnection | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self.close_code: int | None = None
+
+    async def open(self, token: str | None, *, header: bool = True) -> bool:
+        """Connect and authenticate; False when refused (any way)."""
+        headers = {"Authorization": f"Bearer {token}"} if header and token else None
+        try:
+            self.ws = await connect(
+                f"wss://localhost:{self.env.port}/ws",
+                ssl=self.env.client_ssl,
+                additional_headers=headers,
+                subprotocols=["rabbitgate.v1"],  # type: ignore[list-item]
+                local_addr=(self.address, 0),
+                open_timeout=10,
+                max_queue=None,
+                max_size=None,
+            )
+            if not header and token:
+                await self.ws.send(json.dumps({"type": "auth", "token": token}))
+            welcome = json.loads(await asyncio.wait_for(self.ws.recv(), 10))
+        except (InvalidStatus, WebSocketException, OSError, TimeoutError, ValueError):
+            await self.close()
+            return False
+        if welcome.get("type") != "welcome":
+            await self.close()
+            return False
+        self._reader = asyncio.get_running_loop().create_task(self._read())
+        return True
+
+    async def _read(self) -> None:
+        assert self.ws is not None
+        with contextlib.suppress(WebSocketException, OSError):
+            async for _ in self.ws:
+                pass
+        self.close_code = self.ws.close_code
+
+    @property
+    def open_now(self) -> bool:
+        return self.ws is not None and self._reader is not None and not self._reader.done()
+
+    async def send(self, **frame: Any) -> bool:
+        if not self.open_now:
+            return False
+        assert self.ws is not None
+        try:
+            await self.ws.send(json.dumps(frame))
+        except (WebSocketException, OSError):
+            return False
+        return True
+
+    async def subscribe(self, channel: str) -> bool:
+        return await self.send(type="subscribe", id=next(self._ids), channel=channel)
+
+    async def unsubscribe(self, channel: str) -> bool:
+        return await self.send(type="unsubscribe", id=next(self._ids), channel=channel)
+
+    async def publish(self, channel: str, data: Any) -> bool:
+        return await self.send(type="publish", id=next(self._ids), channel=channel, data=data)
+
+    async def close(self) -> None:
+        if self.ws is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self.ws.close(), 5)
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(BaseException):
+                await self._reader
+
+
+# --- the environment: a real gateway with the detector on -------------------
+
+
+class Environment:
+    """A gateway on 127.0.0.1 with its own certificates, secret, policies and data dir."""
+
+    def __init__(self, config: ScenarioConfig, data_dir: Path | None = None) -> None:
+        self.config = config
+        self.prefix = f"eval{uuid.uuid4().hex[:8]}"
+        self._tmp = tempfile.TemporaryDirectory(prefix="rabbitgate-eval-")
+        self.root = Path(self._tmp.name)
+        self.data_dir = data_dir or self.root / "anomaly"
+        self.gateway: Any = None
+        self.client_ssl: ssl.SSLContext | None = None
+        self.port = 0
+
+    async def __aenter__(self) -> Environment:
+        from gateway.config import JwtSettings, LimitSettings, Settings, TlsSettings
+        from gateway.devcerts import client_ssl_context, make_dev_certificates
+        from gateway.policy import load_policy_set
+        from gateway.server import Gateway
+
+        certs = make_dev_certificates(self.root / "certs")
+        policies = self.root / "policies"
+        policies.mkdir()
+        (policies / "10-eval.yaml").write_text(_POLICY.format(p=self.prefix))
+        self.jwt = JwtSettings(
+            algorithms=("HS256",), secret=secrets.token_hex(32), issuer="eval", audience="eval"
+        )
+        c = self.config
+        anomaly = AnomalySettings(
+            enabled=True,
+            data_dir=self.data_dir,
+            window_seconds=c.window_seconds,
+            long_window_windows=c.long_window_windows,
+            warmup_windows=c.warmup_windows,
+            contamination=c.contamination,
+            retrain_interval_seconds=0,
+            exchange=f"{self.prefix}.alerts",
+        )
+        settings = Settings(
+            host="127.0.0.1",
+            port=0,
+            tls=TlsSettings(enabled=True, cert_file=certs.server_cert, key_file=certs.server_key),
+            amqp_url=c.amqp_url,
+            policies_dir=policies,
+            policy_watch=False,
+            jwt=self.jwt,
+            limits=LimitSettings(idle_timeout_seconds=0),
+            stream_max_bytes=64 * 1024 * 1024,
+            admin_port=0,
+            sse_port=None,
+            log_format="text",
+            anomaly=anomaly,
+        )
+        self.gateway = Gateway(settings, load_policy_set(policies))
+        await self.gateway.start()
+        self.port = self.gateway.port
+        self.client_ssl = client_ssl_context(certs.ca_cert)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        import aio_pika
+
+        try:
+            if self.gateway is not None:
+                await self.gateway.stop()
+        finally:
+            with contextlib.suppress(Exception):
+                connection = await aio_pika.connect(self.config.amqp_url)
+                async with connection:
+                    channel = await connection.channel()
+                    for kind in _EXCHANGE_KINDS:
+                        await channel.queue_delete(f"rabbitgate.stream.{self.prefix}.{kind}")
+                        await channel.exchange_delete(f"{self.prefix}.{kind}")
+                    await channel.exchange_delete(f"{self.prefix}.alerts")
+            self._tmp.cleanup()
+
+    def token(self, sub: str, ttl: float = 3600, **claims: Any) -> str:
+        from gateway.devtokens import mint_token
+
+        return mint_token(self.jwt, sub=sub, roles=["member"], ttl_seconds=ttl, extra=claims)
+
+    def forged_token(self, sub: str) -> str:
+        """A well-formed token signed with the wrong key (what stuffing lists hold)."""
+        from gateway.devtokens import mint_token
+
+        wrong = replace(self.jwt, secret=secrets.token_hex(32))
+        return mint_token(wrong, sub=sub, roles=["member"], ttl_seconds=3600)
+
+    @property
+    def detector(self) -> Any:
+        return self.gateway.anomaly.detector
+
+
+# --- behaviours -------------------------------------------------------------
+
+Stop = Callable[[], bool]
+
+
+def _chat_text(rng: random.Random) -> dict[str, Any]:
+    length = max(1, min(1500, int(rng.lognormvariate(3.6, 0.9))))
+    words = "".join(rng.choice("abcdefghij klmnopqrstuvwxyz") for _ in range(length))
+    data: dict[str, Any] = {"text": words}
+    if rng.random() < 0.1:
+        data["reply_to"] = rng.randrange(10**6)
+    return data
+
+
+async def _sleep_until(stop: Stop, seconds: float) -> None:
+    end = time.monotonic() + seconds
+    while not stop() and time.monotonic() < end:
+        await asyncio.sleep(min(0.5, end - time.monotonic()))
+
+
+async def normal_user(
+    env: Environment, name: str, addresses: list[str], rng: random.Random, stop: Stop
+) -> None:
+    """A person chatting: sessions of varied length, Poisson messages with bursts."""
+    rate = 10 ** rng.uniform(-1.3, 0.2)  # 0.05 .. 1.6 messages/s
+    listener = rng.random() < 0.15
+    rooms = rng.sample(range(ROOMS), rng.randint(1, 3))
+    while not stop():
+        address = addresses[0] if len(addresses) == 1 or rng.random() < 0.7 else addresses[1]
+        peer = Peer(env, address)
+        if rng.random() < 0.03:  # an expired token first, as after a laptop's sleep
+            await peer.open(env.token(name, ttl=-120))
+            await peer.close()
+            peer = Peer(env, address)
+        if not await peer.open(env.token(name), header=rng.random() < 0.8):
+            await _sleep_until(stop, 2)
+            continue
+        for room in rooms:
+            await peer.subscribe(f"chat.room{room}")
+        await peer.subscribe(f"user.{name}.inbox")
+        session_end = time.monotonic() + rng.expovariate(1 / 60)
+        while not stop() and time.monotonic() < session_end and peer.open_now:
+            wait = rng.expovariate(rate / (20 if listener else 1))
+            await _sleep_until(stop, wait)
+            if stop():
+                break
+            draw = rng.random()
+            room = rng.choice(rooms)
+            if draw < 0.85:
+                burst = 1 if rng.random() < 0.7 else rng.randint(2, 5)
+                for _ in range(burst):
+                    await peer.publish(f"chat.room{room}", _chat_text(rng))
+                    if burst > 1:
+                        await asyncio.sleep(rng.uniform(0.4, 2.5))
+            elif draw < 0.92:
+                other = rng.randrange(ROOMS)
+                await peer.subscribe(f"chat.room{other}")
+                if other not in rooms and rng.random() < 0.5:
+                    await peer.unsubscribe(f"chat.room{other}")
+            elif draw < 0.95:
+                await peer.subscribe(rng.choice(["tenant.acme.feed", f"user.{name}x.inbox"]))
+            elif draw < 0.97:
+                await peer.send(type="auth", id=next(Peer._ids), token=env.token(name))
+            elif draw < 0.98:
+                await peer.send(type="publish", channel="chat..bad", data=1)
+            else:
+                await peer.send(type="ping", id=next(Peer._ids))
+        await peer.close()
+        await _sleep_until(stop, rng.uniform(0.5, 6))
+
+
+async def credential_stuffing(
+    env: Environment, address: str, rng: random.Random, stop: Stop, rate: float
+) -> None:
+    """Many invalid tokens from one address (the gateway refuses each: 401, 4401, then 429)."""
+    while not stop():
+        peer = Peer(env, address)
+        victim = f"user{rng.randrange(10**5)}"
+        await peer.open(env.forged_token(victim), header=rng.random() < 0.6)
+        await peer.close()
+        await _sleep_until(stop, rng.uniform(0.5, 1.5) / rate)
+
+
+async def channel_scanning(
+    env: Environment, name: str, address: str, rng: random.Random, stop: Stop, rate: float
+) -> None:
+    """Subscribe to one guessed channel after another: inboxes, feeds, rooms."""
+    while not stop():
+        peer = Peer(env, address)
+        if not await peer.open(env.token(name)):
+            await _sleep_until(stop, 1)
+            continue
+        joined: list[str] = []
+        while not stop() and peer.open_now:
+            guess = rng.random()
+            if guess < 0.5:
+                channel = f"user.user{rng.randrange(10**4)}.inbox"
+            elif guess < 0.8:
+                channel = f"tenant.t{rng.randrange(10**3)}.feed"
+            else:
+                channel = f"chat.r{rng.randrange(10**4)}"
+                joined.append(channel)
+            await peer.subscribe(channel)
+            if len(joined) > 20:
+                await peer.unsubscribe(joined.pop(0))
+            await _sleep_until(stop, rng.uniform(0.6, 1.4) / rate)
+        await peer.close()
+
+
+async def regular_bot(
+    env: Environment, name: str, address: str, stop: Stop, interval: float
+) -> None:
+    """Publishes one template at a fixed interval, to the millisecond."""
+    peer = Peer(env, address)
+    while not stop() and not await peer.open(env.token(name)):
+        await _sleep_until(stop, 1)
+    await peer.subscribe("chat.room0")
+    loop = asyncio.get_running_loop()
+    due = loop.time()
+    count = 0
+    while not stop() and peer.open_now:
+        count += 1
+        await peer.publish("chat.room0", {"text": "Great deals at example.test, click now!!"})
+        due += interval
+        await asyncio.sleep(max(0.0, due - loop.time()))
+    await peer.close()
+
+
+async def large_payloads(
+    env: Environment, name: str, address: str, rng: random.Random, stop: Stop
+) -> None:
+    """Chat-like, but in bursts of large messages (8-48 KiB)."""
+    peer = Peer(env, address)
+    while not stop() and not await peer.open(env.token(name)):
+        await _sleep_until(stop, 1)
+    await peer.subscribe("chat.room1")
+    while not stop() and peer.open_now:
+        for _ in range(rng.randint(3, 8)):
+            size = rng.randint(8 * 1024, 48 * 1024)
+            await peer.publish("chat.room1", {"blob": secrets.token_hex(size // 2)})
+            await asyncio.sleep(rng.uniform(0.05, 0.3))
+        await _sleep_until(stop, rng.uniform(1.0, 3.0))
+    await peer.close()
+
+
+async def token_many_addresses(
+    env: Environment, name: str, addresses: list[str], rng: random.Random, stop: Stop
+) -> None:
+    """One user's token, stolen and used from many addresses at once."""
+    token = env.token(name)
+
+    async def one(address: str) -> None:
+        while not stop():
+            peer = Peer(env, address)
+            if await peer.open(token):
+                await peer.subscribe(f"chat.room{rng.randrange(ROOMS)}")
+                end = time.monotonic() + rng.uniform(3, 15)
+                while not stop() and time.monotonic() < end and peer.open_now:
+                    await _sleep_until(stop, rng.expovariate(0.3))
+                    await peer.publish(f"chat.room{rng.randrange(ROOMS)}", _chat_text(rng))
+                await peer.close()
+            await _sleep_until(stop, rng.uniform(0.5, 3))
+
+    await asyncio.gather(*(one(address) for address in addresses))
+
+
+# --- the run ----------------------------------------------------------------
+
+
+async def run_scenario(
+    config: ScenarioConfig, progress: Callable[[str], None] | None = None
+) -> ScenarioResult:
+    """Warm up on normal traffic, then inject the attacks; every decision labelled."""
+    say = progress or (lambda _: None)
+    rng = random.Random(config.seed)
+    started = time.monotonic()
+    async with Environment(config) as env:
+        detector = env.detector
+        decisions: list[Scored] = []
+        attacking = asyncio.Event()
+        detector.listeners.append(lambda scored: decisions.extend(scored))
+        stopping = False
+
+        def stop() -> bool:
+            return stopping
+
+        tasks: list[asyncio.Task[None]] = []
+        spawn: Callable[[Awaitable[None]], None] = lambda coro: tasks.append(  # noqa: E731
+            asyncio.ensure_future(coro)
+        )
+        # Normal users: one address each, a few share (NAT), a few have two devices.
+        for n in range(config.normal_users):
+            host = n if n % 7 != 3 else n - 1  # every 7th shares its neighbour's address
+            addresses = [f"127.0.1.{10 + host}"]
+            if n % 6 == 5:
+                addresses.append(f"127.0.4.{10 + n}")
+            spawn(normal_user(env, f"person{n}", addresses, random.Random(rng.random()), stop))
+        say(
+            f"gateway on port {env.port}; {config.normal_users} normal users; learning for "
+            f"{config.warmup_windows} windows of {config.window_seconds:g} s"
+        )
+        while detector.learning or detector.windows_closed < config.warmup_windows:
+            await asyncio.sleep(0.2)
+
+        # Start the attacks right after a (long) window boundary, so their windows are whole.
+        def boundary() -> int:
+            if config.long_window_windows:
+                return int(detector.long_windows_closed)
+            return int(detector.windows_closed)
+
+        closed = boundary()
+        while boundary() == closed:
+            await asyncio.sleep(0.05)
+        decisions.clear()
+        attack_phase_start = detector.windows_closed
+        labels = Labels()
+        attacking.set()
+        k = config.attackers_per_kind
+        for i in range(k):
+            if "credential_stuffing" in config.kinds:
+                address = f"127.0.2.{10 + i}"
+                labels.positives[("address", address)] = "credential_stuffing"
+                rate = (0.7, 1.5, 3.0)[i % 3]
+                spawn(credential_stuffing(env, address, random.Random(rng.random()), stop, rate))
+            if "channel_scanning" in config.kinds:
+                name, address = f"scanner{i}", f"127.0.2.{40 + i}"
+                labels.positives[("user", name)] = "channel_scanning"
+                labels.excluded.add(("address", address))
+                rate = (1.0, 2.0, 4.0)[i % 3]
+                spawn(channel_scanning(env, name, address, random.Random(rng.random()), stop, rate))
+            if "regular_bot" in config.kinds:
+                name, address = f"bot{i}", f"127.0.2.{70 + i}"
+                labels.positives[("user", name)] = "regular_bot"
+                labels.excluded.add(("address", address))
+                spawn(regular_bot(env, name, address, stop, (1.0, 0.7, 0.5)[i % 3]))
+            if "large_payloads" in config.kinds:
+                name, address = f"uploader{i}", f"127.0.2.{100 + i}"
+                labels.positives[("user", name)] = "large_payloads"
+                labels.excluded.add(("address", address))
+                spawn(large_payloads(env, name, address, random.Random(rng.random()), stop))
+            if "token_many_addresses" in config.kinds:
+                name = f"stolen{i}"
+                count = 8 + (i * 2) % 5
+                addresses = [f"127.0.3.{10 + 20 * i + j}" for j in range(count)]
+                labels.positives[("user", name)] = "token_many_addresses"
+                labels.excluded.update(("address", a) for a in addresses)
+                spawn(token_many_addresses(env, name, addresses, random.Random(rng.random()), stop))
+        say(f"model trained; attacks injected for {config.attack_windows} windows")
+        while detector.windows_closed < attack_phase_start + config.attack_windows:
+            await asyncio.sleep(0.2)
+        stopping = True
+        attack_decisions = list(decisions)
+        await asyncio.wait(tasks, timeout=20)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        assert detector.store is not None
+        alerts = await asyncio.to_thread(detector.store.find, limit=10_000)
+    return ScenarioResult(config, attack_decisions, labels, alerts, time.monotonic() - started)
+
+
+def report(result: ScenarioResult) -> str:
+    """The evaluation tables as Markdown: by either window, then each length alone."""
+    c = result.config
+    short_key = f"@{c.window_seconds:g}s"
+    long_seconds = c.window_seconds * c.long_window_windows
+    parts = [
+        f"Flagged in its {c.window_seconds:g} s window or the {long_seconds:g} s window covering it"
+        " (unit: one subject in one short window):",
+        "",
+        format_table(metrics(result.decisions, result.labels, short_key)),
+    ]
+    if c.long_window_windows:
+        for mode, title in (
+            ("short", f"{c.window_seconds:g} s windows alone"),
+            ("long", f"{long_seconds:g} s windows alone"),
+        ):
+            parts += [
+                "",
+                f"{title}:",
+                "",
+                format_table(metrics(result.decisions, result.labels, short_key, mode)),
+            ]
+    parts += [
+        "",
+        f"{c.normal_users} normal users, {c.attackers_per_kind} attackers per kind, "
+        f"{c.warmup_windows} warm-up + {c.attack_windows} attack windows, "
+        f"contamination {c.contamination}, seed {c.seed}; {len(result.alerts)} alerts raised; "
+        f"{result.seconds:.0f} s wall time.",
+    ]
+    return "\n".join(parts)
