@@ -23,6 +23,7 @@ from gateway.metrics import Metrics
 from gateway.outbox import CLOSE_SLOW_CONSUMER, fan_out
 from gateway.policy import PolicySet
 from gateway.protocol import data_from_body, message_frame
+from gateway.restrictions import Restrictions
 
 if TYPE_CHECKING:
     from gateway.session import Session
@@ -61,6 +62,8 @@ class Node:
         self.events = EventBus()
         self.metrics = Metrics()  # its own registry; the Gateway serves it on /metrics
         self.limiter = Limiter(settings)  # rate limits and connection caps
+        # Bans and throttles put on subjects by the anomaly detector's responses.
+        self.restrictions = Restrictions()
         # Latest seq seen per channel (what a subscribe ack reports).
         self._latest_seq: dict[str, int] = {}
         self._following: dict[str, asyncio.Future[None]] = {}

@@ -15,6 +15,7 @@ import math
 import weakref
 from collections.abc import Sequence
 from http import HTTPStatus
+from typing import Any
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed, NegotiationError
@@ -33,6 +34,7 @@ from gateway.outbox import Outbox
 from gateway.policy import PolicySet, Principal
 from gateway.protocol import Auth, FrameError, error_frame, parse_frame, welcome_frame
 from gateway.reloader import PolicyReloader
+from gateway.restrictions import CLOSE_BANNED
 from gateway.session import CLOSE_AUTH, Session
 
 log = logging.getLogger("rabbitgate.server")
@@ -72,6 +74,12 @@ class Gateway:
         self.metrics = self.node.metrics
         self.ops = Operations(self)
         self.admin_app = self.ops.admin_app  # add admin routes to it before start()
+        # Anomaly detection, alerts and their review page (anomaly/); None when off.
+        self.anomaly: Any = None
+        if settings.anomaly.enabled:
+            from anomaly.service import AnomalyService
+
+            self.anomaly = AnomalyService(self)
         self._server: Server | None = None
         # What the handshake learnt about a connection, for its handler.
         self._header_principals: weakref.WeakKeyDictionary[ServerConnection, Principal] = (
@@ -101,6 +109,8 @@ class Gateway:
             )
         await self.verifier.start()
         await self.node.start()
+        if self.anomaly is not None:
+            await self.anomaly.start()
         await self.reloader.start()  # watches policies_dir; SIGHUP calls reload_soon
         limits = self.settings.limits
         self._server = await serve(
@@ -136,6 +146,8 @@ class Gateway:
         if self._server is not None:
             self._server.close(close_connections=True)
             await self._server.wait_closed()
+        if self.anomaly is not None:
+            await self.anomaly.stop()
         await self.node.stop()
         await self.verifier.close()
 
@@ -148,6 +160,9 @@ class Gateway:
             return connection.respond(HTTPStatus.NOT_FOUND, "not found\n")
         address = _address(connection)
         self.node.events.emit(TrafficEvent("connect", address))
+        if self.node.restrictions.banned("address", address):
+            self.node.events.emit(TrafficEvent("banned", address, detail="403"))
+            return connection.respond(HTTPStatus.FORBIDDEN, "banned\n")
         # Connect rate, failed authentications, concurrent connections of the
         # address: checked before any token work, refused with 429.
         admitted = await self.node.limiter.admit_connection(address)
@@ -201,6 +216,11 @@ class Gateway:
             principal = await self._authenticate(connection)
             if principal is None:
                 return
+        if self.node.restrictions.banned("user", principal.sub):
+            banned = TrafficEvent("banned", _address(connection), principal.sub, detail="4403")
+            self.node.events.emit(banned)
+            await connection.close(CLOSE_BANNED, "banned")
+            return
         user_slot = await self.node.limiter.admit_user(principal.sub)
         if isinstance(user_slot, Refusal):
             refused = TrafficEvent(

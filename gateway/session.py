@@ -196,7 +196,10 @@ class Session:
                 await self._refresh(frame)
 
     async def _subscribe(self, frame: Subscribe) -> None:
-        refusal = self.guard.subscribe()
+        # A subject the anomaly detector throttled (gateway/restrictions.py) counts too.
+        refusal = self.guard.subscribe() or self.node.restrictions.throttle(
+            self.principal.sub, self.address
+        )
         if refusal is not None:
             self._refuse(refusal, frame.id)
             return
@@ -249,7 +252,9 @@ class Session:
         max_bytes = decision.rule.limits.max_bytes
         if max_bytes is not None and len(frame.body) > max_bytes:
             raise FrameError("too_large", f"data is larger than {max_bytes} bytes", frame.id)
-        refusal = await self.node.limiter.take_publish(self.principal.sub, decision.rule)
+        refusal = self.node.restrictions.throttle(self.principal.sub, self.address)
+        if refusal is None:
+            refusal = await self.node.limiter.take_publish(self.principal.sub, decision.rule)
         if refusal is not None:
             self._refuse(refusal, frame.id)  # nothing of it reaches RabbitMQ
             return
