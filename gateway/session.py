@@ -75,6 +75,7 @@ class Session:
         # This connection's rate limits and idle timeout (gateway/limiter.py).
         self.guard = node.limiter.connection_guard()
         self._idle: asyncio.TimerHandle | None = None
+        self._closing: asyncio.Task[None] | None = None
         self._watch_idle()
 
     # --- life cycle ---------------------------------------------------------
@@ -151,9 +152,15 @@ class Session:
         self.emit("rate_limited", detail=refusal.limit)
         if self.guard.strike():
             self.emit("banned", detail=str(CLOSE_RATE_LIMITED))
-            self.close(CLOSE_RATE_LIMITED, "rate limits broken too often")
+            self._closing = asyncio.get_running_loop().create_task(self._close_rate_limited())
             return
         self.send(rate_limited_frame(refusal, request_id))
+
+    async def _close_rate_limited(self) -> None:
+        # Publishes already sent to RabbitMQ still get their ack first; frames
+        # arriving meanwhile are ignored (guard.closing).
+        await self.drain()
+        await self.outbox.connection.close(CLOSE_RATE_LIMITED, "rate limits broken too often")
 
     def _watch_idle(self) -> None:
         left = self.guard.idle_left()
