@@ -258,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench.connections: error: {exc}", file=sys.stderr)
         return 1
     if args.json:
-        print(json.dumps({"args": vars(args), **result}, indent=2))
+        print(json.dumps({"args": vars(args), **result}, indent=2, default=str))
     else:
         print(render(result))
     return 0

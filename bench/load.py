@@ -303,7 +303,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(
             json.dumps(
-                {"args": vars(args), "results": results, "ratios": ratios(results)}, indent=2
+                {"args": vars(args), "results": results, "ratios": ratios(results)},
+                indent=2,
+                default=str,
             )
         )
     else:

@@ -216,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench.publish: error: {exc}", file=sys.stderr)
         return 1
     if args.json:
-        print(json.dumps({"args": vars(args), **result}, indent=2))
+        print(json.dumps({"args": vars(args), **result}, indent=2, default=str))
     else:
         print(render(args, result))
     return 0
