@@ -261,16 +261,19 @@ class AlertStore:
     def find(
         self,
         *,
-        status: str | None = None,
+        status: str | Sequence[str] | None = None,
         severity: str | None = None,
         subject: str | None = None,
         limit: int = 200,
     ) -> list[dict[str, Any]]:
-        """Newest first; ``subject`` matches the user or the address exactly."""
-        clauses, params = [], []
+        """Newest first; ``status`` one or several; ``subject`` matches the user or
+        the address exactly."""
+        clauses: list[str] = []
+        params: list[Any] = []
         if status:
-            clauses.append("status = ?")
-            params.append(status)
+            statuses = [status] if isinstance(status, str) else list(status)
+            clauses.append(f"status IN ({','.join('?' * len(statuses))})")
+            params.extend(statuses)
         if severity:
             clauses.append("severity = ?")
             params.append(severity)

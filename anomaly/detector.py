@@ -218,29 +218,44 @@ class Detector:
     # --- windows ------------------------------------------------------------
 
     async def _windows(self) -> None:
+        """Swap the window at each boundary, on time; a second task acts on it.
+
+        The swap is all that runs at the boundary, so alert I/O or a slow
+        scoring never stretches the next window (a late window would distort
+        its counts and gaps).
+        """
         seconds = self.settings.window_seconds
-        now = self._clock()
-        boundary = (math.floor(now / seconds) + 1) * seconds
-        first = True
-        while True:
-            await asyncio.sleep(max(0.0, boundary - self._clock()))
-            try:
-                if first:  # a partial window: neither learnt from nor scored
-                    self.aggregator.swap(boundary)
-                    first = False
-                else:
-                    await self.tick(boundary)
-            except Exception:
-                log.exception("anomaly window at %s failed", boundary)
-            boundary += seconds
-            while boundary <= self._clock():  # fell behind: skip, do not pile up
+        queue: asyncio.Queue[WindowState] = asyncio.Queue()
+        worker = asyncio.get_running_loop().create_task(self._act_on_windows(queue))
+        try:
+            boundary = (math.floor(self._clock() / seconds) + 1) * seconds
+            self.aggregator.swap(self._clock())  # the partial first window: dropped
+            while True:
+                await asyncio.sleep(max(0.0, boundary - self._clock()))
+                queue.put_nowait(self.aggregator.swap(max(boundary, self._clock())))
                 boundary += seconds
+                while boundary <= self._clock():  # the loop was blocked a whole window
+                    boundary += seconds
+        finally:
+            worker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await worker
+
+    async def _act_on_windows(self, queue: asyncio.Queue[WindowState]) -> None:
+        while True:
+            state = await queue.get()
+            try:
+                await self._act(state)
+            except Exception:
+                log.exception("anomaly window ending at %s failed", state.end)
 
     async def tick(self, now: float | None = None) -> list[Scored]:
         """Close the current window at ``now`` and act on it; returns its decisions."""
         now = self._clock() if now is None else now
-        state = self.aggregator.swap(now)
-        scored = await self._run(self._process, state)
+        return await self._act(self.aggregator.swap(now))
+
+    async def _act(self, state: WindowState) -> list[Scored]:
+        scored: list[Scored] = await self._run(self._process, state)
         self.windows_closed += 1
         for listener in self.listeners:
             listener(scored)
@@ -258,14 +273,15 @@ class Detector:
     def _process(self, state: WindowState) -> list[Scored]:
         """In the worker thread: vectors, long window, scores, warm-up, retraining."""
         s = self.settings
-        groups = [(self.short_key_seconds, subject_windows(state))]
+        groups = [(self.short_key_seconds, subject_windows(state, self.short_key_seconds))]
         if s.long_window_windows:
             if self._long is None:
                 self._long = WindowState(state.start)
             merge_states(self._long, state, s.max_subjects)
             self._long_count += 1
             if self._long_count >= s.long_window_windows:
-                groups.append((self.long_key_seconds, subject_windows(self._long)))
+                long_windows = subject_windows(self._long, self.long_key_seconds)
+                groups.append((self.long_key_seconds, long_windows))
                 self._long, self._long_count = None, 0
                 self.long_windows_closed += 1
         scored: list[Scored] = []

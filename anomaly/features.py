@@ -33,7 +33,7 @@ FEATURES: tuple[str, ...] = (
     "bytes_rate",  # published body bytes per second
     "mean_payload",  # bytes
     "max_payload",  # bytes
-    "interarrival_mean",  # seconds between publishes (window length when < 2 publishes)
+    "interarrival_mean",  # seconds between publishes (the window length when < 2 publishes)
     "interarrival_cv",  # std / mean of those intervals (1.0, as Poisson, when < 5 intervals)
     "distinct_channels",  # channels subscribed, published, unsubscribed or denied
     "subscribe_ratio",  # subscribes / (subscribes + publishes); 0 when neither
@@ -309,9 +309,15 @@ def merge_states(into: WindowState, later: WindowState, max_subjects: int) -> Wi
     return into
 
 
-def subject_windows(state: WindowState) -> list[SubjectWindow]:
-    """One ``SubjectWindow`` per subject of the window (pure; run it off the loop)."""
+def subject_windows(state: WindowState, nominal: float | None = None) -> list[SubjectWindow]:
+    """One ``SubjectWindow`` per subject of the window (pure; run it off the loop).
+
+    ``nominal``: the configured window length. Rates use the measured length;
+    the gap reported when fewer than two publishes were seen is the nominal one,
+    so that a window closed a few milliseconds late does not look unusual.
+    """
     seconds = max(state.end - state.start, 1e-3)
+    nominal = seconds if nominal is None else nominal
     found = []
     for kind, table in (("user", state.users), ("address", state.addresses)):
         for key, subject in table.items():
@@ -328,19 +334,21 @@ def subject_windows(state: WindowState) -> list[SubjectWindow]:
                     subject.session,
                     state.start,
                     state.end,
-                    feature_vector(subject, kind, seconds),  # type: ignore[arg-type]
+                    feature_vector(subject, kind, seconds, nominal),  # type: ignore[arg-type]
                     overflow,
                 )
             )
     return found
 
 
-def feature_vector(subject: SubjectState, kind: SubjectKind, seconds: float) -> dict[str, float]:
+def feature_vector(
+    subject: SubjectState, kind: SubjectKind, seconds: float, nominal: float | None = None
+) -> dict[str, float]:
     publishes = subject.publishes
     if subject.intervals >= 1:
         mean_gap = subject.interval_sum / subject.intervals
     else:
-        mean_gap = seconds
+        mean_gap = seconds if nominal is None else nominal
     cv = 1.0
     if subject.intervals >= MIN_INTERVALS and mean_gap > 0:
         variance = subject.interval_sumsq / subject.intervals - mean_gap * mean_gap

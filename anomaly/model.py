@@ -85,6 +85,15 @@ def transform(rows: np.ndarray) -> np.ndarray:
 
 
 _CV = FEATURES.index("interarrival_cv")
+# The features whose *high* side (after ``transform``) means abuse. The guard
+# ignores the others: long gaps between publishes, a ratio bounded by 1, varied
+# payload sizes are never an attack by themselves.
+GUARDED = tuple(
+    name
+    for name in FEATURES
+    if name not in ("interarrival_mean", "subscribe_ratio", "payload_entropy")
+)
+_GUARD_MASK = np.array([name in GUARDED for name in FEATURES])
 # The range guard's unit: the baseline's p50..p99 spread (transformed), at least a doubling.
 MIN_SPREAD = math.log(2.0)
 # A feature this many spreads beyond the largest baseline value flags the window by itself.
@@ -274,7 +283,8 @@ class KeyModel:
 
     def exceedance(self, rows: np.ndarray) -> np.ndarray:
         """(n, features): how many baseline spreads each value lies beyond the
-        baseline's largest one (transformed; <= 0 inside the baseline's range)."""
+        baseline's largest one (transformed; <= 0 inside the baseline's range).
+        Only the GUARDED features count for the score."""
         tq = self.transformed_quantiles
         spread = np.maximum(tq[99] - tq[50], MIN_SPREAD)
         return np.asarray((transform(rows) - tq[100]) / spread)
@@ -290,7 +300,7 @@ class KeyModel:
         towards 1 with the distance: threshold + (1 - threshold) * (1 - 2^-(e - margin)).
         """
         forest = self.forest.score(transform(rows))
-        beyond = self.exceedance(rows).max(axis=1, initial=-np.inf) - RANGE_MARGIN
+        beyond = self.exceedance(rows)[:, _GUARD_MASK].max(axis=1, initial=-np.inf) - RANGE_MARGIN
         guard = np.where(
             beyond > 0,
             self.threshold + (1.0 - self.threshold) * (1.0 - np.exp2(-np.maximum(beyond, 0.0))),

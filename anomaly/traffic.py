@@ -80,7 +80,7 @@ def baseline_rows(
         nonlocal long_state, long_count
         assert aggregator is not None
         state = aggregator.swap(now)
-        for window in subject_windows(state):
+        for window in subject_windows(state, window_seconds):
             rows.setdefault(model_key(window.subject_kind, window_seconds), []).append(
                 window.vector()
             )
@@ -90,7 +90,7 @@ def baseline_rows(
             )
             long_count += 1
             if long_count == long_window_windows:
-                for window in subject_windows(long_state):
+                for window in subject_windows(long_state, long_seconds):
                     rows.setdefault(model_key(window.subject_kind, long_seconds), []).append(
                         window.vector()
                     )

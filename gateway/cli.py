@@ -100,6 +100,11 @@ def _parser() -> argparse.ArgumentParser:
     from gateway.policy_cli import add_policy_commands
 
     add_policy_commands(commands, _add_config_flag)
+
+    # alerts list|show|ack|close|add-reviewer, anomaly train|evaluate
+    from anomaly.cli import add_anomaly_commands
+
+    add_anomaly_commands(commands, _add_config_flag)
     return parser
 
 

@@ -1,0 +1,303 @@
+"""The anomaly detector on a real gateway: alerts on the real RabbitMQ with the
+contract's body, durable across a restart, and each response (ban, throttle)
+enforced on live connections."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import ssl
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import pytest
+from websockets.exceptions import InvalidStatus
+
+from anomaly.settings import AnomalySettings
+from gateway.config import Settings
+from gateway.policy import load_policy_set
+from gateway.server import Gateway
+
+from .anomaly_helpers import (
+    WINDOW,
+    closed_with,
+    open_ws,
+    save_baseline_model,
+    scan_channels,
+    welcome,
+)
+
+AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
+
+pytestmark = pytest.mark.integration
+
+SPEC_KEYS = {
+    "id",
+    "created_at",
+    "severity",
+    "score",
+    "subject",
+    "window",
+    "features",
+    "reasons",
+    "status",
+    "resolution",
+    "reviewer",
+    "note",
+    "actions",
+}
+
+
+@pytest.fixture
+def alerts_exchange(exchange_prefix: str) -> str:
+    return f"{exchange_prefix}.alerts"
+
+
+@pytest.fixture
+def anomaly_settings(
+    settings: Settings, tmp_path: Path, alerts_exchange: str
+) -> Callable[..., Settings]:
+    def make(**anomaly: Any) -> Settings:
+        data_dir = tmp_path / "anomaly"
+        data_dir.mkdir(exist_ok=True)
+        if not (data_dir / "model.npz").exists():
+            save_baseline_model(data_dir)
+        values: dict[str, Any] = {
+            "enabled": True,
+            "data_dir": data_dir,
+            "window_seconds": WINDOW,
+            "long_window_windows": 0,
+            "retrain_interval_seconds": 0,
+            "exchange": alerts_exchange,
+        }
+        values.update(anomaly)
+        return dataclasses.replace(
+            settings, anomaly=AnomalySettings(**values), admin_port=0, sse_port=None
+        )
+
+    return make
+
+
+@pytest.fixture
+async def start_gateway(
+    cleanup_broker: None, alerts_exchange: str
+) -> AsyncIterator[Callable[[Settings], Any]]:
+    started: list[Gateway] = []
+
+    async def start(settings: Settings) -> Gateway:
+        gateway = Gateway(settings, load_policy_set(settings.policies_dir))
+        await gateway.start()
+        started.append(gateway)
+        return gateway
+
+    yield start
+    for gateway in started:
+        if gateway._server is not None:
+            await gateway.stop()
+    connection = await aio_pika.connect(AMQP_URL)
+    async with connection:
+        channel = await connection.channel()
+        await channel.exchange_delete(alerts_exchange)
+
+
+@pytest.fixture
+async def alert_queue(alerts_exchange: str) -> AsyncIterator[aio_pika.abc.AbstractQueue]:
+    """A consumer's queue bound to every alert (``alert.#``), as another system would."""
+    connection = await aio_pika.connect(AMQP_URL)
+    channel = await connection.channel()
+    exchange = await channel.declare_exchange(
+        alerts_exchange, aio_pika.ExchangeType.TOPIC, durable=True
+    )
+    queue = await channel.declare_queue(exclusive=True)
+    await queue.bind(exchange, "alert.#")
+    yield queue
+    await connection.close()
+
+
+async def next_alert(queue: aio_pika.abc.AbstractQueue, timeout: float = 10) -> tuple[str, dict]:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while loop.time() < deadline:
+        message = await queue.get(fail=False)
+        if message is not None:
+            await message.ack()
+            assert message.content_type == "application/json"
+            return message.routing_key or "", json.loads(message.body)
+        await asyncio.sleep(0.05)
+    raise AssertionError("no alert published")
+
+
+async def user_alert_for(gateway: Gateway, user: str) -> dict[str, Any]:
+    store = gateway.anomaly.detector.store
+    found = await asyncio.to_thread(store.find, subject=user)
+    about_user = [a for a in found if a["subject"]["kind"] == "user"]
+    assert about_user, f"no alert about user {user}"
+    return about_user[0]
+
+
+async def test_an_alert_reaches_a_consumer_with_the_contract_body_and_again_on_review(
+    anomaly_settings: Callable[..., Settings],
+    start_gateway: Callable[[Settings], Any],
+    alert_queue: aio_pika.abc.AbstractQueue,
+    client_ssl: ssl.SSLContext,
+    make_token: Callable[..., str],
+) -> None:
+    gateway = await start_gateway(anomaly_settings())
+    ws = await open_ws(gateway.port, client_ssl, make_token("mallory"), "127.0.5.1")
+    await welcome(ws)
+    await scan_channels(ws, 40)
+    decisions = await gateway.anomaly.detector.tick()
+    flagged = {(d.window.subject_kind, d.window.key) for d in decisions if d.flagged}
+    assert ("user", "mallory") in flagged and ("address", "127.0.5.1") in flagged
+
+    published: dict[str, tuple[str, dict]] = {}
+    for _ in range(2):
+        routing_key, body = await next_alert(alert_queue)
+        published[body["subject"]["kind"]] = (routing_key, body)
+    routing_key, body = published["user"]
+    assert set(body) >= SPEC_KEYS
+    assert routing_key == f"alert.{body['severity']}"
+    assert body["severity"] in ("low", "medium", "high", "critical")
+    assert 0 < body["score"] <= 1
+    assert body["subject"]["user"] == "mallory" and body["subject"]["address"] == "127.0.5.1"
+    assert body["features"]["denials"] == 40
+    assert body["reasons"][0]["feature"] in ("denials", "distinct_channels")
+    assert "above 99% of normal windows" in body["reasons"][0]["text"]
+    assert {"feature", "value", "baseline_p99", "text"} <= set(body["reasons"][0])
+    assert (body["status"], body["resolution"], body["reviewer"], body["note"]) == (
+        "open",
+        None,
+        None,
+        None,
+    )
+    assert body["actions"] == ["recorded"]
+    assert body["window"]["start"] < body["window"]["end"]
+
+    detector = gateway.anomaly.detector
+    await asyncio.to_thread(detector.store.review, body["id"], "acknowledge", "sam")
+    await detector.outbox.flush()
+    _, again = await next_alert(alert_queue)
+    assert (again["id"], again["status"], again["reviewer"]) == (body["id"], "acknowledged", "sam")
+    await asyncio.to_thread(
+        detector.store.review,
+        body["id"],
+        "close",
+        "sam",
+        resolution="true_positive",
+        note="scanning inboxes",
+    )
+    await detector.outbox.flush()
+    _, closed = await next_alert(alert_queue)
+    assert (closed["status"], closed["resolution"], closed["note"]) == (
+        "closed",
+        "true_positive",
+        "scanning inboxes",
+    )
+    await ws.close()
+
+
+async def test_alerts_and_the_model_survive_a_gateway_restart(
+    anomaly_settings: Callable[..., Settings],
+    start_gateway: Callable[[Settings], Any],
+    client_ssl: ssl.SSLContext,
+    make_token: Callable[..., str],
+) -> None:
+    settings = anomaly_settings()
+    gateway = await start_gateway(settings)
+    ws = await open_ws(gateway.port, client_ssl, make_token("mallory"), "127.0.5.1")
+    await welcome(ws)
+    await scan_channels(ws, 40)
+    await gateway.anomaly.detector.tick()
+    before = await user_alert_for(gateway, "mallory")
+    await ws.close()
+    await gateway.stop()
+
+    again = await start_gateway(settings)
+    detector = again.anomaly.detector
+    assert not detector.learning  # the saved model was loaded, no new warm-up
+    after = await user_alert_for(again, "mallory")
+    assert after == before
+
+
+async def test_ban_closes_live_connections_with_4403_and_refuses_new_ones(
+    anomaly_settings: Callable[..., Settings],
+    start_gateway: Callable[[Settings], Any],
+    client_ssl: ssl.SSLContext,
+    make_token: Callable[..., str],
+) -> None:
+    ban = {f"response_{s}": "ban" for s in ("low", "medium", "high", "critical")}
+    gateway = await start_gateway(anomaly_settings(**ban))
+    token = make_token("mallory")
+    scanner = await open_ws(gateway.port, client_ssl, token, "127.0.6.1")
+    other_device = await open_ws(gateway.port, client_ssl, token, "127.0.6.2")
+    bystander = await open_ws(gateway.port, client_ssl, make_token("alice"), "127.0.6.3")
+    for ws in (scanner, other_device, bystander):
+        await welcome(ws)
+    await scan_channels(scanner, 40)
+    await gateway.anomaly.detector.tick()
+
+    assert await closed_with(scanner) == 4403
+    assert await closed_with(other_device) == 4403  # every connection of the user
+    alert = await user_alert_for(gateway, "mallory")
+    assert alert["actions"][:3] == [
+        "recorded",
+        "banned user mallory for 3600 s",
+        "closed 2 connections with 4403",
+    ]
+    # The user, from a fresh address: authenticated, then closed with 4403.
+    retry = await open_ws(gateway.port, client_ssl, token, "127.0.6.9")
+    assert await closed_with(retry) == 4403
+    # The scanning address, whoever connects from it: refused with HTTP 403.
+    with pytest.raises(InvalidStatus) as refused:
+        await open_ws(gateway.port, client_ssl, make_token("carol"), "127.0.6.1")
+    assert refused.value.response.status_code == 403
+    # Nobody else is affected.
+    await bystander.send(json.dumps({"type": "ping", "id": 1}))
+    assert json.loads(await asyncio.wait_for(bystander.recv(), 5))["type"] == "pong"
+
+    # Closing the alert as a false positive lifts the ban.
+    detector = gateway.anomaly.detector
+    await asyncio.to_thread(
+        detector.store.review,
+        alert["id"],
+        "close",
+        "sam",
+        resolution="false_positive",
+        note="pen test, agreed",
+    )
+    await detector.sync_restrictions()
+    back = await open_ws(gateway.port, client_ssl, token, "127.0.6.9")
+    await welcome(back)
+    await back.close()
+    await bystander.close()
+
+
+async def test_throttle_makes_the_subjects_publishes_rate_limited(
+    anomaly_settings: Callable[..., Settings],
+    start_gateway: Callable[[Settings], Any],
+    client_ssl: ssl.SSLContext,
+    make_token: Callable[..., str],
+) -> None:
+    throttle = {f"response_{s}": "throttle" for s in ("low", "medium", "high", "critical")}
+    gateway = await start_gateway(anomaly_settings(throttle_per_second=1.0, **throttle))
+    ws = await open_ws(gateway.port, client_ssl, make_token("mallory"), "127.0.7.1")
+    await welcome(ws)
+    await scan_channels(ws, 40)
+    await gateway.anomaly.detector.tick()
+    alert = await user_alert_for(gateway, "mallory")
+    assert alert["actions"][1] == "throttled user mallory to 1 requests/s for 600 s"
+    for n in range(3):
+        await ws.send(
+            json.dumps({"type": "publish", "id": f"p{n}", "channel": "chat.lobby", "data": n})
+        )
+    answers = {}
+    while len(answers) < 3:
+        frame = json.loads(await asyncio.wait_for(ws.recv(), 5))
+        if str(frame.get("id", "")).startswith("p"):
+            answers[frame["id"]] = frame
+    assert answers["p0"]["type"] == "ack"
+    assert answers["p1"]["code"] == "rate_limited" and answers["p2"]["code"] == "rate_limited"
+    await ws.close()
