@@ -228,6 +228,7 @@ class Session:
         if len(self.subscriptions) + len(self._joining) >= limit:
             raise FrameError("forbidden", f"at most {limit} channels per connection", frame.id)
         self._joining.add(channel)
+        policies = self.node.policies
         try:
             joined = await self.node.add_subscriber(
                 self, channel, rule.exchange, since=frame.since, history=rule.history
@@ -236,6 +237,14 @@ class Session:
             raise FrameError("unavailable", "broker unavailable, retry later", frame.id) from None
         finally:
             self._joining.discard(channel)
+        if self.node.policies is not policies:
+            # A reload swapped the set while we waited for the broker; its
+            # re-check could not see this subscription yet, so check it here.
+            again = self.node.policies.decide(self.principal, "subscribe", channel)
+            if not again.allowed or again.rule is None or again.rule.exchange != rule.exchange:
+                self.node.remove_subscriber(self, channel)
+                self.emit("denied", channel=channel, detail="subscribe", rule=_label(again.rule))
+                raise FrameError("forbidden", f"not allowed to subscribe to {channel}", frame.id)
         self.subscriptions[channel] = rule.exchange
         self.emit("subscribe", channel=channel, rule=rule.label)
         if joined.recovered is None:

@@ -301,3 +301,29 @@ async def test_sighup_reloads_a_running_rabbitgate_process(
         assert "policy reload (SIGHUP)" in process.log.read_text()
     finally:
         process.stop()
+
+
+async def test_a_reload_during_a_subscribe_in_flight_still_revokes_it(
+    connect_client: Any, gateway: Gateway, policies_dir: Path, exchange_prefix: str
+) -> None:
+    alice = await connect_client("alice")
+    bob = await connect_client("bob")
+    assert (await bob.request("publish", channel="chat.race", data="old"))["type"] == "ack"
+    text = rules_first(
+        (policies_dir / POLICY_FILE).read_text(),
+        rule("chat.race", f"{exchange_prefix}.chat", "[role:admin]", "[role:member]"),
+    )
+    (policies_dir.parent / "revoked").mkdir()
+    (policies_dir.parent / "revoked" / POLICY_FILE).write_text(text)
+    revoked = load_policy_set(policies_dir.parent / "revoked")
+    # `since` makes the subscribe wait on the broker (a history read): swap then.
+    await alice.send(type="subscribe", id="s", channel="chat.race", since=0)
+    await until(
+        lambda: any("chat.race" in s._joining for s in gateway.node.sessions), "subscribe in flight"
+    )
+    await gateway.node.swap_policies(revoked)
+    answer = await alice.recv()
+    assert (answer["type"], answer.get("code")) == ("error", "forbidden"), answer
+    assert (await bob.request("publish", channel="chat.race", data="after"))["type"] == "ack"
+    assert (await alice.request("ping"))["type"] == "pong"
+    assert alice.messages == [], "a revoked subscription still received a message"
