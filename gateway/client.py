@@ -32,7 +32,7 @@ from typing import Any
 
 import orjson
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 from websockets.typing import Subprotocol
 
 log = logging.getLogger("rabbitgate.client")
@@ -40,9 +40,10 @@ log = logging.getLogger("rabbitgate.client")
 TokenSource = str | Callable[[], Awaitable[str] | str]
 SUBPROTOCOL = Subprotocol("rabbitgate.v1")
 CLOSE_AUTH = 4401
+CLOSE_BANNED = 4403
 # Close codes after which a retry cannot help (contract section 7): banned,
 # or refused at connection level (origin not allowed, too many connections).
-FATAL_CLOSE_CODES = frozenset({1008, 4403})
+FATAL_CLOSE_CODES = frozenset({1008, CLOSE_BANNED})
 STABLE_SECONDS = 10.0  # a connection that lasted this long resets the backoff
 OPEN_TIMEOUT = 10.0  # TCP + TLS + upgrade + welcome
 REQUEST_TIMEOUT = 10.0
@@ -116,6 +117,20 @@ def token_expiry(token: str) -> float | None:
 def refresh_delay(exp: float | None, now: float, margin: float) -> float | None:
     """Seconds until an in-band refresh is due; None for a token that never expires."""
     return None if exp is None else max(0.0, exp - margin - now)
+
+
+def handshake_refusal(status: int, retry_after: str | None) -> tuple[int | None, float]:
+    """An HTTP refusal of the upgrade -> (close code it amounts to, least seconds to wait).
+
+    403 is a banned address (like close 4403); 429 asks to wait ``Retry-After`` seconds.
+    """
+    if status == 403:
+        return CLOSE_BANNED, 0.0
+    try:
+        wait = float(retry_after) if status == 429 and retry_after else 0.0
+    except ValueError:  # an HTTP date: not worth parsing, the backoff still applies
+        wait = 0.0
+    return None, wait if 0.0 <= wait <= 3600.0 else 0.0
 
 
 def should_reconnect(close_code: int | None, token_is_callback: bool) -> bool:
@@ -365,6 +380,7 @@ class RabbitgateClient:
             reason = ""
             opened_at: float | None = None
             ws: ClientConnection | None = None
+            at_least = 0.0
             try:
                 token = await self._fetch_token()
                 async with asyncio.timeout(OPEN_TIMEOUT):
@@ -380,6 +396,13 @@ class RabbitgateClient:
                 self._on_connected(ws, welcome, token)
                 async for raw in ws:
                     await self._handle(raw)
+            except InvalidStatus as exc:
+                response = exc.response
+                log.info("connection to %s refused: HTTP %d", self.url, response.status_code)
+                close_code, at_least = handshake_refusal(
+                    response.status_code, response.headers.get("Retry-After")
+                )
+                reason = f"HTTP {response.status_code}"
             except (OSError, TimeoutError, InvalidHandshake, ConnectionClosed, _NoToken) as exc:
                 log.info("connection to %s failed: %s", self.url, exc or type(exc).__name__)
             finally:
@@ -395,7 +418,7 @@ class RabbitgateClient:
                 return
             if opened_at is not None and loop.time() - opened_at >= STABLE_SECONDS:
                 attempt = 0
-            delay = backoff_delay(attempt, self.backoff_base, self.backoff_cap)
+            delay = max(at_least, backoff_delay(attempt, self.backoff_base, self.backoff_cap))
             attempt += 1
             log.info("closed with %s (%s); reconnecting in %.2f s", close_code, reason, delay)
             await asyncio.sleep(delay)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import ssl
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -18,6 +19,7 @@ from websockets.asyncio.server import ServerConnection, serve
 from gateway.client import ClientClosed, Message, QueueFull, RabbitgateClient, RabbitgateError
 from gateway.config import Settings
 from gateway.policy import load_policy_set
+from gateway.restrictions import Rule
 from gateway.server import Gateway
 
 pytestmark = pytest.mark.integration
@@ -277,6 +279,29 @@ async def test_a_token_callback_that_fails_at_first_is_retried_with_backoff(
     ) as client:
         assert calls == 3 and client.connections == 1
         assert await client.ping() < 5
+
+
+@pytest.mark.parametrize("kind", ["user", "address"])
+async def test_a_ban_stops_the_client_for_good(
+    gateway: Gateway, client_ssl: ssl.SSLContext, make_token: Callable[..., str], kind: str
+) -> None:
+    calls = 0
+
+    def token() -> str:
+        nonlocal calls
+        calls += 1
+        return make_token("mallory")
+
+    # A banned user is closed with 4403; a banned address refused with HTTP 403.
+    key = "mallory" if kind == "user" else "127.0.0.1"
+    gateway.node.restrictions.add(Rule(kind, key, "ban", time.time() + 60))
+    client = RabbitgateClient(url(gateway), token=token, ssl=client_ssl, backoff_base=0.01)
+    with pytest.raises(ClientClosed) as closed:
+        await asyncio.wait_for(client.connect(), 10)
+    assert closed.value.close_code == 4403
+    await asyncio.sleep(0.2)
+    assert calls == 1  # no retry
+    await client.close()
 
 
 async def test_publishes_beyond_the_queue_bound_are_refused_while_disconnected() -> None:

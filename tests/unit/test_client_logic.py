@@ -11,6 +11,7 @@ import pytest
 from gateway.client import (
     SeqTracker,
     backoff_delay,
+    handshake_refusal,
     refresh_delay,
     should_reconnect,
     token_expiry,
@@ -197,3 +198,22 @@ def test_full_jitter_uses_the_random_module_by_default() -> None:
     first = backoff_delay(2, 1.0, 10.0)
     random.seed(7)
     assert backoff_delay(2, 1.0, 10.0) == first
+
+
+@pytest.mark.parametrize(
+    ("status", "retry_after", "expected"),
+    [
+        (403, None, (4403, 0.0)),  # a banned address: stop, as for close 4403
+        (429, "7", (None, 7.0)),
+        (429, "Wed, 21 Oct 2015 07:28:00 GMT", (None, 0.0)),
+        (429, "-5", (None, 0.0)),
+        (429, "99999999", (None, 0.0)),
+        (429, None, (None, 0.0)),
+        (401, None, (None, 0.0)),
+        (503, "7", (None, 0.0)),
+    ],
+)
+def test_a_refused_handshake_maps_to_a_close_code_and_a_least_wait(
+    status: int, retry_after: str | None, expected: tuple[int | None, float]
+) -> None:
+    assert handshake_refusal(status, retry_after) == expected
