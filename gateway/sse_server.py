@@ -5,7 +5,9 @@ and the hub, and gets messages through the same fan-out, in its ``SseOutbox``;
 its writer turns each ``message`` frame into ``event: message`` with the very
 same JSON as ``data:`` and the stream's position as ``id:``. Refusals happen
 before any byte of the stream: 401 (token), 400 (channels), 403 (policies or
-origin), 503 (broker). Then the stream runs until the client leaves, the token
+origin), 429 (the limits of a WebSocket handshake: connect rate, failed
+authentications and connections per address, connections per user), 503
+(broker). Then the stream runs until the client leaves, the token
 expires (``exp``), the policies no longer allow any of its channels, its
 buffer overflows (slow consumer), or the gateway stops.
 
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 import uuid
 from typing import Any
@@ -39,6 +42,7 @@ from gateway.auth import AuthError
 from gateway.broker import BrokerUnavailable
 from gateway.channels import is_valid_channel
 from gateway.events import EventKind, TrafficEvent
+from gateway.limiter import Refusal
 from gateway.node import Node
 from gateway.outbox import CLOSE_SLOW_CONSUMER
 from gateway.policy import Principal, Rule
@@ -238,21 +242,55 @@ class SseEndpoint:
         return web.Response(status=204, headers=cors)
 
     async def _events(self, request: web.Request) -> web.StreamResponse:
-        gateway = self._gateway
-        node: Node = gateway.node
+        node: Node = self._gateway.node
         address = request.remote
         node.events.emit(TrafficEvent("connect", address, detail="sse"))
         cors = self._cors(request)
         if cors is None:
             return _refuse(403, "origin not allowed", {})
+        # The WebSocket handshake's limits: failed authentications, connect
+        # rate and concurrent connections of the address, then of the user.
+        admitted = await node.limiter.admit_connection(address)
+        if isinstance(admitted, Refusal):
+            node.events.emit(TrafficEvent("rate_limited", address, detail=admitted.limit))
+            return _too_many(admitted, cors)
+        try:
+            return await self._authorized(request, address, cors)
+        finally:
+            node.limiter.release(admitted)
+
+    async def _authorized(
+        self, request: web.Request, address: str | None, cors: dict[str, str]
+    ) -> web.StreamResponse:
+        gateway = self._gateway
+        node: Node = gateway.node
         try:
             principal = await gateway.verifier.verify(_token(request))
         except AuthError as exc:
             log.info("SSE request refused: %s", exc.reason)
             node.events.emit(TrafficEvent("auth_failed", address, detail=exc.reason))
+            await node.limiter.record_auth_failure(address)
             cors["WWW-Authenticate"] = 'Bearer error="invalid_token"'
             return _refuse(401, "invalid or missing token", cors)
         node.events.emit(TrafficEvent("auth_ok", address, principal.sub, detail="sse"))
+        user_slot = await node.limiter.admit_user(principal.sub)
+        if isinstance(user_slot, Refusal):
+            event = TrafficEvent("rate_limited", address, principal.sub, detail=user_slot.limit)
+            node.events.emit(event)
+            return _too_many(user_slot, cors)
+        try:
+            return await self._subscribed(request, principal, address, cors)
+        finally:
+            node.limiter.release(user_slot)
+
+    async def _subscribed(
+        self,
+        request: web.Request,
+        principal: Principal,
+        address: str | None,
+        cors: dict[str, str],
+    ) -> web.StreamResponse:
+        node: Node = self._gateway.node
         channels = list(dict.fromkeys(request.query.getall("channel", [])))
         limit = node.settings.limits.max_channels_per_connection
         if not channels or len(channels) > limit:
@@ -359,6 +397,13 @@ def _since(last_event_id: str | None, channels: list[str]) -> dict[str, int | No
     if positions is None:  # not one of ours: no channel can be recovered
         return dict.fromkeys(channels)
     return {channel: positions[channel] for channel in channels if channel in positions}
+
+
+def _too_many(refusal: Refusal, headers: dict[str, str]) -> web.Response:
+    retry_after = str(max(1, math.ceil(refusal.retry_after)))
+    return _refuse(
+        429, f"too many requests ({refusal.limit})", {**headers, "Retry-After": retry_after}
+    )
 
 
 def _refuse(status: int, message: str, headers: dict[str, str]) -> web.Response:

@@ -479,3 +479,35 @@ async def test_a_browser_eventsource_receives_messages(
         server.server_close()
         thread.join(5)
         await gw.stop()
+
+
+async def test_sse_streams_count_against_the_connection_limits(
+    settings: Settings, cleanup_broker: None, open_sse: OpenFn, connect_client: Any
+) -> None:
+    limits = dataclasses.replace(settings.limits, max_connections_per_user=2)
+    gw = Gateway(
+        dataclasses.replace(settings, limits=limits), load_policy_set(settings.policies_dir)
+    )
+    await gw.start()
+    try:
+        await connect_client("alice", gw=gw)  # WebSocket and SSE share the cap
+        first = await stream_of(open_sse, gw, "chat.cap")
+        refused = await open_sse(gw, "chat.cap")
+        assert refused.status == 429 and int(refused.headers["Retry-After"]) >= 1
+        refused.close()
+        assert gw.metrics.rate_limited.labels("connections_per_user")._value.get() == 1
+        first.close()
+        await until(lambda: not sse_streams(gw), "the first stream to end")
+
+        async def admitted() -> bool:
+            response = await open_sse(gw, "chat.cap")
+            response.close()
+            return response.status == 200
+
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 5
+        while not await admitted():  # the slot comes back once the handler has finished
+            assert loop.time() < deadline, "the released slot was never given back"
+            await asyncio.sleep(0.05)
+    finally:
+        await gw.stop()
