@@ -4,12 +4,13 @@ A stream is a subscriber like a WebSocket session: it joins ``node.sessions``
 and the hub, and gets messages through the same fan-out, in its ``SseOutbox``;
 its writer turns each ``message`` frame into ``event: message`` with the very
 same JSON as ``data:`` and the stream's position as ``id:``. Refusals happen
-before any byte of the stream: 401 (token), 400 (channels), 403 (policies or
-origin), 429 (the limits of a WebSocket handshake: connect rate, failed
+before any byte of the stream: 401 (token), 400 (channels), 403 (policies,
+origin or a ban), 429 (the limits of a WebSocket handshake: connect rate, failed
 authentications and connections per address, connections per user), 503
 (broker). Then the stream runs until the client leaves, the token
-expires (``exp``), the policies no longer allow any of its channels, its
-buffer overflows (slow consumer), or the gateway stops.
+expires (``exp``), the policies no longer allow any of its channels, the
+abuse protection bans its user or address, its buffer overflows (slow
+consumer), or the gateway stops.
 
 Extensions of the contract, documented in the README:
 
@@ -47,6 +48,7 @@ from gateway.node import Node
 from gateway.outbox import CLOSE_SLOW_CONSUMER
 from gateway.policy import Principal, Rule
 from gateway.protocol import error_frame
+from gateway.restrictions import CLOSE_BANNED
 from gateway.session import CLOSE_AUTH
 from gateway.sse import HEARTBEAT, SseOutbox, decode_event_id, encode_event_id, format_event
 
@@ -62,6 +64,7 @@ _END_FRAMES = {
     CLOSE_AUTH: error_frame("unauthorized", "token expired"),
     CLOSE_GOING_AWAY: error_frame("unavailable", "server shutting down"),
     CLOSE_POLICY: error_frame("forbidden", "no channel of this stream is allowed any more"),
+    CLOSE_BANNED: error_frame("forbidden", "banned"),
 }
 
 
@@ -248,6 +251,9 @@ class SseEndpoint:
         cors = self._cors(request)
         if cors is None:
             return _refuse(403, "origin not allowed", {})
+        if node.restrictions.banned("address", address):
+            node.events.emit(TrafficEvent("banned", address, detail="403"))
+            return _refuse(403, "banned", cors)
         # The WebSocket handshake's limits: failed authentications, connect
         # rate and concurrent connections of the address, then of the user.
         admitted = await node.limiter.admit_connection(address)
@@ -273,6 +279,9 @@ class SseEndpoint:
             cors["WWW-Authenticate"] = 'Bearer error="invalid_token"'
             return _refuse(401, "invalid or missing token", cors)
         node.events.emit(TrafficEvent("auth_ok", address, principal.sub, detail="sse"))
+        if node.restrictions.banned("user", principal.sub):
+            node.events.emit(TrafficEvent("banned", address, principal.sub, detail="4403"))
+            return _refuse(403, "banned", cors)
         user_slot = await node.limiter.admit_user(principal.sub)
         if isinstance(user_slot, Refusal):
             event = TrafficEvent("rate_limited", address, principal.sub, detail=user_slot.limit)

@@ -10,6 +10,7 @@ import json
 import socket
 import ssl
 import threading
+import time
 import urllib.parse
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -24,6 +25,7 @@ from websockets.exceptions import ConnectionClosed
 
 from gateway.config import Settings, TlsSettings
 from gateway.policy import load_policy_set, parse_policy_files
+from gateway.restrictions import Rule as Restriction
 from gateway.server import Gateway
 from gateway.sse import decode_event_id
 
@@ -511,3 +513,23 @@ async def test_sse_streams_count_against_the_connection_limits(
             await asyncio.sleep(0.05)
     finally:
         await gw.stop()
+
+
+async def test_banned_users_and_addresses_get_no_stream(gateway: Gateway, open_sse: OpenFn) -> None:
+    restrictions = gateway.node.restrictions
+    restrictions.add(Restriction("user", "mallory", "ban", time.time() + 60))
+    refused = await open_sse(gateway, "chat.ban", sub="mallory")
+    assert refused.status == 403 and "banned" in await refused.text()
+    refused.close()
+
+    stream = await stream_of(open_sse, gateway, "chat.ban")  # alice, not banned
+    restrictions.add(Restriction("address", "127.0.0.1", "ban", time.time() + 60))
+    for live in sse_streams(gateway):  # what the detector does to live connections
+        live.close(4403, "banned")
+    ended = orjson.loads((await stream.next_of("gateway-error"))["data"])
+    assert (ended["code"], ended["message"]) == ("forbidden", "banned")
+    assert await stream.next() is None
+    again = await open_sse(gateway, "chat.ban")
+    assert again.status == 403
+    again.close()
+    assert gateway.metrics.connections_closed.labels("4403")._value.get() == 1
