@@ -56,6 +56,9 @@ MAX_SIZES = 64
 # (Poisson) gaps, 1.2% of samples have cv < 0.1; with 5, 0.02%.
 MIN_INTERVALS = 5
 _OTHER_SIZE = -1  # histogram bucket for sizes beyond MAX_SIZES distinct ones
+# Events that say nothing about behaviour: a subject whose window held only
+# these (a connection that ended) would be an empty, misleading vector.
+_NO_SIGNAL = frozenset({"closed", "banned"})
 
 
 class SubjectState:
@@ -258,6 +261,8 @@ class WindowAggregator:
         self._state = WindowState(start)
 
     def add(self, event: TrafficEvent) -> None:
+        if event.kind in _NO_SIGNAL:
+            return
         state = self._state
         user = event.user
         address = event.address

@@ -36,6 +36,7 @@ import contextlib
 import itertools
 import json
 import logging
+import math
 import random
 import secrets
 import ssl
@@ -548,7 +549,13 @@ async def token_many_addresses(
 async def run_scenario(
     config: ScenarioConfig, progress: Callable[[str], None] | None = None
 ) -> ScenarioResult:
-    """Warm up on normal traffic, then inject the attacks; every decision labelled."""
+    """Warm up on normal traffic, then inject the attacks; every decision labelled.
+
+    The attack phase starts and ends on long-window boundaries, so
+    ``attack_windows`` must be a multiple of ``long_window_windows``.
+    """
+    if config.long_window_windows and config.attack_windows % config.long_window_windows:
+        raise ValueError("attack_windows must be a multiple of long_window_windows")
     say = progress or (lambda _: None)
     rng = random.Random(config.seed)
     started = time.monotonic()
@@ -586,11 +593,13 @@ async def run_scenario(
                 return int(detector.long_windows_closed)
             return int(detector.windows_closed)
 
+        # Start the attacks right after a (long) window boundary, so their windows are whole.
         closed = boundary()
         while boundary() == closed:
             await asyncio.sleep(0.05)
-        decisions.clear()
-        attack_phase_start = detector.windows_closed
+        seconds = config.window_seconds
+        t0 = math.floor(time.time() / seconds) * seconds  # the boundary just passed
+        t1 = t0 + config.attack_windows * seconds
         labels = Labels()
         attacking.set()
         k = config.attackers_per_kind
@@ -624,10 +633,17 @@ async def run_scenario(
                 labels.excluded.update(("address", a) for a in addresses)
                 spawn(token_many_addresses(env, name, addresses, random.Random(rng.random()), stop))
         say(f"model trained; attacks injected for {config.attack_windows} windows")
-        while detector.windows_closed < attack_phase_start + config.attack_windows:
+
+        def phase_done() -> bool:
+            ends = [d.window.end for d in decisions]
+            return bool(ends) and max(ends) >= t1 - 0.5
+
+        while not phase_done():
             await asyncio.sleep(0.2)
         stopping = True
-        attack_decisions = list(decisions)
+        attack_decisions = [
+            d for d in decisions if d.window.start >= t0 - 0.5 and d.window.end <= t1 + 0.5
+        ]
         await asyncio.wait(tasks, timeout=20)
         for task in tasks:
             task.cancel()

@@ -17,7 +17,7 @@ from gateway.devcerts import make_dev_certificates
 from gateway.devtokens import mint_token
 
 # The real-gateway fixtures (gateway, connect_client, client_ssl, Client).
-pytest_plugins = ["gateway_fixtures"]
+pytest_plugins = ["gateway_fixtures", "anomaly_fixtures"]
 
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 ISSUER = "rabbitgate-test"

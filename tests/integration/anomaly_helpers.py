@@ -1,48 +1,17 @@
-"""Helpers for the anomaly integration tests: a baseline model, clients from chosen addresses."""
+"""Helpers of the anomaly integration tests: a baseline model, clients from
+chosen loopback addresses, reading alerts (fixtures: tests/anomaly_fixtures.py)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import ssl
-from pathlib import Path
 from typing import Any
 
-import numpy as np
+import aio_pika
 from websockets.asyncio.client import ClientConnection, connect
 
-from anomaly.features import FEATURES
-from anomaly.model import MODEL_FILE, AnomalyModel
-from anomaly.traffic import model_key
-
-WINDOW = 3600.0  # the timer never fires in a test: windows close with detector.tick()
-
-
-def normal_baseline(n: int = 400, seed: int = 0) -> np.ndarray:
-    """Windows of quiet chat users: a few publishes, one or two channels, nothing refused."""
-    rng = np.random.default_rng(seed)
-    idx = {name: i for i, name in enumerate(FEATURES)}
-    rows = np.zeros((n, len(FEATURES)))
-    publishes = rng.poisson(2, n)
-    rows[:, idx["publish_rate"]] = publishes / WINDOW
-    rows[:, idx["mean_payload"]] = rng.lognormal(4, 0.5, n) * (publishes > 0)
-    rows[:, idx["max_payload"]] = rows[:, idx["mean_payload"]] * rng.uniform(1, 1.5, n)
-    rows[:, idx["bytes_rate"]] = rows[:, idx["publish_rate"]] * rows[:, idx["mean_payload"]]
-    rows[:, idx["interarrival_mean"]] = rng.uniform(10, WINDOW, n)
-    rows[:, idx["interarrival_cv"]] = 1.0
-    rows[:, idx["distinct_channels"]] = rng.integers(1, 3, n)
-    rows[:, idx["subscribe_ratio"]] = rng.uniform(0, 1, n)
-    rows[:, idx["reconnects"]] = rng.integers(0, 2, n)
-    rows[:, idx["distinct_addresses"]] = 1
-    rows[:, idx["distinct_users"]] = 1
-    rows[:, idx["payload_entropy"]] = np.log2(np.maximum(publishes, 1))
-    return rows
-
-
-def save_baseline_model(data_dir: Path) -> None:
-    rows = normal_baseline()
-    keys = {model_key("user", WINDOW): rows, model_key("address", WINDOW): rows}
-    AnomalyModel.fit(keys, contamination=0.005).save(data_dir / MODEL_FILE)
+from gateway.server import Gateway
 
 
 async def open_ws(
@@ -86,3 +55,24 @@ async def closed_with(ws: ClientConnection, timeout: float = 5) -> int | None:
 
     await asyncio.wait_for(drain(), timeout)
     return ws.close_code
+
+
+async def next_alert(queue: aio_pika.abc.AbstractQueue, timeout: float = 10) -> tuple[str, dict]:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while loop.time() < deadline:
+        message = await queue.get(fail=False)
+        if message is not None:
+            await message.ack()
+            assert message.content_type == "application/json"
+            return message.routing_key or "", json.loads(message.body)
+        await asyncio.sleep(0.05)
+    raise AssertionError("no alert published")
+
+
+async def user_alert_for(gateway: Gateway, user: str) -> dict[str, Any]:
+    store = gateway.anomaly.detector.store
+    found = await asyncio.to_thread(store.find, subject=user)
+    about_user = [a for a in found if a["subject"]["kind"] == "user"]
+    assert about_user, f"no alert about user {user}"
+    return about_user[0]

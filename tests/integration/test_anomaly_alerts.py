@@ -5,32 +5,25 @@ enforced on live connections."""
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import ssl
-from collections.abc import AsyncIterator, Callable
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import aio_pika
 import pytest
 from websockets.exceptions import InvalidStatus
 
-from anomaly.settings import AnomalySettings
 from gateway.config import Settings
-from gateway.policy import load_policy_set
-from gateway.server import Gateway
 
 from .anomaly_helpers import (
-    WINDOW,
     closed_with,
+    next_alert,
     open_ws,
-    save_baseline_model,
     scan_channels,
+    user_alert_for,
     welcome,
 )
-
-AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 
 pytestmark = pytest.mark.integration
 
@@ -49,93 +42,6 @@ SPEC_KEYS = {
     "note",
     "actions",
 }
-
-
-@pytest.fixture
-def alerts_exchange(exchange_prefix: str) -> str:
-    return f"{exchange_prefix}.alerts"
-
-
-@pytest.fixture
-def anomaly_settings(
-    settings: Settings, tmp_path: Path, alerts_exchange: str
-) -> Callable[..., Settings]:
-    def make(**anomaly: Any) -> Settings:
-        data_dir = tmp_path / "anomaly"
-        data_dir.mkdir(exist_ok=True)
-        if not (data_dir / "model.npz").exists():
-            save_baseline_model(data_dir)
-        values: dict[str, Any] = {
-            "enabled": True,
-            "data_dir": data_dir,
-            "window_seconds": WINDOW,
-            "long_window_windows": 0,
-            "retrain_interval_seconds": 0,
-            "exchange": alerts_exchange,
-        }
-        values.update(anomaly)
-        return dataclasses.replace(
-            settings, anomaly=AnomalySettings(**values), admin_port=0, sse_port=None
-        )
-
-    return make
-
-
-@pytest.fixture
-async def start_gateway(
-    cleanup_broker: None, alerts_exchange: str
-) -> AsyncIterator[Callable[[Settings], Any]]:
-    started: list[Gateway] = []
-
-    async def start(settings: Settings) -> Gateway:
-        gateway = Gateway(settings, load_policy_set(settings.policies_dir))
-        await gateway.start()
-        started.append(gateway)
-        return gateway
-
-    yield start
-    for gateway in started:
-        if gateway._server is not None:
-            await gateway.stop()
-    connection = await aio_pika.connect(AMQP_URL)
-    async with connection:
-        channel = await connection.channel()
-        await channel.exchange_delete(alerts_exchange)
-
-
-@pytest.fixture
-async def alert_queue(alerts_exchange: str) -> AsyncIterator[aio_pika.abc.AbstractQueue]:
-    """A consumer's queue bound to every alert (``alert.#``), as another system would."""
-    connection = await aio_pika.connect(AMQP_URL)
-    channel = await connection.channel()
-    exchange = await channel.declare_exchange(
-        alerts_exchange, aio_pika.ExchangeType.TOPIC, durable=True
-    )
-    queue = await channel.declare_queue(exclusive=True)
-    await queue.bind(exchange, "alert.#")
-    yield queue
-    await connection.close()
-
-
-async def next_alert(queue: aio_pika.abc.AbstractQueue, timeout: float = 10) -> tuple[str, dict]:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while loop.time() < deadline:
-        message = await queue.get(fail=False)
-        if message is not None:
-            await message.ack()
-            assert message.content_type == "application/json"
-            return message.routing_key or "", json.loads(message.body)
-        await asyncio.sleep(0.05)
-    raise AssertionError("no alert published")
-
-
-async def user_alert_for(gateway: Gateway, user: str) -> dict[str, Any]:
-    store = gateway.anomaly.detector.store
-    found = await asyncio.to_thread(store.find, subject=user)
-    about_user = [a for a in found if a["subject"]["kind"] == "user"]
-    assert about_user, f"no alert about user {user}"
-    return about_user[0]
 
 
 async def test_an_alert_reaches_a_consumer_with_the_contract_body_and_again_on_review(
