@@ -34,9 +34,8 @@ class HttpListener:
     @property
     def port(self) -> int:
         """The bound port (the configured one, or the one picked for port 0)."""
-        assert self._site is not None and self._site._server is not None
-        sockets = getattr(self._site._server, "sockets", None) or ()
-        return int(sockets[0].getsockname()[1])
+        assert self._site is not None, "not started"
+        return int(self._runner.addresses[0][1])
 
     async def start(self) -> None:
         """Bind and serve; the app's routes are frozen from here on. Raises OSError."""

@@ -89,7 +89,7 @@ class SseStream:
         )
         self.end_code: int | None = None
         self._positions = positions  # channel -> seq: what the event ids say
-        self._socket: asyncio.BaseTransport | None = None
+        self._socket: asyncio.Transport | None = None
         delay = max(0.0, principal.exp - time.time())
         loop = asyncio.get_running_loop()
         self._expiry = loop.call_later(delay, self.close, CLOSE_AUTH, "token expired")
@@ -183,7 +183,7 @@ class SseStream:
     async def run(
         self,
         response: web.StreamResponse,
-        socket: asyncio.BaseTransport | None,
+        socket: asyncio.Transport | None,
     ) -> None:
         """Write the stream until it ends; returns with the end event written."""
         self._socket = socket
@@ -392,10 +392,10 @@ def _token(request: web.Request) -> str:
         if scheme.lower() != "bearer" or not token.strip():
             raise AuthError("malformed", "Authorization must be 'Bearer <token>'")
         return token.strip()
-    token = request.query.get("access_token")
-    if not token:
+    query_token = request.query.get("access_token")
+    if not query_token:
         raise AuthError("missing")
-    return token
+    return query_token
 
 
 def _since(last_event_id: str | None, channels: list[str]) -> dict[str, int | None] | None:

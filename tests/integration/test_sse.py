@@ -257,7 +257,7 @@ async def test_heartbeats_flow_and_token_expiry_ends_the_stream(
     )
     await gw.start()
     try:
-        stream = await stream_of(open_sse, gw, "chat.expiry", ttl=2)
+        stream = await stream_of(open_sse, gw, "chat.expiry", ttl=3)  # exp: 2 to 3 s from now
         ended = await stream.next_of("gateway-error", timeout=10)
         assert orjson.loads(ended["data"]) == {
             "type": "error",
@@ -363,7 +363,11 @@ async def test_a_slow_sse_consumer_is_dropped_with_a_bounded_buffer(
 PAGE = """<!doctype html><meta charset="utf-8"><title>sse</title>
 <script>
 const params = new URLSearchParams(location.search);
-const report = (body) => fetch("/report", {method: "POST", body: JSON.stringify(body)});
+// One POST after the other, so the reports arrive in the order the events did.
+let chain = Promise.resolve();
+const report = (body) => {
+  chain = chain.then(() => fetch("/report", {method: "POST", body: JSON.stringify(body)}));
+};
 const source = new EventSource(params.get("sse"));
 source.onopen = () => report({open: true});
 source.addEventListener("message", (e) => report({id: e.lastEventId, data: e.data}));
