@@ -13,6 +13,8 @@ import time
 import uuid
 from typing import TYPE_CHECKING
 
+from websockets.protocol import State
+
 from gateway.auth import AuthError, TokenVerifier
 from gateway.broker import BrokerUnavailable
 from gateway.envelope import OutgoingMessage, client_message
@@ -152,15 +154,32 @@ class Session:
         self.emit("rate_limited", detail=refusal.limit)
         if self.guard.strike():
             self.emit("banned", detail=str(CLOSE_RATE_LIMITED))
+            transport = self.outbox.connection.transport
+            if transport is not None:
+                transport.pause_reading()  # a flood is not even parsed any more
             self._closing = asyncio.get_running_loop().create_task(self._close_rate_limited())
             return
         self.send(rate_limited_frame(refusal, request_id))
 
     async def _close_rate_limited(self) -> None:
-        # Publishes already sent to RabbitMQ still get their ack first; frames
-        # arriving meanwhile are ignored (guard.closing).
+        # Publishes already sent to RabbitMQ still get their ack first.
         await self.drain()
-        await self.outbox.connection.close(CLOSE_RATE_LIMITED, "rate limits broken too often")
+        connection = self.outbox.connection
+        closing = asyncio.ensure_future(
+            connection.close(CLOSE_RATE_LIMITED, "rate limits broken too often")
+        )
+        await asyncio.sleep(0)  # close() has written the close frame
+        # Reading stays paused, so the client's answering close frame would
+        # sit behind its flood, unread: end our side of the TCP connection
+        # once the close frame is out (the server closes the TCP connection
+        # first anyway, RFC 6455 section 7.1.1), so the client sees the close
+        # now; the socket goes when the close times out. Not close(): with
+        # unread data that sends a reset, which can destroy the close frame.
+        transport = connection.transport
+        if connection.protocol.state is State.CLOSING and transport is not None:
+            if transport.can_write_eof():
+                transport.write_eof()
+        await closing
 
     def _watch_idle(self) -> None:
         left = self.guard.idle_left()
@@ -175,8 +194,16 @@ class Session:
 
     async def handle(self, text: str) -> None:
         """Answer one client frame; never raises for anything the client sent."""
-        if self.guard.closing:
-            return  # closing with 4429: nothing more is processed
+        if not self.guard.closing:
+            await self._handle(text)
+        if self.guard.closing and self._closing is not None:
+            # Closing with 4429: nothing more is processed, and nothing more is
+            # read. Waiting here holds the server's read loop, so websockets
+            # reads no more of the socket (see _refuse) and a flood backs up
+            # into the client's own buffers instead of costing CPU here.
+            await asyncio.shield(self._closing)
+
+    async def _handle(self, text: str) -> None:
         refusal = self.guard.frame()
         if refusal is not None:
             self._refuse(refusal, _request_id(text))
