@@ -72,6 +72,7 @@ class Session:
         self._joining: set[str] = set()  # subscribes waiting for the broker
         self._inflight = asyncio.Semaphore(MAX_INFLIGHT_PUBLISHES)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._publishing = False  # a publish frame is between read and its confirm task
         self._expiry: asyncio.TimerHandle | None = None
         self._schedule_expiry()
         # This connection's rate limits and idle timeout (gateway/limiter.py).
@@ -100,10 +101,18 @@ class Session:
         await self.drain()
 
     async def drain(self) -> None:
-        """Wait (bounded by the confirm timeout) for in-flight publishes to be answered."""
-        if self._tasks:
-            timeout = self.node.settings.publish_confirm_timeout_seconds
-            await asyncio.wait(set(self._tasks), timeout=timeout)
+        """Wait (bounded by the confirm timeout) until every publish read so far is answered.
+
+        That includes one still being checked (limits) or waiting for an
+        in-flight slot: it was read, so the client is owed an answer.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.node.settings.publish_confirm_timeout_seconds
+        while (self._tasks or self._publishing) and loop.time() < deadline:
+            if self._tasks:
+                await asyncio.wait(set(self._tasks), timeout=deadline - loop.time())
+            else:
+                await asyncio.sleep(0.005)
 
     def _schedule_expiry(self) -> None:
         if self._expiry is not None:
@@ -288,6 +297,13 @@ class Session:
         self.send(ack_frame(frame.id))
 
     async def _publish(self, frame: Publish) -> None:
+        self._publishing = True
+        try:
+            await self._publish_checked(frame)
+        finally:
+            self._publishing = False
+
+    async def _publish_checked(self, frame: Publish) -> None:
         decision = self.node.policies.decide(self.principal, "publish", frame.channel)
         if not decision.allowed or decision.rule is None:
             self.emit("denied", channel=frame.channel, detail="publish", rule=_label(decision.rule))

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import aio_pika
 import orjson
 import pytest
 from websockets.asyncio.client import connect
@@ -22,23 +23,38 @@ from .processes import GatewayProcess
 pytestmark = pytest.mark.integration
 
 
-async def test_stop_answers_every_in_flight_publish_then_closes_with_1001(
-    connect_client: Any, gateway: Gateway
+async def test_stop_answers_every_publish_it_read_then_closes_with_1001(
+    connect_client: Any,
+    gateway: Gateway,
+    amqp: aio_pika.abc.AbstractConnection,
+    exchange_prefix: str,
 ) -> None:
+    channel = await amqp.channel()
+    backend = await channel.declare_queue(exclusive=True)
+    await backend.bind(f"{exchange_prefix}.chat", "chat.bye")
     bob = await connect_client("bob")
     for i in range(200):
         await bob.send(type="publish", channel="chat.bye", data=i, id=i)
     stopping = asyncio.create_task(gateway.stop())
-    answered: set[int] = set()
+    answers: dict[int, str] = {}
     with pytest.raises(ConnectionClosed):
         while True:
             frame = await bob.recv(10)
             if frame["type"] in ("ack", "error"):
                 assert frame["type"] == "ack" or frame["code"] == "unavailable", frame
-                answered.add(frame["id"])
+                answers[frame["id"]] = frame["type"]
     await stopping
     assert bob.ws.close_code == 1001
-    assert answered == set(range(200)), "a publish was left unanswered"
+    # Frames the server had read are all answered, in order; the rest were never
+    # read, and the client (seeing no ack) knows to publish them again elsewhere.
+    assert answers and sorted(answers) == list(range(len(answers))), "a read publish was dropped"
+    acked = [i for i, kind in sorted(answers.items()) if kind == "ack"]
+    stored: list[int] = []
+    while len(stored) < len(acked):
+        message = await backend.get(timeout=5)
+        stored.append(orjson.loads(message.body))
+        await message.ack()
+    assert stored[: len(acked)] == acked, "an acked publish is not in RabbitMQ"
 
 
 async def test_sigterm_stops_the_process_within_bounds(
