@@ -197,9 +197,26 @@ class _LiveCollector:
             "Broker messages dropped because their body was neither JSON nor UTF-8.",
             value=node.dropped_messages,
         )
+        yield from _limits(getattr(node, "limiter", None))
         gateway = self._gateway
         reloader = getattr(gateway, "policy_reloader", None) or getattr(gateway, "reloader", None)
         yield from _policy(node.policies, reloader)
+
+
+def _limits(limiter: Any) -> Iterator[Metric]:
+    """Whether the rate limits are shared through Redis (gateway/limiter.py)."""
+    if limiter is None or limiter.redis_url is None:
+        return  # not configured: limits are local by design, nothing to watch
+    yield GaugeMetricFamily(
+        "rabbitgate_limits_redis_healthy",
+        "1 while rate limits are shared through Redis, 0 while limited locally (Redis down).",
+        value=1 if limiter.redis_healthy else 0,
+    )
+    yield CounterMetricFamily(
+        "rabbitgate_limits_redis_failures",
+        "Times Redis stopped answering and the limits fell back to this process.",
+        value=limiter.redis_failures,
+    )
 
 
 def _send_buffers(sessions: list[Any]) -> Iterator[Metric]:

@@ -6,20 +6,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import socket
 import time
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
+import aiohttp
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 import gateway.redis_limits
 from gateway.buckets import TokenBucket
 from gateway.config import LimitSettings, Settings
 from gateway.limiter import Limiter, Refusal, Slot
-from gateway.policy import Rule, RuleLimits
+from gateway.policy import Rule, RuleLimits, load_policy_set
 from gateway.redis_limits import RedisLimits
+from gateway.server import Gateway
 
 pytestmark = pytest.mark.integration
 
@@ -267,3 +272,40 @@ async def test_redis_going_away_and_coming_back_is_logged_once_each(
     assert sum("unreachable" in m for m in messages) == 1
     assert sum("shared again" in m for m in messages) == 1
     await proxy.cut()
+
+
+async def metric(gw: Gateway, name: str) -> float | None:
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"http://127.0.0.1:{gw.admin_port}/metrics") as response:
+            text = await response.text()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name:
+                return float(sample.value)
+    return None
+
+
+@pytest.mark.parametrize("redis_up", [True, False])
+async def test_a_gateway_serves_with_redis_up_or_down_and_says_which_in_its_metrics(
+    settings: Settings,
+    cleanup_broker: None,
+    connect_client: Any,
+    caplog: pytest.LogCaptureFixture,
+    redis_up: bool,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="rabbitgate.limits")
+    url = REDIS_URL if redis_up else f"redis://127.0.0.1:{closed_port()}/0"
+    gw = Gateway(
+        dataclasses.replace(settings, redis_url=url),
+        load_policy_set(settings.policies_dir),
+    )
+    await gw.start()
+    try:
+        alice = await connect_client(f"alice-{uuid.uuid4().hex[:6]}", gw=gw)
+        assert (await alice.request("ping"))["type"] == "pong"
+        assert gw.node.limiter.redis_healthy is redis_up
+        assert await metric(gw, "rabbitgate_limits_redis_healthy") == (1.0 if redis_up else 0.0)
+        warned = [r for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warned) == (0 if redis_up else 1)
+    finally:
+        await gw.stop()
