@@ -213,14 +213,22 @@ class Broker:
                 del self._following[exchange]
                 raise BrokerUnavailable("broker unavailable")
             await self._start_consumer(exchange)
-        if self.connected:
-            # Once the consumer sees this marker it knows its position, so a
-            # reconnect resumes from there instead of from "next" (which would
-            # lose what was published during the outage).
-            try:
-                await self._publish_marker(exchange)
-            except BrokerUnavailable:
-                log.warning("could not mark the position of stream %s", stream_name(exchange))
+        # Once the consumer has seen this marker its position is known: a
+        # subscribe ack can report it, and a reconnect resumes from there
+        # instead of from "next" (which would lose what was published during
+        # an outage).
+        try:
+            await self._mark(exchange, self._confirm_timeout)
+        except BrokerUnavailable:
+            log.warning("could not mark the position of stream %s", stream_name(exchange))
+
+    def position(self, exchange: str) -> int | None:
+        """Offset of the last message of a followed exchange's stream seen here.
+
+        Every message after it will be delivered live, so it is a valid
+        ``since`` for a subscriber that has received nothing yet.
+        """
+        return self._following.get(exchange)
 
     async def unfollow(self, exchange: str) -> None:
         self._following.pop(exchange, None)
@@ -252,16 +260,7 @@ class Broker:
         beyond the marker means the history was reset: not recovered.
         Raises BrokerUnavailable on outage or timeout.
         """
-        marker_id = uuid.uuid4().hex
-        seen = asyncio.get_running_loop().create_future()
-        self._marker_waiters[marker_id] = seen
-        try:
-            await self._publish_marker(exchange, marker_id)
-            tail = await asyncio.wait_for(seen, timeout)
-        except TimeoutError:
-            raise BrokerUnavailable("could not find the end of the channel's history") from None
-        finally:
-            self._marker_waiters.pop(marker_id, None)
+        tail = await self._mark(exchange, timeout)
         if since >= tail:
             return Replay(False, [], tail)
         return await self._read_stream(exchange, channel, since, tail, history, scan_limit, timeout)
@@ -294,7 +293,9 @@ class Broker:
                 done.set_result(None)
                 return
             if scan.first is None:
-                scan.continuous = offset == since and message.routing_key == channel
+                # Retention only ever drops a stream's oldest messages: if the one
+                # at `since` is still there, so is everything after it.
+                scan.continuous = offset == since
                 scan.first = offset
             scan.scanned += 1
             if scan.scanned > scan_limit:
@@ -316,6 +317,19 @@ class Broker:
                 await reader.close()
         recovered = scan.continuous and len(found) <= history
         return Replay(recovered, found if recovered else [], tail)
+
+    async def _mark(self, exchange: str, timeout: float) -> int:
+        """Write a marker into a followed stream; its offset once the live consumer sees it."""
+        marker_id = uuid.uuid4().hex
+        seen: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._marker_waiters[marker_id] = seen
+        try:
+            await self._publish_marker(exchange, marker_id)
+            return await asyncio.wait_for(seen, timeout)
+        except TimeoutError:
+            raise BrokerUnavailable("could not find the end of the stream") from None
+        finally:
+            self._marker_waiters.pop(marker_id, None)
 
     async def _publish_marker(self, exchange: str, marker_id: str | None = None) -> None:
         channel = self._publish_channel

@@ -120,7 +120,12 @@ class Node:
         await self._ensure_following(exchange)
         if since is None:
             self.hub.add(channel, exchange, session)
-            return Subscribed(self._latest_seq.get(channel), None, [])
+            # The channel's latest seq, or else where the exchange's stream is
+            # now: either is a `since` from which nothing will be missed.
+            seq = self._latest_seq.get(channel)
+            if seq is None:
+                seq = self.broker.position(exchange)
+            return Subscribed(seq, None, [])
         # Buffer what arrives live while the history is read; the stream read
         # ends at a marker written after buffering began, so the two overlap
         # and together miss nothing.

@@ -119,15 +119,42 @@ async def test_a_since_beyond_the_end_of_history_is_not_recovered(connect_client
     assert (await alice.next_message())["data"] == "live"
 
 
-async def test_a_since_from_another_channel_is_not_recovered(connect_client: Any) -> None:
+async def test_a_seq_is_a_position_in_the_exchanges_history(connect_client: Any) -> None:
+    """A seq seen on one channel is a valid `since` for another channel of the
+    same exchange: it names a point in the shared stream."""
     alice = await connect_client("alice")
     bob = await connect_client("bob")
     await alice.request("subscribe", channel="chat.x")
     await publish_all(bob, "chat.x", ["x"])
     (x,) = await alice.messages_until(1)
+    await publish_all(bob, "chat.y", ["y after x"])
     carol = await connect_client("carol")
     ack = await carol.request("subscribe", channel="chat.y", since=x["seq"])
-    assert ack["recovered"] is False
+    assert ack["recovered"] is True
+    assert (await carol.next_message())["data"] == "y after x"
+
+
+async def test_a_subscriber_that_received_nothing_recovers_from_the_ack_seq(
+    settings: Settings, connect_client: Any, gateway: Gateway
+) -> None:
+    """The ack of a first subscribe always carries a usable seq, even on a
+    channel that never had a message, so nothing published while the client
+    is away (here: during a gateway restart) is lost."""
+    alice = await connect_client("alice")
+    ack = await alice.request("subscribe", channel="chat.empty")
+    assert isinstance(ack["seq"], int)
+    await gateway.stop()
+    second = Gateway(settings, load_policy_set(settings.policies_dir))
+    await second.start()
+    try:
+        bob = await connect_client("bob", gw=second)
+        await publish_all(bob, "chat.empty", ["first ever"])
+        back = await connect_client("alice", gw=second)
+        again = await back.request("subscribe", channel="chat.empty", since=ack["seq"])
+        assert again["recovered"] is True
+        assert (await back.next_message())["data"] == "first ever"
+    finally:
+        await second.stop()
 
 
 async def test_more_missed_than_the_rule_keeps_is_not_recovered(connect_client: Any) -> None:
