@@ -333,7 +333,12 @@ class Limiter:
 
 def retry_after_seconds(refusal: Refusal) -> float:
     """``retry_after`` for an error frame: rounded up to the millisecond, at most an hour."""
-    return min(3600.0, math.ceil(refusal.retry_after * 1000) / 1000)
+    return math.ceil(min(3600.0, refusal.retry_after) * 1000) / 1000
+
+
+def retry_after_header(refusal: Refusal) -> str:
+    """An HTTP ``Retry-After`` value: whole seconds, rounded up, at least 1."""
+    return str(max(1, math.ceil(retry_after_seconds(refusal))))
 
 
 def rate_limited_frame(refusal: Refusal, request_id: RequestId | None = None) -> bytes:

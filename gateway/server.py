@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import weakref
 from collections.abc import Sequence
 from http import HTTPStatus
@@ -27,7 +26,7 @@ from gateway.auth import AuthError, TokenVerifier
 from gateway.config import Settings
 from gateway.devcerts import server_ssl_context
 from gateway.events import TrafficEvent
-from gateway.limiter import Refusal, rate_limited_frame
+from gateway.limiter import Refusal, rate_limited_frame, retry_after_header
 from gateway.node import Node
 from gateway.operations import Operations
 from gateway.outbox import Outbox
@@ -313,7 +312,7 @@ class Gateway:
 
 def _too_many_requests(connection: ServerConnection, refusal: Refusal) -> Response:
     response = connection.respond(HTTPStatus.TOO_MANY_REQUESTS, "too many requests\n")
-    response.headers["Retry-After"] = str(max(1, math.ceil(refusal.retry_after)))
+    response.headers["Retry-After"] = retry_after_header(refusal)
     return response
 
 
