@@ -31,7 +31,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from anomaly.features import SubjectWindow
+from anomaly.features import OVERFLOW, SubjectWindow
 from anomaly.model import Reason
 
 STATUSES = ("open", "acknowledged", "closed")
@@ -82,6 +82,8 @@ def make_alert(
         subject["user"] = window.user
     if window.address is not None or window.subject_kind == "address":
         subject["address"] = window.address
+    if window.overflow:  # the subjects beyond the cap, counted together
+        subject[window.subject_kind] = OVERFLOW
     if window.session is not None:
         subject["session"] = window.session
     return {

@@ -87,7 +87,7 @@ def add_anomaly_commands(commands: Any, add_config_flag: AddConfigFlag) -> None:
     evaluate.add_argument("--long-windows", type=int, default=4, help="short windows per long (4)")
     evaluate.add_argument("--warmup-windows", type=int, default=12)
     evaluate.add_argument("--attack-windows", type=int, default=12)
-    evaluate.add_argument("--users", type=int, default=40, help="normal users (40)")
+    evaluate.add_argument("--users", type=int, default=50, help="normal users (50)")
     evaluate.add_argument("--attackers", type=int, default=3, help="attackers per kind (3)")
     evaluate.add_argument("--contamination", type=float, default=0.005)
     evaluate.add_argument("--seed", type=int, default=7)

@@ -334,11 +334,12 @@ class Detector:
 
     def _overflowed(self, window: SubjectWindow, key: str) -> Scored:
         limit = self.settings.max_subjects
+        plural = "users" if window.subject_kind == "user" else "addresses"
         text = (
-            f"more than {limit} distinct {window.subject_kind}s in one window: the rest were"
+            f"more than {limit} distinct {plural} in one window: the rest were"
             " counted together (address cycling?)"
         )
-        reason = Reason("distinct_" + window.subject_kind + "s", float(limit), 0.0, text, 100.0)
+        reason = Reason(f"distinct_{plural}", float(limit), 0.0, text, 100.0)
         return Scored(window, key, 1.0, 0.0, True, "high", [reason])
 
     def _baseline_rows(self, keys: list[str] | None = None) -> dict[str, list[list[float]]]:

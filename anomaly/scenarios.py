@@ -37,9 +37,9 @@ import itertools
 import json
 import logging
 import math
+import multiprocessing
 import random
 import secrets
-import ssl
 import tempfile
 import time
 import uuid
@@ -92,7 +92,7 @@ class ScenarioConfig:
     long_window_windows: int = 4
     warmup_windows: int = 12
     attack_windows: int = 12
-    normal_users: int = 40
+    normal_users: int = 50
     attackers_per_kind: int = 3
     kinds: tuple[str, ...] = ATTACK_KINDS
     contamination: float = 0.005
@@ -115,6 +115,7 @@ class ScenarioResult:
     labels: Labels
     alerts: list[dict[str, Any]]
     seconds: float
+    loop_lag: list[float] = field(default_factory=list)  # sorted, seconds
 
 
 # --- metrics (pure) ---------------------------------------------------------
@@ -178,9 +179,9 @@ def metrics(
     fpr = false_positives / normal_windows if normal_windows else None
     rows = []
     for kind in sorted(k for k in counts if k != "normal"):
-        windows, flagged = counts[kind]
-        precision = flagged / (flagged + false_positives) if flagged + false_positives else None
-        rows.append(Row(kind, windows, flagged, precision, flagged / windows, fpr))
+        windows, hits = counts[kind]
+        precision = hits / (hits + false_positives) if hits + false_positives else None
+        rows.append(Row(kind, windows, hits, precision, hits / windows, fpr))
     rows.append(Row("normal", normal_windows, false_positives, None, None, fpr))
     return rows
 
@@ -209,7 +210,7 @@ class Peer:
 
     _ids = itertools.count(1)
 
-    def __init__(self, env: Environment, address: str) -> None:
+    def __init__(self, env: ClientEnv, address: str) -> None:
         self.env = env
         self.address = address
         self.ws: ClientConnection | None = None
@@ -295,12 +296,12 @@ class Environment:
         self.root = Path(self._tmp.name)
         self.data_dir = data_dir or self.root / "anomaly"
         self.gateway: Any = None
-        self.client_ssl: ssl.SSLContext | None = None
+        self.ca_cert = ""
         self.port = 0
 
     async def __aenter__(self) -> Environment:
         from gateway.config import JwtSettings, LimitSettings, Settings, TlsSettings
-        from gateway.devcerts import client_ssl_context, make_dev_certificates
+        from gateway.devcerts import make_dev_certificates
         from gateway.policy import load_policy_set
         from gateway.server import Gateway
 
@@ -340,7 +341,7 @@ class Environment:
         self.gateway = Gateway(settings, load_policy_set(policies))
         await self.gateway.start()
         self.port = self.gateway.port
-        self.client_ssl = client_ssl_context(certs.ca_cert)
+        self.ca_cert = str(certs.ca_cert)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -360,6 +361,21 @@ class Environment:
                     await channel.exchange_delete(f"{self.prefix}.alerts")
             self._tmp.cleanup()
 
+    @property
+    def detector(self) -> Any:
+        return self.gateway.anomaly.detector
+
+
+class ClientEnv:
+    """What the clients need, in the client process: the port, the CA, the token key."""
+
+    def __init__(self, port: int, ca_cert: str, jwt: Any) -> None:
+        from gateway.devcerts import client_ssl_context
+
+        self.port = port
+        self.client_ssl = client_ssl_context(Path(ca_cert))
+        self.jwt = jwt
+
     def token(self, sub: str, ttl: float = 3600, **claims: Any) -> str:
         from gateway.devtokens import mint_token
 
@@ -371,10 +387,6 @@ class Environment:
 
         wrong = replace(self.jwt, secret=secrets.token_hex(32))
         return mint_token(wrong, sub=sub, roles=["member"], ttl_seconds=3600)
-
-    @property
-    def detector(self) -> Any:
-        return self.gateway.anomaly.detector
 
 
 # --- behaviours -------------------------------------------------------------
@@ -398,7 +410,7 @@ async def _sleep_until(stop: Stop, seconds: float) -> None:
 
 
 async def normal_user(
-    env: Environment, name: str, addresses: list[str], rng: random.Random, stop: Stop
+    env: ClientEnv, name: str, addresses: list[str], rng: random.Random, stop: Stop
 ) -> None:
     """A person chatting: sessions of varied length, Poisson messages with bursts."""
     rate = 10 ** rng.uniform(-1.3, 0.2)  # 0.05 .. 1.6 messages/s
@@ -449,7 +461,7 @@ async def normal_user(
 
 
 async def credential_stuffing(
-    env: Environment, address: str, rng: random.Random, stop: Stop, rate: float
+    env: ClientEnv, address: str, rng: random.Random, stop: Stop, rate: float
 ) -> None:
     """Many invalid tokens from one address (the gateway refuses each: 401, 4401, then 429)."""
     while not stop():
@@ -461,7 +473,7 @@ async def credential_stuffing(
 
 
 async def channel_scanning(
-    env: Environment, name: str, address: str, rng: random.Random, stop: Stop, rate: float
+    env: ClientEnv, name: str, address: str, rng: random.Random, stop: Stop, rate: float
 ) -> None:
     """Subscribe to one guessed channel after another: inboxes, feeds, rooms."""
     while not stop():
@@ -487,9 +499,9 @@ async def channel_scanning(
 
 
 async def regular_bot(
-    env: Environment, name: str, address: str, stop: Stop, interval: float
+    env: ClientEnv, name: str, address: str, rng: random.Random, stop: Stop, interval: float
 ) -> None:
-    """Publishes one template at a fixed interval, to the millisecond."""
+    """Publishes at a fixed interval, to the millisecond; prices change, so sizes vary a little."""
     peer = Peer(env, address)
     while not stop() and not await peer.open(env.token(name)):
         await _sleep_until(stop, 1)
@@ -499,14 +511,15 @@ async def regular_bot(
     count = 0
     while not stop() and peer.open_now:
         count += 1
-        await peer.publish("chat.room0", {"text": "Great deals at example.test, click now!!"})
+        price = round(rng.uniform(1, 5000), rng.randint(0, 2))
+        await peer.publish("chat.room0", {"text": "deal of the minute", "price": price, "n": count})
         due += interval
         await asyncio.sleep(max(0.0, due - loop.time()))
     await peer.close()
 
 
 async def large_payloads(
-    env: Environment, name: str, address: str, rng: random.Random, stop: Stop
+    env: ClientEnv, name: str, address: str, rng: random.Random, stop: Stop
 ) -> None:
     """Chat-like, but in bursts of large messages (8-48 KiB)."""
     peer = Peer(env, address)
@@ -523,7 +536,7 @@ async def large_payloads(
 
 
 async def token_many_addresses(
-    env: Environment, name: str, addresses: list[str], rng: random.Random, stop: Stop
+    env: ClientEnv, name: str, addresses: list[str], rng: random.Random, stop: Stop
 ) -> None:
     """One user's token, stolen and used from many addresses at once."""
     token = env.token(name)
@@ -546,111 +559,193 @@ async def token_many_addresses(
 # --- the run ----------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Attacker:
+    """One attacker: its kind, the subjects it uses, its pace, its random seed."""
+
+    kind: str
+    name: str | None  # the user it authenticates as (None: none, stuffing)
+    addresses: tuple[str, ...]
+    pace: float  # attempts or subscribes a second; the bot's interval in seconds
+    seed: int
+
+
+def plan_attackers(config: ScenarioConfig) -> list[Attacker]:
+    """The attackers of a run, deterministic from the config (both processes agree)."""
+    rng = random.Random(config.seed * 7919)
+    found = []
+    for i in range(config.attackers_per_kind):
+        plan = {
+            "credential_stuffing": (None, (f"127.0.2.{10 + i}",), (0.7, 1.5, 3.0)[i % 3]),
+            "channel_scanning": (f"scanner{i}", (f"127.0.2.{40 + i}",), (1.0, 2.0, 4.0)[i % 3]),
+            "regular_bot": (f"bot{i}", (f"127.0.2.{70 + i}",), (1.0, 0.7, 0.5)[i % 3]),
+            "large_payloads": (f"uploader{i}", (f"127.0.2.{100 + i}",), 1.0),
+            "token_many_addresses": (
+                f"stolen{i}",
+                tuple(f"127.0.3.{10 + 20 * i + j}" for j in range(8 + (i * 2) % 5)),
+                0.3,
+            ),
+        }
+        for kind in config.kinds:
+            name, addresses, pace = plan[kind]
+            found.append(Attacker(kind, name, addresses, pace, rng.randrange(2**31)))
+    return found
+
+
+def labels_for(attackers: list[Attacker]) -> Labels:
+    """Positives: the subject each attack is about; excluded: the others it touched."""
+    labels = Labels()
+    for a in attackers:
+        if a.kind == "credential_stuffing":
+            labels.positives[("address", a.addresses[0])] = a.kind
+        else:
+            assert a.name is not None
+            labels.positives[("user", a.name)] = a.kind
+            labels.excluded.update(("address", address) for address in a.addresses)
+    return labels
+
+
+@dataclass(frozen=True)
+class ClientPlan:
+    """Everything the client process needs (picklable)."""
+
+    port: int
+    ca_cert: str
+    jwt: Any
+    config: ScenarioConfig
+    attackers: tuple[Attacker, ...]
+
+
+def client_process(plan: ClientPlan, attack: Any, stop: Any) -> None:
+    """Entry of the client process: normal users now, attackers once ``attack`` is set."""
+    logging.basicConfig(level=logging.ERROR)
+    asyncio.run(_drive_clients(plan, attack, stop))
+
+
+async def _drive_clients(plan: ClientPlan, attack: Any, stop_event: Any) -> None:
+    env = ClientEnv(plan.port, plan.ca_cert, plan.jwt)
+    config = plan.config
+    rng = random.Random(config.seed)
+
+    def stop() -> bool:
+        return bool(stop_event.is_set())
+
+    tasks: list[asyncio.Task[None]] = []
+
+    def spawn(coro: Awaitable[None]) -> None:
+        tasks.append(asyncio.ensure_future(coro))
+
+    # Normal users: one address each, a few share (NAT), a few have two devices.
+    for n in range(config.normal_users):
+        host = n if n % 7 != 3 else n - 1  # every 7th shares its neighbour's address
+        addresses = [f"127.0.1.{10 + host}"]
+        if n % 6 == 5:
+            addresses.append(f"127.0.4.{10 + n}")
+        spawn(normal_user(env, f"person{n}", addresses, random.Random(rng.random()), stop))
+    while not attack.is_set() and not stop():
+        await asyncio.sleep(0.02)
+    for a in plan.attackers:
+        r = random.Random(a.seed)
+        if a.kind == "credential_stuffing":
+            spawn(credential_stuffing(env, a.addresses[0], r, stop, a.pace))
+        elif a.kind == "channel_scanning":
+            spawn(channel_scanning(env, str(a.name), a.addresses[0], r, stop, a.pace))
+        elif a.kind == "regular_bot":
+            spawn(regular_bot(env, str(a.name), a.addresses[0], r, stop, a.pace))
+        elif a.kind == "large_payloads":
+            spawn(large_payloads(env, str(a.name), a.addresses[0], r, stop))
+        elif a.kind == "token_many_addresses":
+            spawn(token_many_addresses(env, str(a.name), list(a.addresses), r, stop))
+    while not stop():
+        await asyncio.sleep(0.1)
+    await asyncio.wait(tasks, timeout=20)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _measure_lag(samples: list[float], stop: asyncio.Event) -> None:
+    """How late the gateway's event loop wakes up (what skews event timestamps)."""
+    loop = asyncio.get_running_loop()
+    while not stop.is_set():
+        before = loop.time()
+        await asyncio.sleep(0.05)
+        samples.append(loop.time() - before - 0.05)
+
+
 async def run_scenario(
     config: ScenarioConfig, progress: Callable[[str], None] | None = None
 ) -> ScenarioResult:
     """Warm up on normal traffic, then inject the attacks; every decision labelled.
 
-    The attack phase starts and ends on long-window boundaries, so
-    ``attack_windows`` must be a multiple of ``long_window_windows``.
+    The gateway runs here; the clients run in a child process of their own,
+    so that the event timestamps the gateway takes reflect its own event loop
+    and not the clients' work. The attack phase starts and ends on long-window
+    boundaries, so ``attack_windows`` must be a multiple of ``long_window_windows``.
     """
     if config.long_window_windows and config.attack_windows % config.long_window_windows:
         raise ValueError("attack_windows must be a multiple of long_window_windows")
     say = progress or (lambda _: None)
-    rng = random.Random(config.seed)
     started = time.monotonic()
+    attackers = plan_attackers(config)
+    labels = labels_for(attackers)
+    context = multiprocessing.get_context("spawn")
+    attack, stop = context.Event(), context.Event()
     async with Environment(config) as env:
         detector = env.detector
         decisions: list[Scored] = []
-        attacking = asyncio.Event()
         detector.listeners.append(lambda scored: decisions.extend(scored))
-        stopping = False
-
-        def stop() -> bool:
-            return stopping
-
-        tasks: list[asyncio.Task[None]] = []
-        spawn: Callable[[Awaitable[None]], None] = lambda coro: tasks.append(  # noqa: E731
-            asyncio.ensure_future(coro)
+        plan = ClientPlan(env.port, env.ca_cert, env.jwt, config, tuple(attackers))
+        clients = context.Process(
+            target=client_process, args=(plan, attack, stop), name="rabbitgate-eval-clients"
         )
-        # Normal users: one address each, a few share (NAT), a few have two devices.
-        for n in range(config.normal_users):
-            host = n if n % 7 != 3 else n - 1  # every 7th shares its neighbour's address
-            addresses = [f"127.0.1.{10 + host}"]
-            if n % 6 == 5:
-                addresses.append(f"127.0.4.{10 + n}")
-            spawn(normal_user(env, f"person{n}", addresses, random.Random(rng.random()), stop))
-        say(
-            f"gateway on port {env.port}; {config.normal_users} normal users; learning for "
-            f"{config.warmup_windows} windows of {config.window_seconds:g} s"
-        )
-        while detector.learning or detector.windows_closed < config.warmup_windows:
-            await asyncio.sleep(0.2)
+        clients.start()
+        lag: list[float] = []
+        measuring = asyncio.Event()
+        try:
+            say(
+                f"gateway on port {env.port}; {config.normal_users} normal users (pid "
+                f"{clients.pid}); learning for {config.warmup_windows} windows of "
+                f"{config.window_seconds:g} s"
+            )
+            while detector.learning or detector.windows_closed < config.warmup_windows:
+                await asyncio.sleep(0.2)
+                if not clients.is_alive():
+                    raise RuntimeError("the client process died")
 
-        # Start the attacks right after a (long) window boundary, so their windows are whole.
-        def boundary() -> int:
-            if config.long_window_windows:
-                return int(detector.long_windows_closed)
-            return int(detector.windows_closed)
+            def boundary() -> int:
+                if config.long_window_windows:
+                    return int(detector.long_windows_closed)
+                return int(detector.windows_closed)
 
-        # Start the attacks right after a (long) window boundary, so their windows are whole.
-        closed = boundary()
-        while boundary() == closed:
-            await asyncio.sleep(0.05)
-        seconds = config.window_seconds
-        t0 = math.floor(time.time() / seconds) * seconds  # the boundary just passed
-        t1 = t0 + config.attack_windows * seconds
-        labels = Labels()
-        attacking.set()
-        k = config.attackers_per_kind
-        for i in range(k):
-            if "credential_stuffing" in config.kinds:
-                address = f"127.0.2.{10 + i}"
-                labels.positives[("address", address)] = "credential_stuffing"
-                rate = (0.7, 1.5, 3.0)[i % 3]
-                spawn(credential_stuffing(env, address, random.Random(rng.random()), stop, rate))
-            if "channel_scanning" in config.kinds:
-                name, address = f"scanner{i}", f"127.0.2.{40 + i}"
-                labels.positives[("user", name)] = "channel_scanning"
-                labels.excluded.add(("address", address))
-                rate = (1.0, 2.0, 4.0)[i % 3]
-                spawn(channel_scanning(env, name, address, random.Random(rng.random()), stop, rate))
-            if "regular_bot" in config.kinds:
-                name, address = f"bot{i}", f"127.0.2.{70 + i}"
-                labels.positives[("user", name)] = "regular_bot"
-                labels.excluded.add(("address", address))
-                spawn(regular_bot(env, name, address, stop, (1.0, 0.7, 0.5)[i % 3]))
-            if "large_payloads" in config.kinds:
-                name, address = f"uploader{i}", f"127.0.2.{100 + i}"
-                labels.positives[("user", name)] = "large_payloads"
-                labels.excluded.add(("address", address))
-                spawn(large_payloads(env, name, address, random.Random(rng.random()), stop))
-            if "token_many_addresses" in config.kinds:
-                name = f"stolen{i}"
-                count = 8 + (i * 2) % 5
-                addresses = [f"127.0.3.{10 + 20 * i + j}" for j in range(count)]
-                labels.positives[("user", name)] = "token_many_addresses"
-                labels.excluded.update(("address", a) for a in addresses)
-                spawn(token_many_addresses(env, name, addresses, random.Random(rng.random()), stop))
-        say(f"model trained; attacks injected for {config.attack_windows} windows")
-
-        def phase_done() -> bool:
-            ends = [d.window.end for d in decisions]
-            return bool(ends) and max(ends) >= t1 - 0.5
-
-        while not phase_done():
-            await asyncio.sleep(0.2)
-        stopping = True
+            # Start the attacks right after a (long) window boundary: whole windows.
+            closed = boundary()
+            while boundary() == closed:
+                await asyncio.sleep(0.02)
+            seconds = config.window_seconds
+            t0 = math.floor(time.time() / seconds) * seconds  # the boundary just passed
+            t1 = t0 + config.attack_windows * seconds
+            attack.set()
+            lag_task = asyncio.get_running_loop().create_task(_measure_lag(lag, measuring))
+            say(f"model trained; attacks injected for {config.attack_windows} windows")
+            while not decisions or max(d.window.end for d in decisions) < t1 - 0.5:
+                await asyncio.sleep(0.2)
+            measuring.set()
+            await lag_task
+        finally:
+            stop.set()
+            await asyncio.to_thread(clients.join, 30)
+            if clients.is_alive():
+                clients.terminate()  # the client process this run started
+                await asyncio.to_thread(clients.join, 5)
         attack_decisions = [
             d for d in decisions if d.window.start >= t0 - 0.5 and d.window.end <= t1 + 0.5
         ]
-        await asyncio.wait(tasks, timeout=20)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
         assert detector.store is not None
         alerts = await asyncio.to_thread(detector.store.find, limit=10_000)
-    return ScenarioResult(config, attack_decisions, labels, alerts, time.monotonic() - started)
+    return ScenarioResult(
+        config, attack_decisions, labels, alerts, time.monotonic() - started, sorted(lag)
+    )
 
 
 def report(result: ScenarioResult) -> str:
@@ -682,4 +777,11 @@ def report(result: ScenarioResult) -> str:
         f"contamination {c.contamination}, seed {c.seed}; {len(result.alerts)} alerts raised; "
         f"{result.seconds:.0f} s wall time.",
     ]
+    if result.loop_lag:
+        lag = result.loop_lag
+        p50, p99 = lag[len(lag) // 2], lag[min(len(lag) - 1, int(len(lag) * 0.99))]
+        parts.append(
+            f"Gateway event-loop lag during the attack phase (what blurs event timestamps): "
+            f"p50 {p50 * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms, max {lag[-1] * 1000:.0f} ms."
+        )
     return "\n".join(parts)

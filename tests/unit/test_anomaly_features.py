@@ -56,6 +56,9 @@ def test_rates_sizes_and_channel_mix() -> None:
         ([0, 1, 2, 3, 4, 5], 1.0, 0.0),  # a metronome
         ([0, 1, 3, 4, 6, 7], 1.4, math.sqrt(0.24) / 1.4),  # gaps 1,2,1,2,1
         ([0, 1, 2], 1.0, 1.0),  # too few intervals: neutral (Poisson) cv
+        # A metronome with one stall (a late event, then a catch-up): trimmed away.
+        ([0, 1, 2, 3, 4.8, 5, 6, 7, 8, 9], 1.0, 0.0),
+        ([0, 1, 2, 3, 4.8, 5, 6], 1.0, math.sqrt(2 * 0.8**2 / 6) / 1.0),  # < 8 gaps: raw
         ([5], 10.0, 1.0),  # one publish: mean gap is the window length
     ],
 )
