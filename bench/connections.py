@@ -22,6 +22,7 @@ import os
 import sys
 import time
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -65,6 +66,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--profile",
         metavar="FILE",
         help="record the gateway with py-spy while connections open (FILE.svg or FILE.txt)",
+    )
+    parser.add_argument(
+        "--gateway-src",
+        type=Path,
+        metavar="DIR",
+        help="run the gateway package found in DIR (a copy with a change to measure)",
     )
     parser.add_argument(
         "--profile-seconds", type=float, default=10.0, help="how long --profile records"
@@ -140,7 +147,7 @@ async def _connections(pipe: Connection, spec: dict[str, Any]) -> None:
 def run(args: argparse.Namespace, log: Any) -> dict[str, Any]:
     raise_nofile_limit()
     tls = not args.no_tls
-    gateway = start_gateway(tls=tls)
+    gateway = start_gateway(tls=tls, source=args.gateway_src)
     try:
         endpoint = gateway.endpoint()
         # Warm up: first connections load code and caches that any gateway has.

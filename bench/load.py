@@ -62,6 +62,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--window", type=int, default=64, help="unconfirmed messages per publisher at most"
     )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="repeat gateway-then-webstomp this many times and also give the median "
+        "ratios (for a machine shared with other work)",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
     parser.add_argument(
         "--gateway-src",
@@ -78,6 +85,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.subscribers < 1 or args.publishers < 1 or args.seconds <= 0 or args.size < 1:
         parser.error("--subscribers, --publishers, --seconds and --size must be positive")
+    if not 1 <= args.rounds <= 10:
+        parser.error("--rounds must be between 1 and 10")
     if args.subscribers > 20000:
         parser.error("--subscribers is capped at 20000")
     return args
@@ -295,22 +304,42 @@ def main(argv: list[str] | None = None) -> int:
         print(text, file=sys.stderr, flush=True)
 
     kinds = ["gateway", "webstomp"] if args.target == "both" else [args.target]
+    rounds: list[dict[str, dict[str, Any]]] = []
     try:
-        results = {kind: run_target(kind, args, log) for kind in kinds}
+        for number in range(args.rounds):
+            if args.rounds > 1:
+                log(f"round {number + 1} of {args.rounds}")
+            rounds.append({kind: run_target(kind, args, log) for kind in kinds})
     except (RuntimeError, OSError) as exc:
         print(f"bench.load: error: {exc}", file=sys.stderr)
         return 1
+    per_round = [ratios(results) for results in rounds]
+    summary = median_ratios(per_round)
     if args.json:
-        print(
-            json.dumps(
-                {"args": vars(args), "results": results, "ratios": ratios(results)},
-                indent=2,
-                default=str,
-            )
-        )
-    else:
+        report = {"args": vars(args), "results": rounds[-1], "ratios": summary}
+        if args.rounds > 1:
+            report["rounds"] = [
+                {"results": r, "ratios": q} for r, q in zip(rounds, per_round, strict=True)
+            ]
+        print(json.dumps(report, indent=2, default=str))
+        return 0
+    for number, results in enumerate(rounds):
+        if args.rounds > 1:
+            print(f"\n=== round {number + 1} of {args.rounds}")
         print(render(args, results))
+    if args.rounds > 1 and summary:
+        print(f"\nmedian ratios over {args.rounds} rounds:")
+        for key, value in summary.items():
+            print(f"  {key:26} {value:.3f}")
     return 0
+
+
+def median_ratios(per_round: list[dict[str, float] | None]) -> dict[str, float] | None:
+    """The median of each ratio over rounds (None when there is nothing to compare)."""
+    found = [r for r in per_round if r]
+    if not found:
+        return None
+    return {key: float(np.median([r[key] for r in found])) for key in found[0]}
 
 
 if __name__ == "__main__":
