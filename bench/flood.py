@@ -406,6 +406,7 @@ async def flood(ep: dict[str, Any], rate: float, stop: Event) -> dict[str, Any]:
         "connections": 0,
         "refused_429": 0,
         "other_refusals": 0,
+        "refusal_reasons": {},
         "frames_sent": 0,
         "acked": 0,
         "rate_limited": 0,
@@ -430,8 +431,10 @@ async def flood(ep: dict[str, Any], rate: float, stop: Event) -> dict[str, Any]:
             stats[key] += 1
             await asyncio.sleep(0.001)  # ignores Retry-After: an abusive client
             continue
-        except (OSError, ConnectionError, TimeoutError):
+        except (OSError, ConnectionError, TimeoutError) as exc:
             stats["other_refusals"] += 1
+            why = str(exc)[:60] or type(exc).__name__
+            stats["refusal_reasons"][why] = stats["refusal_reasons"].get(why, 0) + 1
             await asyncio.sleep(0.01)
             continue
         stats["connections"] += 1
