@@ -66,7 +66,10 @@ from gateway.devcerts import client_ssl_context, make_dev_certificates
 from gateway.devtokens import mint_token
 
 SETUP_TIMEOUT_SECONDS = 120.0
-DRAIN_SECONDS = 3.0
+# After the window: wait for what is still in flight, until everything arrived
+# or nothing more did for DRAIN_QUIET_SECONDS (at most DRAIN_MAX_SECONDS).
+DRAIN_QUIET_SECONDS = 3.0
+DRAIN_MAX_SECONDS = 30.0
 _SEND_TIME = re.compile(rb'"t":(\d+)')
 _MESSAGE = b'{"type":"message"'
 
@@ -328,7 +331,7 @@ async def run_phase(args: argparse.Namespace, flood: bool) -> dict[str, Any]:
         await asyncio.sleep(args.warmup + args.seconds)
         stop.set()
         await asyncio.gather(*publishers)
-        await asyncio.sleep(DRAIN_SECONDS)
+        await drain(measure, rooms)
         flood_stats: dict[str, Any] = {}
         if flooder is not None and stop_flood is not None:
             stop_flood.set()
@@ -344,6 +347,22 @@ async def run_phase(args: argparse.Namespace, flood: bool) -> dict[str, Any]:
                 flooder.kill()
         await asyncio.sleep(0.2)
         await asyncio.to_thread(gateway.stop)  # it runs a loop of its own to clean up
+
+
+async def drain(measure: Measure, rooms: list[Room]) -> None:
+    expected = sum(rooms[room].members for room in measure.published.values())
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + DRAIN_MAX_SECONDS
+    last, quiet_since = -1, loop.time()
+    while loop.time() < deadline:
+        received = sum(sum(room.received.values()) for room in rooms)
+        if received >= expected:
+            return
+        if received != last:
+            last, quiet_since = received, loop.time()
+        elif loop.time() - quiet_since >= DRAIN_QUIET_SECONDS:
+            return
+        await asyncio.sleep(0.1)
 
 
 def summarize(
