@@ -152,7 +152,11 @@ async def test_an_sse_event_carries_the_same_json_as_a_websocket_message(
     assert [orjson.loads(e["data"]) for e in events] == over_ws
     assert over_ws[0]["from"] == "bob" and over_ws[1]["data"] == {"t": "two"}
     positions = [decode_event_id(e["id"]) for e in events]
-    assert positions == [{"chat.same": m["seq"]} for m in over_ws]
+    assert [p["chat.same"] for p in positions] == [m["seq"] for m in over_ws]
+    # news.same had no message: its position is where its exchange's stream
+    # stood at the subscribe, a valid Last-Event-ID point.
+    assert isinstance(positions[0]["news.same"], int)
+    assert positions[0]["news.same"] == positions[1]["news.same"]
     assert stream.response.headers["Cache-Control"].startswith("no-cache")
     # One subscriber in the hub per channel, like a WebSocket session.
     (sse,) = sse_streams(gateway)
