@@ -140,11 +140,9 @@ def _serve(args: argparse.Namespace) -> int:
     configure_logging(settings.log_level, settings.log_format)
     try:
         import uvloop
-
-        runner = uvloop.run
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        runner = asyncio.run
-    return runner(_run_gateway(settings))
+        return asyncio.run(_run_gateway(settings))
+    return uvloop.run(_run_gateway(settings))
 
 
 async def _run_gateway(settings: Settings) -> int:

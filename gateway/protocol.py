@@ -7,6 +7,7 @@ server's frames as UTF-8 JSON bytes, ready to be sent as a text frame.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -154,7 +155,7 @@ def _parse_auth(obj: dict[str, Any], request_id: RequestId | None) -> Auth:
     return Auth(token, request_id)
 
 
-_PARSERS = {
+_PARSERS: dict[str, Callable[[dict[str, Any], RequestId | None], ClientFrame]] = {
     "subscribe": _parse_subscribe,
     "unsubscribe": _parse_unsubscribe,
     "publish": _parse_publish,
@@ -172,7 +173,7 @@ def welcome_frame(session: str, user: str, heartbeat: float) -> bytes:
     )
 
 
-def ack_frame(request_id: RequestId, **extra: Any) -> bytes:
+def ack_frame(request_id: RequestId | None, **extra: Any) -> bytes:
     return orjson.dumps({"type": "ack", "id": request_id, **extra})
 
 
