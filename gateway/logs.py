@@ -81,6 +81,9 @@ def configure_logging(
     if root.level < logging.INFO:
         for name in LEAKY_LOGGERS:
             logging.getLogger(name).setLevel(logging.INFO)
+    # watchfiles says "N changes detected" at INFO on every edit; the reloader
+    # logs what matters (the reload and its result) itself.
+    logging.getLogger("watchfiles").setLevel(max(root.level, logging.WARNING))
     # The audit stream stays on whatever the general level.
     logging.getLogger(AUDIT_LOGGER).setLevel(min(root.level, logging.INFO))
     return handler
