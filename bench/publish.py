@@ -26,6 +26,7 @@ from typing import Any
 from bench.clients import body_padding, make_body, worker_main
 from bench.pool import Pool
 from bench.proc import broker_pids, cpu_seconds
+from bench.profiling import start_profiler, stop_profiler
 from bench.target import AMQP_URL, CHANNEL, start_gateway
 
 SETUP_TIMEOUT_SECONDS = 60.0
@@ -42,6 +43,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--size", type=int, default=200, help="message body bytes (JSON)")
     parser.add_argument("--tls", action="store_true", help="wss:// to the gateway")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument(
+        "--profile",
+        metavar="FILE",
+        help="record the gateway with py-spy during its window (FILE.svg or FILE.txt)",
+    )
     args = parser.parse_args(argv)
     if min(args.connections, args.window, args.size) < 1 or args.seconds <= 0:
         parser.error("--connections, --window, --size and --seconds must be positive")
@@ -121,15 +127,22 @@ async def _bare(pipe: Connection, spec: dict[str, Any]) -> None:
 # --- the controller ----------------------------------------------------------------
 
 
-def _measure(pool: Pool, server_pids: list[int], args: argparse.Namespace) -> dict[str, Any]:
+def _measure(
+    pool: Pool, server_pids: list[int], args: argparse.Namespace, profile_pid: int | None = None
+) -> dict[str, Any]:
     pool.wait_ready(SETUP_TIMEOUT_SECONDS)
     pool.ask("publish_on")
     time.sleep(args.warmup)
     before = {pid: cpu_seconds(pid) for pid in server_pids}
     clients_before = pool.cpu_seconds()
+    profiler = None
+    if profile_pid is not None and args.profile:
+        profiler = start_profiler(args.profile, profile_pid, args.seconds)
     pool.ask("measure_on")
     started = time.monotonic()
     time.sleep(args.seconds)
+    if profiler is not None:
+        stop_profiler(profiler, lambda text: print(text, file=sys.stderr))
     stats = [answer[1] for answer in pool.ask("measure_off")]
     elapsed = time.monotonic() - started
     after = {pid: cpu_seconds(pid) for pid in server_pids}
@@ -164,7 +177,7 @@ def run(args: argparse.Namespace, log: Any) -> dict[str, Any]:
         log(f"[gateway] {args.connections} connections x window {args.window}, flat out")
         pool = Pool(worker_main, [spec])
         try:
-            through_gateway = _measure(pool, brokers + [gateway.pid], args)
+            through_gateway = _measure(pool, brokers + [gateway.pid], args, gateway.pid)
         finally:
             pool.close()
         inflight = args.connections * args.window
