@@ -156,7 +156,8 @@ class Detector:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.outbox.flush(), 10)
         await self.publisher.close()
-        self._worker.shutdown(wait=True)
+        # A fit may still be running: wait for it without blocking the loop.
+        await asyncio.to_thread(self._worker.shutdown, True)
         if self.store is not None:
             await asyncio.to_thread(self.store.close)
 
@@ -229,7 +230,9 @@ class Detector:
         worker = asyncio.get_running_loop().create_task(self._act_on_windows(queue))
         try:
             boundary = (math.floor(self._clock() / seconds) + 1) * seconds
-            self.aggregator.swap(self._clock())  # the partial first window: dropped
+            await asyncio.sleep(max(0.0, boundary - self._clock()))
+            self.aggregator.swap(max(boundary, self._clock()))  # the partial first window: dropped
+            boundary += seconds
             while True:
                 await asyncio.sleep(max(0.0, boundary - self._clock()))
                 queue.put_nowait(self.aggregator.swap(max(boundary, self._clock())))

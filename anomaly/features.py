@@ -34,7 +34,7 @@ FEATURES: tuple[str, ...] = (
     "mean_payload",  # bytes
     "max_payload",  # bytes
     "interarrival_mean",  # seconds between publishes (the window length when < 2 publishes)
-    "interarrival_cv",  # std / mean of those gaps (1.0 when < 5; trimmed from 8: see TRIM_FROM)
+    "interarrival_cv",  # std / mean of those gaps (1.0 when < 5; trimmed from 8: see trimmed())
     "distinct_channels",  # channels subscribed, published, unsubscribed or denied
     "subscribe_ratio",  # subscribes / (subscribes + publishes); 0 when neither
     "denials",  # requests the policies refused
@@ -56,10 +56,21 @@ MAX_SIZES = 64
 # (Poisson) gaps, 1.2% of samples have cv < 0.1; with 5, 0.02%.
 MIN_INTERVALS = 5
 # From this many intervals on, the cv leaves out the largest and the smallest
-# gap: one stall (of the gateway's event loop, of the network) shows up as one
-# long gap and one short catch-up gap, and would hide a metronome. Trimmed,
-# 8 Poisson gaps still have cv < 0.1 only 0.03% of the time.
+# gaps: a stall (of the gateway's event loop, of the network) shows up as one
+# long gap and one short catch-up gap, and would hide a metronome. One of each
+# from 8 gaps, two from 12, three from 16 (``trimmed``); Poisson gaps trimmed
+# so still have cv < 0.1 at most 0.04% of the time (simulated).
 TRIM_FROM = 8
+MAX_TRIM = 3
+
+
+def trimmed(intervals: int) -> int:
+    """How many of the smallest, and of the largest, gaps the cv leaves out."""
+    if intervals < TRIM_FROM:
+        return 0
+    return min(MAX_TRIM, 1 + (intervals - TRIM_FROM) // 4)
+
+
 _OTHER_SIZE = -1  # histogram bucket for sizes beyond MAX_SIZES distinct ones
 # Events that say nothing about behaviour: a subject whose window held only
 # these (a connection that ended) would be an empty, misleading vector.
@@ -84,8 +95,8 @@ class SubjectState:
         "intervals",
         "interval_sum",
         "interval_sumsq",
-        "min_gap",
-        "max_gap",
+        "low_gaps",
+        "high_gaps",
         "channels",
         "others",
         "sizes",
@@ -109,8 +120,8 @@ class SubjectState:
         self.intervals = 0
         self.interval_sum = 0.0
         self.interval_sumsq = 0.0
-        self.min_gap = math.inf
-        self.max_gap = 0.0
+        self.low_gaps: list[float] = []  # the MAX_TRIM smallest gaps, ascending
+        self.high_gaps: list[float] = []  # the MAX_TRIM largest gaps, ascending
         self.channels: set[str] = set()
         self.others: set[str] = set()  # addresses of a user, users of an address
         self.sizes: dict[int, int] = {}
@@ -147,10 +158,7 @@ class SubjectState:
                 self.intervals += 1
                 self.interval_sum += gap
                 self.interval_sumsq += gap * gap
-                if gap < self.min_gap:
-                    self.min_gap = gap
-                if gap > self.max_gap:
-                    self.max_gap = gap
+                self._extremes(gap)
             self.last_publish = at
             sizes = self.sizes
             if size in sizes:
@@ -181,6 +189,34 @@ class SubjectState:
             if not count_reconnect and event.detail != "refresh":
                 self.reconnects += 1
 
+    def _extremes(self, gap: float) -> None:
+        low, high = self.low_gaps, self.high_gaps
+        if len(low) < MAX_TRIM:
+            low.append(gap)
+            low.sort()
+        elif gap < low[-1]:
+            low[-1] = gap
+            low.sort()
+        if len(high) < MAX_TRIM:
+            high.append(gap)
+            high.sort()
+        elif gap > high[0]:
+            high[0] = gap
+            high.sort()
+
+    def active(self) -> bool:
+        """Did the subject do anything the features count (not only refresh a token)?"""
+        return bool(
+            self.publishes
+            or self.subscribes
+            or self.denials
+            or self.auth_failures
+            or self.rate_limited
+            or self.malformed
+            or self.reconnects
+            or self.channels
+        )
+
     def _channel(self, channel: str | None) -> None:
         if channel is not None and len(self.channels) < MAX_CHANNELS:
             self.channels.add(channel)
@@ -193,8 +229,7 @@ class SubjectState:
                 self.intervals += 1
                 self.interval_sum += gap
                 self.interval_sumsq += gap * gap
-                self.min_gap = min(self.min_gap, gap)
-                self.max_gap = max(self.max_gap, gap)
+                self._extremes(gap)
             else:
                 self.first_publish = later.first_publish
             self.last_publish = later.last_publish
@@ -213,8 +248,8 @@ class SubjectState:
         ):
             setattr(self, name, getattr(self, name) + getattr(later, name))
         self.max_payload = max(self.max_payload, later.max_payload)
-        self.min_gap = min(self.min_gap, later.min_gap)
-        self.max_gap = max(self.max_gap, later.max_gap)
+        self.low_gaps = sorted(self.low_gaps + later.low_gaps)[:MAX_TRIM]
+        self.high_gaps = sorted(self.high_gaps + later.high_gaps)[-MAX_TRIM:]
         _union_capped(self.channels, later.channels, MAX_CHANNELS)
         _union_capped(self.others, later.others, MAX_OTHERS)
         for size, count in later.sizes.items():
@@ -343,6 +378,8 @@ def subject_windows(state: WindowState, nominal: float | None = None) -> list[Su
     for kind, table in (("user", state.users), ("address", state.addresses)):
         for key, subject in table.items():
             overflow = key == OVERFLOW
+            if not overflow and not subject.active():
+                continue  # only refreshes: nothing to judge (an all-default vector)
             if kind == "user":
                 user, address = (None if overflow else key), subject.address
             else:
@@ -372,10 +409,12 @@ def feature_vector(
         mean_gap = seconds if nominal is None else nominal
     cv = 1.0
     count, total, squares = subject.intervals, subject.interval_sum, subject.interval_sumsq
-    if count >= TRIM_FROM:
-        count -= 2
-        total -= subject.min_gap + subject.max_gap
-        squares -= subject.min_gap**2 + subject.max_gap**2
+    trim = trimmed(count)
+    if trim:
+        dropped = subject.low_gaps[:trim] + subject.high_gaps[-trim:]
+        count -= 2 * trim
+        total -= sum(dropped)
+        squares -= sum(gap * gap for gap in dropped)
     if subject.intervals >= MIN_INTERVALS and total > 0:
         mean = total / count
         variance = squares / count - mean * mean

@@ -116,6 +116,7 @@ class ScenarioResult:
     alerts: list[dict[str, Any]]
     seconds: float
     loop_lag: list[float] = field(default_factory=list)  # sorted, seconds
+    model: Any = None  # the AnomalyModel the attack phase was scored with
 
 
 # --- metrics (pure) ---------------------------------------------------------
@@ -607,13 +608,20 @@ def labels_for(attackers: list[Attacker]) -> Labels:
 
 @dataclass(frozen=True)
 class ClientPlan:
-    """Everything the client process needs (picklable)."""
+    """Everything a client process needs (picklable)."""
 
     port: int
     ca_cert: str
     jwt: Any
     config: ScenarioConfig
     attackers: tuple[Attacker, ...]
+    normal_users: bool = True  # this process also runs the normal population
+
+
+# The bots' regularity is what is measured: they get a process of their own, so
+# that other clients' TLS handshakes (CPU in the same event loop) do not jitter
+# them, as a real bot on its own machine would not be.
+TIMED_KINDS = ("regular_bot",)
 
 
 def client_process(plan: ClientPlan, attack: Any, stop: Any) -> None:
@@ -636,7 +644,7 @@ async def _drive_clients(plan: ClientPlan, attack: Any, stop_event: Any) -> None
         tasks.append(asyncio.ensure_future(coro))
 
     # Normal users: one address each, a few share (NAT), a few have two devices.
-    for n in range(config.normal_users):
+    for n in range(config.normal_users if plan.normal_users else 0):
         host = n if n % 7 != 3 else n - 1  # every 7th shares its neighbour's address
         addresses = [f"127.0.1.{10 + host}"]
         if n % 6 == 5:
@@ -678,9 +686,9 @@ async def run_scenario(
 ) -> ScenarioResult:
     """Warm up on normal traffic, then inject the attacks; every decision labelled.
 
-    The gateway runs here; the clients run in a child process of their own,
-    so that the event timestamps the gateway takes reflect its own event loop
-    and not the clients' work. The attack phase starts and ends on long-window
+    The gateway runs here; the clients run in child processes (the bots in
+    one of their own), so that the event timestamps the gateway takes reflect
+    its own event loop and not the clients' work. The attack phase starts and ends on long-window
     boundaries, so ``attack_windows`` must be a multiple of ``long_window_windows``.
     """
     if config.long_window_windows and config.attack_windows % config.long_window_windows:
@@ -695,23 +703,31 @@ async def run_scenario(
         detector = env.detector
         decisions: list[Scored] = []
         detector.listeners.append(lambda scored: decisions.extend(scored))
-        plan = ClientPlan(env.port, env.ca_cert, env.jwt, config, tuple(attackers))
-        clients = context.Process(
-            target=client_process, args=(plan, attack, stop), name="rabbitgate-eval-clients"
-        )
-        clients.start()
+        timed = tuple(a for a in attackers if a.kind in TIMED_KINDS)
+        others = tuple(a for a in attackers if a.kind not in TIMED_KINDS)
+        plans = [ClientPlan(env.port, env.ca_cert, env.jwt, config, others)]
+        if timed:
+            plans.append(ClientPlan(env.port, env.ca_cert, env.jwt, config, timed, False))
+        processes = [
+            context.Process(
+                target=client_process, args=(plan, attack, stop), name="rabbitgate-eval-clients"
+            )
+            for plan in plans
+        ]
+        for process in processes:
+            process.start()
         lag: list[float] = []
         measuring = asyncio.Event()
         try:
             say(
-                f"gateway on port {env.port}; {config.normal_users} normal users (pid "
-                f"{clients.pid}); learning for {config.warmup_windows} windows of "
-                f"{config.window_seconds:g} s"
+                f"gateway on port {env.port}; {config.normal_users} normal users (client "
+                f"pids {', '.join(str(p.pid) for p in processes)}); learning for "
+                f"{config.warmup_windows} windows of {config.window_seconds:g} s"
             )
             while detector.learning or detector.windows_closed < config.warmup_windows:
                 await asyncio.sleep(0.2)
-                if not clients.is_alive():
-                    raise RuntimeError("the client process died")
+                if not all(p.is_alive() for p in processes):
+                    raise RuntimeError("a client process died")
 
             def boundary() -> int:
                 if config.long_window_windows:
@@ -734,17 +750,19 @@ async def run_scenario(
             await lag_task
         finally:
             stop.set()
-            await asyncio.to_thread(clients.join, 30)
-            if clients.is_alive():
-                clients.terminate()  # the client process this run started
-                await asyncio.to_thread(clients.join, 5)
+            for process in processes:
+                await asyncio.to_thread(process.join, 30)
+                if process.is_alive():
+                    process.terminate()  # a client process this run started
+                    await asyncio.to_thread(process.join, 5)
         attack_decisions = [
             d for d in decisions if d.window.start >= t0 - 0.5 and d.window.end <= t1 + 0.5
         ]
         assert detector.store is not None
         alerts = await asyncio.to_thread(detector.store.find, limit=10_000)
+        model = detector.model
     return ScenarioResult(
-        config, attack_decisions, labels, alerts, time.monotonic() - started, sorted(lag)
+        config, attack_decisions, labels, alerts, time.monotonic() - started, sorted(lag), model
     )
 
 

@@ -14,6 +14,7 @@ from anomaly.features import (
     entropy_bits,
     merge_states,
     subject_windows,
+    trimmed,
 )
 from gateway.events import TrafficEvent
 
@@ -59,6 +60,12 @@ def test_rates_sizes_and_channel_mix() -> None:
         # A metronome with one stall (a late event, then a catch-up): trimmed away.
         ([0, 1, 2, 3, 4.8, 5, 6, 7, 8, 9], 1.0, 0.0),
         ([0, 1, 2, 3, 4.8, 5, 6], 1.0, math.sqrt(2 * 0.8**2 / 6) / 1.0),  # < 8 gaps: raw
+        # Three stalls in 20 gaps: all three trimmed away.
+        (
+            [0, 1, 2.5, 3, 4, 5.7, 6, 7, 8, 9, 10.6, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20],
+            1.0,
+            0.0,
+        ),
         ([5], 10.0, 1.0),  # one publish: mean gap is the window length
     ],
 )
@@ -94,7 +101,9 @@ def test_security_counters_land_on_the_right_subjects() -> None:
 def test_distinct_addresses_per_user_and_users_per_address() -> None:
     agg = WindowAggregator(start=0.0)
     for n in range(5):
+        agg.add(ev("connect", 1.0 + n, user=None, address=f"10.0.0.{n}", session=None))
         agg.add(ev("auth_ok", 1.0 + n, address=f"10.0.0.{n}", detail="header"))
+    agg.add(ev("connect", 7.0, user=None, address="10.0.0.1", session=None))
     agg.add(ev("auth_ok", 7.0, user="bob", address="10.0.0.1", detail="header"))
     found = windows_by_subject(agg, 10.0)
     assert found[("user", "alice")]["distinct_addresses"] == 5
@@ -156,6 +165,13 @@ def test_merged_windows_equal_one_long_window() -> None:
 
 
 @pytest.mark.parametrize(
+    ("intervals", "trim"), [(5, 0), (7, 0), (8, 1), (11, 1), (12, 2), (16, 3), (400, 3)]
+)
+def test_how_many_gaps_are_trimmed(intervals: int, trim: int) -> None:
+    assert trimmed(intervals) == trim
+
+
+@pytest.mark.parametrize(
     ("counts", "bits"),
     [([], 0.0), ([7], 0.0), ([1, 1], 1.0), ([2, 2, 2, 2], 2.0), ([3, 1], 0.8112781)],
 )
@@ -171,3 +187,10 @@ def test_events_without_subject_are_ignored() -> None:
 
 def test_overflow_key_is_reserved() -> None:
     assert OVERFLOW.startswith("*")  # never a valid sub-derived channel nor an address
+
+
+def test_a_subject_that_only_refreshed_its_token_makes_no_window() -> None:
+    agg = WindowAggregator(start=0.0)
+    agg.add(ev("auth_ok", 1.0, detail="refresh"))
+    agg.add(ev("closed", 2.0, detail="1000"))
+    assert agg.close_window(10.0) == []
