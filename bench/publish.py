@@ -21,6 +21,7 @@ import os
 import sys
 import time
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 from bench.clients import body_padding, make_body, worker_main
@@ -43,6 +44,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--size", type=int, default=200, help="message body bytes (JSON)")
     parser.add_argument("--tls", action="store_true", help="wss:// to the gateway")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument(
+        "--gateway-src",
+        type=Path,
+        metavar="DIR",
+        help="run the gateway package found in DIR (a copy with a change to measure)",
+    )
     parser.add_argument(
         "--profile",
         metavar="FILE",
@@ -161,7 +168,7 @@ def _measure(
 
 def run(args: argparse.Namespace, log: Any) -> dict[str, Any]:
     brokers = broker_pids()
-    gateway = start_gateway(tls=args.tls)
+    gateway = start_gateway(tls=args.tls, source=args.gateway_src)
     try:
         spec = {
             "endpoint": gateway.endpoint(),
