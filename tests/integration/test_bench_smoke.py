@@ -55,7 +55,7 @@ def check_fan_out(result: dict[str, Any], subscribers: int) -> None:
         assert number(result["latency_ms"][key]) >= 0
     for key in ("gateway", "broker", "server", "clients"):
         assert number(result["cpu_seconds"][key]) >= 0
-    for key in ("gateway", "broker", "server"):
+    for key in ("gateway", "broker", "server", "server_above_idle"):
         assert number(result["cpu_us_per_delivery"][key]) >= 0
 
 
@@ -63,14 +63,25 @@ def test_load_against_gateway_and_webstomp() -> None:
     # The tool enables rabbitmq_web_stomp itself when it is off; when it cannot,
     # it exits non-zero with the reason, and this test fails with that message.
     report = run_tool(
-        "load", "--subscribers", "5", "--seconds", "2", "--warmup", "1", "--rate", "50"
-    )
+        "load",
+        "--subscribers", "5",
+        "--seconds", "2",
+        "--warmup", "1",
+        "--rate", "50",
+        "--idle-seconds", "0.5",
+    )  # fmt: skip
     results = report["results"]
     assert set(results) == {"gateway", "webstomp"}
     check_fan_out(results["gateway"], 5)
     check_fan_out(results["webstomp"], 5)
     assert number(results["gateway"]["cpu_seconds"]["gateway"]) > 0
-    for key in ("server_cpu_per_delivery", "p50_latency", "p99_latency", "delivered_per_s"):
+    for key in (
+        "server_cpu_per_delivery",
+        "server_cpu_above_idle_per_delivery",
+        "p50_latency",
+        "p99_latency",
+        "delivered_per_s",
+    ):
         number(report["ratios"][key])
 
 
@@ -84,6 +95,7 @@ def test_load_over_tls_flat_out() -> None:
         "--warmup", "0.5",
         "--tls",
         "--target", "gateway",
+        "--idle-seconds", "0.5",
     )  # fmt: skip
     result = report["results"]["gateway"]
     assert result["tls"] is True
