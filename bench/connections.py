@@ -59,7 +59,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "the listen backlog of 100, so no SYN is dropped and retried a second later)",
     )
     parser.add_argument(
-        "--hold", type=float, default=SETTLE_SECONDS, help="idle seconds before RSS"
+        "--hold",
+        type=float,
+        default=SETTLE_SECONDS,
+        help="seconds the connections idle before RSS and idle CPU are read (use more than "
+        "limits.heartbeat_seconds, 20, to include heartbeats)",
     )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument(
@@ -193,7 +197,9 @@ def run(args: argparse.Namespace, log: Any) -> dict[str, Any]:
             cpu_setup = cpu_seconds(gateway.pid) - cpu_before
             if profiler is not None:
                 stop_profiler(profiler, log)
+            cpu_hold_start = cpu_seconds(gateway.pid)
             time.sleep(args.hold)
+            cpu_idle = (cpu_seconds(gateway.pid) - cpu_hold_start) / args.hold
             rss_after = rss_kib(gateway.pid)
             still_open = sum(a[1] for a in pool.ask("count"))
             gateway_alive = gateway.process.poll() is None
@@ -223,11 +229,15 @@ def run(args: argparse.Namespace, log: Any) -> dict[str, Any]:
         },
         "gateway_cpu_seconds_opening": cpu_setup,
         "gateway_cpu_ms_per_connection": cpu_setup / opened * 1e3 if opened else float("nan"),
+        # Heartbeats (a ping every limits.heartbeat_seconds per connection) and
+        # timers: hold longer than the heartbeat interval to see them.
+        "gateway_cpu_while_idle": cpu_idle,
         "rss_kib_before": rss_before,
         "rss_kib_after": rss_after,
         "rss_kib_per_connection": (rss_after - rss_before) / opened if opened else float("nan"),
         "gateway_alive": gateway_alive,
         "client_processes": len(specs),
+        "hold_seconds": args.hold,
     }
 
 
@@ -244,6 +254,8 @@ def render(r: dict[str, Any]) -> str:
             f"setup latency p50 / p99 / max    {r['setup_ms']['p50']:.1f} / "
             f"{r['setup_ms']['p99']:.1f} / {r['setup_ms']['max']:.1f} ms",
             f"gateway CPU per connection       {r['gateway_cpu_ms_per_connection']:.2f} ms",
+            f"gateway CPU while they idle      {r['gateway_cpu_while_idle'] * 100:.1f} % of a core "
+            f"(over {r['hold_seconds']:g} s)",
             f"gateway RSS before / after       {r['rss_kib_before'] / 1024:.1f} / "
             f"{r['rss_kib_after'] / 1024:.1f} MiB",
             f"RSS per idle connection          {r['rss_kib_per_connection']:.1f} KiB  "
