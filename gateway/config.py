@@ -81,6 +81,9 @@ class LimitSettings:
     connects_burst: int = 100
     auth_failures_per_minute_per_address: float = 20.0  # refused tokens of one address
     auth_failures_burst: int = 40
+    # Connections of one address closed with 4429: past this, its handshakes get 429.
+    strikeouts_per_minute_per_address: float = 6.0
+    strikeouts_burst: int = 3
     max_connections_per_user: int = 50
     max_connections_per_address: int = 1000
     # This many rate_limited answers within the window close the connection with 4429.
@@ -287,6 +290,7 @@ def _check_limits(limits: LimitSettings) -> None:
         "subscribes_per_second",
         "connects_per_second_per_address",
         "auth_failures_per_minute_per_address",
+        "strikeouts_per_minute_per_address",
         "rate_limited_strike_window_seconds",
         "redis_timeout_seconds",
         "max_frame_bytes",
@@ -300,6 +304,7 @@ def _check_limits(limits: LimitSettings) -> None:
         "subscribes_burst",
         "connects_burst",
         "auth_failures_burst",
+        "strikeouts_burst",
         "max_connections_per_user",
         "max_connections_per_address",
         "rate_limited_strikes_before_close",

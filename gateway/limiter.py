@@ -9,6 +9,7 @@ limit                          key              storage
 publishes per rule             user + rule      shared (Redis when configured)
 new connections                address          shared
 failed authentications         address          shared
+closes with 4429 (strikeouts)  address          shared
 concurrent connections         address, user    shared (leases)
 frames, subscribe requests     connection       this process (``ConnectionGuard``)
 rate_limited strikes, idle     connection       this process (``ConnectionGuard``)
@@ -166,7 +167,8 @@ class Limiter:
 
     async def admit_connection(self, address: str | None) -> Refusal | Slot | None:
         """At the handshake, before any token work: the address's failed
-        authentications, its connect rate, its concurrent connections.
+        authentications and 4429 closes, its connect rate, its concurrent
+        connections.
 
         Returns a Refusal (answer HTTP 429 with ``Retry-After``), or the Slot
         to release when the connection ends (None when the address is unknown).
@@ -184,6 +186,17 @@ class Limiter:
                 peek=True,
             ),
         )
+        if refusal is None:
+            refusal = _refusal(
+                "strikeouts",
+                await self._bucket(
+                    "strikeout",
+                    address,
+                    limits.strikeouts_per_minute_per_address / 60.0,
+                    limits.strikeouts_burst,
+                    peek=True,
+                ),
+            )
         if refusal is None:
             refusal = _refusal(
                 "connects",
@@ -209,6 +222,22 @@ class Limiter:
                 address,
                 limits.auth_failures_per_minute_per_address / 60.0,
                 limits.auth_failures_burst,
+            )
+
+    async def record_strikeout(self, address: str | None) -> None:
+        """A connection from ``address`` was closed with 4429.
+
+        A flooder that reconnects at once would cost a handshake, a token
+        check and a read of its flood per connection; past a few strikeouts
+        its address is refused at the handshake instead, for a while.
+        """
+        if address is not None:
+            limits = self.limits
+            await self._bucket(
+                "strikeout",
+                address,
+                limits.strikeouts_per_minute_per_address / 60.0,
+                limits.strikeouts_burst,
             )
 
     async def admit_user(self, user: str) -> Refusal | Slot:

@@ -268,6 +268,7 @@ class Gateway:
                 refusal = guard.frame()
                 if refusal is not None:
                     if guard.strike():
+                        await self.node.limiter.record_strikeout(_address(connection))
                         await connection.close(CLOSE_RATE_LIMITED, "rate limits broken too often")
                         return None
                     await connection.send(rate_limited_frame(refusal), text=True)

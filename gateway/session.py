@@ -171,6 +171,7 @@ class Session:
         self.send(rate_limited_frame(refusal, request_id))
 
     async def _close_rate_limited(self) -> None:
+        await self.node.limiter.record_strikeout(self.address)
         # Publishes already sent to RabbitMQ still get their ack first.
         await self.drain()
         connection = self.outbox.connection

@@ -145,6 +145,31 @@ async def test_a_publish_flood_is_rate_limited_then_closed_and_refusals_never_re
     assert sorted(received) == acked
 
 
+async def test_an_address_that_keeps_getting_4429_is_refused_at_the_handshake(
+    start_gateway: StartFn, connect_client: Any, client_ssl: ssl.SSLContext, make_token: Any
+) -> None:
+    gw = await start_gateway(
+        limits={
+            "rate_limited_strikes_before_close": 1,
+            "strikeouts_per_minute_per_address": 1,
+            "strikeouts_burst": 2,
+        }
+    )
+    events = record(gw)
+    for round_ in range(2):
+        flooder = await connect_client(f"flooder{round_}", gw=gw)
+        for i in range(10):
+            await flooder.send(type="ping", id=i)
+            await flooder.send(type="publish", id=f"p{i}", channel="chat.x", data=i)
+        await read_until_closed(flooder.ws)
+        assert flooder.ws.close_code == 4429
+    verified = len([e for e in events if e.kind.startswith("auth")])
+    response = await refused_status(gw, client_ssl, make_token("newcomer"))
+    assert response.status_code == 429 and 50 <= int(response.headers["Retry-After"]) <= 60
+    assert len([e for e in events if e.kind.startswith("auth")]) == verified  # no token work
+    assert ("rate_limited", "strikeouts") in [(e.kind, e.detail) for e in events]
+
+
 async def test_a_client_that_waits_retry_after_is_admitted_again(
     start_gateway: StartFn, connect_client: Any
 ) -> None:

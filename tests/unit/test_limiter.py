@@ -147,6 +147,19 @@ async def test_auth_failures_refuse_the_address_once_the_bucket_is_empty() -> No
     assert isinstance(await lim.admit_connection("203.0.113.9"), Slot)
 
 
+async def test_an_address_closed_with_4429_too_often_is_refused_for_a_while() -> None:
+    clock = Clock()
+    lim = limiter(clock, strikeouts_per_minute_per_address=6, strikeouts_burst=2)
+    for _ in range(2):
+        assert isinstance(await lim.admit_connection("203.0.113.9"), Slot)
+        await lim.record_strikeout("203.0.113.9")
+    refusal = await lim.admit_connection("203.0.113.9")
+    assert refusal == Refusal("strikeouts", pytest.approx(10.0))
+    assert isinstance(await lim.admit_connection("198.51.100.1"), Slot)
+    clock.now += 10
+    assert isinstance(await lim.admit_connection("203.0.113.9"), Slot)
+
+
 async def test_connection_caps_count_held_slots_and_release_is_idempotent() -> None:
     lim = limiter(Clock(), max_connections_per_user=2)
     first, second = await lim.admit_user("carol"), await lim.admit_user("carol")
@@ -236,6 +249,8 @@ def test_redis_url_comes_from_the_environment() -> None:
         {"limits.rate_limited_strikes_before_close": 0},
         {"limits.idle_timeout_seconds": -5},
         {"limits.bucket_table_size": 0},
+        {"limits.strikeouts_burst": 0},
+        {"limits.strikeouts_per_minute_per_address": 0},
         {"limits.redis_timeout_seconds": 0},
     ],
 )
