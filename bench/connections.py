@@ -148,8 +148,18 @@ async def _connections(pipe: Connection, spec: dict[str, Any]) -> None:
 # --- the controller ----------------------------------------------------------------
 
 
+# Descriptors the gateway needs besides one per client connection.
+GATEWAY_FD_MARGIN = 200
+
+
 def run(args: argparse.Namespace, log: Any) -> dict[str, Any]:
-    raise_nofile_limit()
+    hard = raise_nofile_limit()
+    if args.connections + WARMUP_CONNECTIONS + GATEWAY_FD_MARGIN > hard:
+        raise RuntimeError(
+            f"{args.connections} connections need about "
+            f"{args.connections + WARMUP_CONNECTIONS + GATEWAY_FD_MARGIN} open files in the "
+            f"gateway, but the hard limit (ulimit -Hn) is {hard}"
+        )
     tls = not args.no_tls
     gateway = start_gateway(tls=tls, source=args.gateway_src)
     try:
