@@ -23,6 +23,7 @@ from anomaly.settings import SEVERITIES
 
 # Every failure the operator can cause ends as one line (gateway/cli.py prints it).
 from gateway.cli import CliError, _settings
+from gateway.config import ConfigError, Settings
 
 AddConfigFlag = Callable[[argparse.ArgumentParser], None]
 
@@ -99,7 +100,13 @@ def add_anomaly_commands(commands: Any, add_config_flag: AddConfigFlag) -> None:
 
 
 def _store(args: argparse.Namespace) -> tuple[AlertStore, Any]:
-    settings = _settings(args)
+    try:
+        settings = _settings(args)
+    except ConfigError:
+        if not args.data_dir:
+            raise
+        # Reviewing needs no JWT key: with --data-dir, the defaults do.
+        settings = Settings()
     data_dir = Path(args.data_dir) if args.data_dir else settings.anomaly.data_dir
     path = data_dir / STORE_FILE
     if not path.exists():
