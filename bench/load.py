@@ -339,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     per_round = [ratios(results) for results in rounds]
     summary = median_ratios(per_round)
     if args.json:
-        report = {"args": vars(args), "results": rounds[-1], "ratios": summary}
+        report: dict[str, Any] = {"args": vars(args), "results": rounds[-1], "ratios": summary}
         if args.rounds > 1:
             report["rounds"] = [
                 {"results": r, "ratios": q} for r, q in zip(rounds, per_round, strict=True)

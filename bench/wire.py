@@ -22,6 +22,7 @@ import os
 import ssl
 import time
 from collections.abc import Callable, Mapping
+from typing import Any
 
 OP_TEXT = 0x1
 OP_BINARY = 0x2
@@ -89,8 +90,9 @@ class WsClient(asyncio.Protocol):
     # --- asyncio.Protocol ----------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]  # uvloop's is no subclass
-        transport.write(self._request)
+        # uvloop's transports are not asyncio.Transport subclasses: no isinstance check.
+        self.transport = transport  # type: ignore[assignment]
+        self._write(self._request)
 
     def data_received(self, data: bytes) -> None:
         buf = self._buf
@@ -182,10 +184,9 @@ class WsClient(asyncio.Protocol):
 
     async def next_text(self, timeout: float = 10.0) -> bytes:
         """The next payload while ``on_text`` is unset; raises on close or timeout."""
-        get = asyncio.ensure_future(self.inbox.get())
-        done, _ = await asyncio.wait(
-            {get, self.closed}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-        )
+        get: asyncio.Future[bytes] = asyncio.ensure_future(self.inbox.get())
+        waited: set[asyncio.Future[Any]] = {get, self.closed}
+        done, _ = await asyncio.wait(waited, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         if get in done:
             return get.result()
         get.cancel()
