@@ -22,6 +22,22 @@ from websockets.protocol import State
 CLOSE_SLOW_CONSUMER = 4409
 
 
+def text_frame(payload: bytes) -> bytes:
+    """``payload`` as one unmasked, unfragmented WebSocket text frame (RFC 6455 5.2).
+
+    Fan-out writes this same byte string to every subscriber's transport:
+    framing once per message instead of once per connection is what
+    ``websockets.broadcast`` cannot do (it re-frames for each connection).
+    Only for connections without extensions (no permessage-deflate).
+    """
+    length = len(payload)
+    if length < 126:
+        return bytes((0x81, length)) + payload
+    if length < 65536:
+        return b"\x81\x7e" + length.to_bytes(2, "big") + payload
+    return b"\x81\x7f" + length.to_bytes(8, "big") + payload
+
+
 def _wire_length(payload: int) -> int:
     """Bytes a server (unmasked) text frame of this payload takes on the wire."""
     if payload < 126:
@@ -71,11 +87,19 @@ class Outbox:
         self._ends.append(self._written)
         return True
 
+    @property
+    def raw(self) -> bool:
+        """True when frames may be written pre-framed (no extension to apply)."""
+        return not self.connection.protocol.extensions
+
     def send(self, frame: bytes) -> bool:
         """Write one text frame now, or close the connection as a slow consumer."""
         if not self.admit(len(frame)):
             return False
-        broadcast((self.connection,), frame, text=True)
+        if self.raw:
+            self.connection.transport.write(text_frame(frame))
+        else:
+            broadcast((self.connection,), frame, text=True)
         return True
 
     def _overflow(self) -> None:
@@ -98,17 +122,26 @@ class FrameSink(Protocol):
 def fan_out(outboxes: Iterable[Outbox | FrameSink], frame: bytes) -> int:
     """Write one serialized frame to many connections; returns how many took it.
 
-    WebSocket outboxes are written with one ``broadcast`` for all of them;
-    any other sink with its own ``send``.
+    The frame is framed once and the same bytes are written to every
+    WebSocket transport (compressed connections go through one ``broadcast``);
+    any other sink is written with its own ``send``.
     """
-    admitted = []
+    wire: bytes | None = None
+    compressed: list[ServerConnection] = []
     taken = 0
     for outbox in outboxes:
         if isinstance(outbox, Outbox):
-            if outbox.admit(len(frame)):
-                admitted.append(outbox.connection)
+            if not outbox.admit(len(frame)):
+                continue
+            if outbox.raw:
+                if wire is None:
+                    wire = text_frame(frame)
+                outbox.connection.transport.write(wire)
+            else:
+                compressed.append(outbox.connection)
+            taken += 1
         elif outbox.send(frame):
             taken += 1
-    if admitted:
-        broadcast(admitted, frame, text=True)
-    return len(admitted) + taken
+    if compressed:
+        broadcast(compressed, frame, text=True)
+    return taken

@@ -128,6 +128,9 @@ class Gateway:
             close_timeout=5,
             max_size=limits.max_frame_bytes,
             max_queue=16,
+            # A reconnect storm brings hundreds of handshakes at once; the
+            # default listen backlog (100) overflows and costs clients seconds.
+            backlog=1024,
         )
         log.info(
             "listening on %s://%s:%d%s",
@@ -143,7 +146,14 @@ class Gateway:
         await self.ops.stop()  # SSE streams end with 1001 too
         await self.reloader.stop()  # no policy swap while shutting down
         if self._server is not None:
-            self._server.close(close_connections=True)
+            self._server.server.close()  # stop accepting; open connections stay
+            # In-flight publishes get their confirm and their ack (or error)
+            # before the connection goes; new ones are refused meanwhile.
+            self.node.shutting_down = True
+            sessions = list(self.node.sessions)
+            if sessions:
+                await asyncio.gather(*(session.drain() for session in sessions))
+            self._server.close(close_connections=True, reason="server shutting down")
             await self._server.wait_closed()
         if self.anomaly is not None:
             await self.anomaly.stop()
