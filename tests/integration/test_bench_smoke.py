@@ -75,14 +75,12 @@ def test_load_against_gateway_and_webstomp() -> None:
     check_fan_out(results["gateway"], 5)
     check_fan_out(results["webstomp"], 5)
     assert number(results["gateway"]["cpu_seconds"]["gateway"]) > 0
-    for key in (
-        "server_cpu_per_delivery",
-        "server_cpu_above_idle_per_delivery",
-        "p50_latency",
-        "p99_latency",
-        "delivered_per_s",
-    ):
+    for key in ("server_cpu_per_delivery", "p50_latency", "p99_latency", "delivered_per_s"):
         number(report["ratios"][key])
+    # Idle-deducted CPU can be zero on a 2-second run on a shared broker (it
+    # burnt no more than at rest): the ratio is then undefined (NaN), not wrong.
+    above_idle = report["ratios"]["server_cpu_above_idle_per_delivery"]
+    assert isinstance(above_idle, float) and (math.isnan(above_idle) or above_idle >= 0)
 
 
 def test_load_over_tls_flat_out() -> None:

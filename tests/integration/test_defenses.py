@@ -576,7 +576,9 @@ async def test_slow_consumers_are_closed_with_4409_and_memory_stays_flat(
         drained = await watcher
     rss_growth = rss_bytes() - rss_before
     assert slow[0].ws.close_code == 4409
-    assert 0 < len(drained) < 100  # what fitted in its buffers: about 1 MiB and the kernel's
+    # What fitted in its buffers: the 1 MiB send buffer plus the kernel's socket
+    # buffers (loopback autotuning reaches several MiB), never the 1,700 pushed.
+    assert 0 < len(drained) < 400
     # The others never read, not even the close frame: they are dropped once
     # the closing handshake and the TLS shutdown time out (about 15 s here).
     for _ in range(400):
