@@ -271,6 +271,7 @@ class RabbitgateClient:
         self._sender: asyncio.Task[None] | None = None
         self._sending_on: ClientConnection | None = None
         self._refresher: asyncio.Task[None] | None = None
+        self._keepalive: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> RabbitgateClient:
         await self.connect()
@@ -440,6 +441,9 @@ class RabbitgateClient:
         for channel in list(self._tracker.last):
             self._spawn(self._subscribe_on(ws, channel))
         self._refresher = self._spawn(self._refresh_loop(ws, token))
+        heartbeat = welcome.get("heartbeat")
+        if isinstance(heartbeat, int | float) and heartbeat > 0:
+            self._keepalive = self._spawn(self._keepalive_loop(ws, float(heartbeat)))
         self._flush()
 
     def _on_disconnected(self) -> None:
@@ -448,6 +452,8 @@ class RabbitgateClient:
             self._ready.clear()
         if self._refresher is not None:
             self._refresher.cancel()
+        if self._keepalive is not None:
+            self._keepalive.cancel()
         for waiter in self._requests.values():
             if not waiter.done():
                 waiter.set_exception(Disconnected("disconnected", "connection lost"))
@@ -616,6 +622,17 @@ class RabbitgateClient:
             _succeed(waiter)
         if lost:  # through the inbox: the app hears it before the channel's next message
             await self._inbox.put(("recovery_lost", channel))
+
+    async def _keepalive_loop(self, ws: ClientConnection, interval: float) -> None:
+        """An application ping every heartbeat interval: the gateway closes a
+        connection that sends no frame for its idle timeout, and a listen-only
+        client would otherwise send none."""
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self._request(ws, {"type": "ping"})
+            except (Disconnected, TimeoutError):
+                return
 
     async def _refresh_loop(self, ws: ClientConnection, token: str) -> None:
         """Send a fresh token ``refresh_margin`` seconds before ``exp``; the server

@@ -384,3 +384,20 @@ async def test_malformed_frames_from_the_server_are_skipped_and_the_client_carri
         await asyncio.sleep(0.2)
         assert opened == 1  # banned: no reconnect
         await client.close()
+
+
+async def test_a_listen_only_client_is_not_closed_as_idle(
+    settings: Any, client_ssl: ssl.SSLContext, make_token: Callable[..., str], cleanup_broker: None
+) -> None:
+    limits = dataclasses.replace(settings.limits, idle_timeout_seconds=1.0, heartbeat_seconds=0.3)
+    idle_settings = dataclasses.replace(settings, limits=limits)
+    gw = Gateway(idle_settings, load_policy_set(settings.policies_dir))
+    await gw.start()
+    try:
+        async with RabbitgateClient(url(gw), token=make_token("ivy"), ssl=client_ssl) as ivy:
+            await ivy.subscribe("news.quiet")
+            first = ivy.session
+            await asyncio.sleep(3.0)  # three idle timeouts, only the client's pings
+            assert ivy.session == first and ivy.connections == 1
+    finally:
+        await gw.stop()
