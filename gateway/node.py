@@ -167,6 +167,8 @@ class Node:
 
     def remove_subscriber(self, session: Session, channel: str) -> None:
         emptied = self.hub.remove(channel, session)
+        if not self.hub.subscribers(channel):
+            self._latest_seq.pop(channel, None)
         if emptied is not None and emptied not in self._unfollow_timers:
             loop = asyncio.get_running_loop()
             self._unfollow_timers[emptied] = loop.call_later(
@@ -204,11 +206,13 @@ class Node:
 
     def deliver(self, delivery: Delivery) -> None:
         """Fan one broker message out to this process's subscribers of its channel."""
-        self._latest_seq[delivery.channel] = delivery.seq
         subscribers = self.hub.subscribers(delivery.channel)
         recovering = self._recovering.get(delivery.channel)
         if not subscribers and not recovering:
+            # Not remembered: an ack for it reports the stream position instead,
+            # so this map holds only channels with local subscribers.
             return
+        self._latest_seq[delivery.channel] = delivery.seq
         frame = self._frame(delivery)
         if frame is None:
             return
