@@ -235,22 +235,30 @@ class AlertStore:
     # --- alerts -------------------------------------------------------------
 
     def add(self, alert: dict[str, Any]) -> None:
-        subject = alert["subject"]
+        self.add_many([alert])
+
+    def add_many(self, alerts: Sequence[dict[str, Any]]) -> None:
+        """Store new alerts in one transaction (one disk sync for a window's alerts)."""
+        now = time.time()
+        rows = [
+            (
+                alert["id"],
+                now,
+                alert["severity"],
+                alert["status"],
+                alert["subject"]["kind"],
+                alert["subject"].get("user"),
+                alert["subject"].get("address"),
+                json.dumps(alert),
+                alert["version"],
+            )
+            for alert in alerts
+        ]
         with self._transaction() as db:
-            db.execute(
+            db.executemany(
                 "INSERT INTO alerts (id, created_ts, severity, status, subject_kind,"
                 " subject_user, subject_address, body, version) VALUES (?,?,?,?,?,?,?,?,?)",
-                (
-                    alert["id"],
-                    time.time(),
-                    alert["severity"],
-                    alert["status"],
-                    subject["kind"],
-                    subject.get("user"),
-                    subject.get("address"),
-                    json.dumps(alert),
-                    alert["version"],
-                ),
+                rows,
             )
 
     def get(self, alert_id: str) -> dict[str, Any]:

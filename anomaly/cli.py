@@ -86,7 +86,7 @@ def add_anomaly_commands(commands: Any, add_config_flag: AddConfigFlag) -> None:
     )
     evaluate.add_argument("--window", type=float, default=5.0, help="window seconds (5)")
     evaluate.add_argument("--long-windows", type=int, default=4, help="short windows per long (4)")
-    evaluate.add_argument("--warmup-windows", type=int, default=12)
+    evaluate.add_argument("--warmup-windows", type=int, default=24)
     evaluate.add_argument("--attack-windows", type=int, default=12)
     evaluate.add_argument("--users", type=int, default=50, help="normal users (50)")
     evaluate.add_argument("--attackers", type=int, default=3, help="attackers per kind (3)")

@@ -47,8 +47,8 @@ from anomaly.features import (
     SubjectWindow,
     WindowAggregator,
     WindowState,
+    iter_subject_windows,
     merge_states,
-    subject_windows,
 )
 from anomaly.model import MAX_KEPT_ROWS, MIN_ROWS, MODEL_FILE, AnomalyModel, ModelError, Reason
 from anomaly.settings import AnomalySettings
@@ -60,6 +60,13 @@ log = logging.getLogger("rabbitgate.anomaly")
 
 # Alert once per subject while its alert is open and younger than this many windows.
 REALERT_WINDOWS = 10
+# The worker steps aside for the event loop after this many subjects (vectors,
+# merges, frees) or rows (scores): its work per window grows with the subjects,
+# and run in one stretch it would hold the GIL, so the loop, for as long.
+# ``time.sleep(0)`` is not enough: the releasing thread usually takes the GIL
+# straight back; a real sleep lets the loop's thread run.
+BLOCK = 64
+STEP_ASIDE_SECONDS = 0.001
 # Events buffered for the recording between two window boundaries.
 MAX_RECORDED_EVENTS = 1_000_000
 _SEVERITY_RANK = {"low": 0, "medium": 1, "high": 2, "critical": 3}
@@ -99,6 +106,7 @@ class Detector:
         self.listeners: list[Listener] = []  # told every window's decisions (evaluation)
         self.windows_closed = 0
         self.long_windows_closed = 0
+        self.alerts_capped = 0  # flagged subjects not raised: over max_alerts_per_window
         self.learning = False  # True while warming up (no model yet)
         self._warmup_windows = 0
         self._baseline: dict[str, deque[list[float]]] = {}
@@ -246,47 +254,53 @@ class Detector:
 
     async def _act_on_windows(self, queue: asyncio.Queue[WindowState]) -> None:
         while True:
-            state = await queue.get()
+            box = [await queue.get()]
+            end = box[0].end
             try:
-                await self._act(state)
+                await self._act(box)
             except Exception:
-                log.exception("anomaly window ending at %s failed", state.end)
+                log.exception("anomaly window ending at %s failed", end)
 
     async def tick(self, now: float | None = None) -> list[Scored]:
         """Close the current window at ``now`` and act on it; returns its decisions."""
         now = self._clock() if now is None else now
-        return await self._act(self.aggregator.swap(now))
+        return await self._act([self.aggregator.swap(now)], keep_all=True)
 
-    async def _act(self, state: WindowState) -> list[Scored]:
-        scored: list[Scored] = await self._run(self._process, state)
+    async def _act(self, box: list[WindowState], keep_all: bool = False) -> list[Scored]:
+        """Act on the window in ``box`` (the worker takes it out and frees it a
+        block at a time). Returns the flagged decisions, or all with ``keep_all``
+        or when listeners want them."""
+        keep_all = keep_all or bool(self.listeners)
+        scored: list[Scored] = await self._run(self._process, box, keep_all)
         self.windows_closed += 1
         for listener in self.listeners:
             listener(scored)
         if self._recorded:
             await self._flush_recording()
-        for decision in scored:
-            if decision.flagged:
-                await self._alert(decision)
+        await self._alerts(scored)
         if self.outbox is not None:
             await self.outbox.flush()
         if self.windows_closed % 5 == 0:
             await self.sync_restrictions()
         return scored
 
-    def _process(self, state: WindowState) -> list[Scored]:
+    def _process(self, box: list[WindowState], keep_all: bool) -> list[Scored]:
         """In the worker thread: vectors, long window, scores, warm-up, retraining."""
+        state = box.pop()
         s = self.settings
-        groups = [(self.short_key_seconds, subject_windows(state, self.short_key_seconds))]
+        groups = [(self.short_key_seconds, _yielding(state, self.short_key_seconds))]
         if s.long_window_windows:
             if self._long is None:
                 self._long = WindowState(state.start)
-            merge_states(self._long, state, s.max_subjects)
+            merge_states(self._long, state, s.max_subjects, _yield_gil, BLOCK)
             self._long_count += 1
             if self._long_count >= s.long_window_windows:
-                long_windows = subject_windows(self._long, self.long_key_seconds)
+                long_windows = _yielding(self._long, self.long_key_seconds)
                 groups.append((self.long_key_seconds, long_windows))
+                _free(self._long)
                 self._long, self._long_count = None, 0
                 self.long_windows_closed += 1
+        _free(state)
         scored: list[Scored] = []
         for seconds, windows in groups:
             by_key: dict[str, list[SubjectWindow]] = {}
@@ -296,7 +310,7 @@ class Detector:
                     continue
                 by_key.setdefault(model_key(window.subject_kind, seconds), []).append(window)
             for key, members in by_key.items():
-                scored.extend(self._score(key, members))
+                scored.extend(self._score(key, members, keep_all))
         if self.model is None:
             self._warmup_windows += 1
             if self._warmup_windows >= s.warmup_windows:
@@ -315,16 +329,20 @@ class Detector:
                 self._fit(self._baseline_rows(), "scheduled retraining")
         return scored
 
-    def _score(self, key: str, windows: list[SubjectWindow]) -> list[Scored]:
+    def _score(self, key: str, windows: list[SubjectWindow], keep_all: bool = True) -> list[Scored]:
         rows = np.array([w.vector() for w in windows], dtype=np.float64)
         baseline = self._baseline.setdefault(key, deque(maxlen=MAX_KEPT_ROWS))
         keyed = self.model.keys.get(key) if self.model is not None else None
         if keyed is None:  # warming up, or this key's first windows: learn only
             baseline.extend(rows.tolist())
-            return [Scored(w, key, 0.0, 1.0, False) for w in windows]
-        scores = keyed.score(rows)
+            return [Scored(w, key, 0.0, 1.0, False) for w in windows] if keep_all else []
+        scores = np.concatenate(
+            [_pause(keyed.score(rows[i : i + BLOCK])) for i in range(0, len(rows), BLOCK)]
+        )
         found = []
-        for window, row, score in zip(windows, rows, scores, strict=True):
+        for n, (window, row, score) in enumerate(zip(windows, rows, scores, strict=True)):
+            if n % BLOCK == BLOCK - 1:
+                _yield_gil()
             score = float(score)
             if score > keyed.threshold:
                 severity = self.settings.severity(score)
@@ -332,7 +350,8 @@ class Detector:
                 found.append(Scored(window, key, score, keyed.threshold, True, severity, reasons))
             else:
                 baseline.append(row.tolist())
-                found.append(Scored(window, key, score, keyed.threshold, False))
+                if keep_all:
+                    found.append(Scored(window, key, score, keyed.threshold, False))
         return found
 
     def _overflowed(self, window: SubjectWindow, key: str) -> Scored:
@@ -373,7 +392,34 @@ class Detector:
 
     # --- alerts and responses ----------------------------------------------
 
-    async def _alert(self, decision: Scored) -> None:
+    async def _alerts(self, scored: list[Scored]) -> None:
+        """Alerts for a window's flagged subjects, highest scores first, at most
+        ``max_alerts_per_window`` (an alert storm must not take the gateway down
+        with it: each alert is a database write, a confirmed publish, a log line)."""
+        assert self.store is not None
+        flagged = sorted((d for d in scored if d.flagged), key=lambda d: -d.score)
+        raised: list[dict[str, Any]] = []
+        skipped = 0
+        for decision in flagged:
+            if len(raised) >= self.settings.max_alerts_per_window:
+                skipped += 1
+                continue
+            alert = await self._alert(decision)
+            if alert is not None:
+                raised.append(alert)
+        if raised:
+            await asyncio.to_thread(self.store.add_many, raised)
+        if skipped:
+            self.alerts_capped += skipped
+            log.warning(
+                "anomaly: %d more flagged subjects in this window were not raised as alerts"
+                " (anomaly.max_alerts_per_window = %d)",
+                skipped,
+                self.settings.max_alerts_per_window,
+            )
+
+    async def _alert(self, decision: Scored) -> dict[str, Any] | None:
+        """The alert for one flagged window (None when its subject was alerted recently)."""
         assert self.store is not None and decision.severity is not None
         window = decision.window
         subject = (window.subject_kind, window.key)
@@ -384,10 +430,9 @@ class Detector:
             severity, raised, _ = recent
             higher = _SEVERITY_RANK[decision.severity] > _SEVERITY_RANK[severity]
             if now - raised < realert and not higher:
-                return
+                return None
         alert = make_alert(window, decision.score, decision.severity, decision.reasons, now)
         alert["actions"] = await self._respond(alert, window, decision.severity, now)
-        await asyncio.to_thread(self.store.add, alert)
         self._recent[subject] = (decision.severity, now, alert["id"])
         if len(self._recent) > 10 * self.settings.max_subjects:
             self._recent = {k: v for k, v in self._recent.items() if now - v[1] < realert}
@@ -403,6 +448,7 @@ class Detector:
             window.key,
             "; ".join(reason.text for reason in decision.reasons),
         )
+        return alert
 
     async def _respond(
         self, alert: dict[str, Any], window: SubjectWindow, severity: str, now: float
@@ -458,3 +504,32 @@ class Detector:
             return
         found = await asyncio.to_thread(self.store.restrictions)
         self.node.restrictions.replace(Rule(r.kind, r.key, r.mode, r.until) for r in found)
+
+
+def _yield_gil() -> None:
+    time.sleep(STEP_ASIDE_SECONDS)
+
+
+def _pause(value: Any) -> Any:
+    """Let the event loop's thread take the GIL now (the worker is not in a hurry)."""
+    time.sleep(STEP_ASIDE_SECONDS)
+    return value
+
+
+def _yielding(state: WindowState, nominal: float) -> list[SubjectWindow]:
+    windows = []
+    for n, window in enumerate(iter_subject_windows(state, nominal), 1):
+        windows.append(window)
+        if n % BLOCK == 0:
+            _yield_gil()
+    return windows
+
+
+def _free(state: WindowState) -> None:
+    """Drop a window's subjects a block at a time: freeing thousands of objects at
+    once would hold the GIL, and so the event loop, for as long."""
+    for table in (state.users, state.addresses):
+        while table:
+            for _ in range(min(BLOCK, len(table))):
+                table.popitem()
+            _yield_gil()

@@ -20,7 +20,7 @@ typing messages of varied length score 1.5-4.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -120,10 +120,14 @@ class SubjectState:
         self.intervals = 0
         self.interval_sum = 0.0
         self.interval_sumsq = 0.0
-        self.low_gaps: list[float] = []  # the MAX_TRIM smallest gaps, ascending
-        self.high_gaps: list[float] = []  # the MAX_TRIM largest gaps, ascending
-        self.channels: set[str] = set()
-        self.others: set[str] = set()  # addresses of a user, users of an address
+        # Tuples and dicts of strings rather than lists and sets: the collector
+        # stops tracking them, and a window holds thousands of subjects that
+        # live long enough to reach the oldest generation (full collections
+        # would then scan them all, holding up the event loop).
+        self.low_gaps: tuple[float, ...] = ()  # the MAX_TRIM smallest gaps, ascending
+        self.high_gaps: tuple[float, ...] = ()  # the MAX_TRIM largest gaps, ascending
+        self.channels: dict[str, None] = {}
+        self.others: dict[str, None] = {}  # addresses of a user, users of an address
         self.sizes: dict[int, int] = {}
         self.user: str | None = None  # last seen (the "other" side of the subject)
         self.address: str | None = None
@@ -136,7 +140,7 @@ class SubjectState:
         if other is not None:
             others = self.others
             if other not in others and len(others) < MAX_OTHERS:
-                others.add(other)
+                others[other] = None
             if count_reconnect:
                 self.user = other
             else:
@@ -191,18 +195,10 @@ class SubjectState:
 
     def _extremes(self, gap: float) -> None:
         low, high = self.low_gaps, self.high_gaps
-        if len(low) < MAX_TRIM:
-            low.append(gap)
-            low.sort()
-        elif gap < low[-1]:
-            low[-1] = gap
-            low.sort()
-        if len(high) < MAX_TRIM:
-            high.append(gap)
-            high.sort()
-        elif gap > high[0]:
-            high[0] = gap
-            high.sort()
+        if len(low) < MAX_TRIM or gap < low[-1]:
+            self.low_gaps = tuple(sorted((*low, gap)))[:MAX_TRIM]
+        if len(high) < MAX_TRIM or gap > high[0]:
+            self.high_gaps = tuple(sorted((*high, gap)))[-MAX_TRIM:]
 
     def active(self) -> bool:
         """Did the subject do anything the features count (not only refresh a token)?"""
@@ -219,7 +215,7 @@ class SubjectState:
 
     def _channel(self, channel: str | None) -> None:
         if channel is not None and len(self.channels) < MAX_CHANNELS:
-            self.channels.add(channel)
+            self.channels[channel] = None
 
     def merge(self, later: SubjectState) -> None:
         """Fold ``later`` (the same subject, the next window) into this state."""
@@ -248,8 +244,8 @@ class SubjectState:
         ):
             setattr(self, name, getattr(self, name) + getattr(later, name))
         self.max_payload = max(self.max_payload, later.max_payload)
-        self.low_gaps = sorted(self.low_gaps + later.low_gaps)[:MAX_TRIM]
-        self.high_gaps = sorted(self.high_gaps + later.high_gaps)[-MAX_TRIM:]
+        self.low_gaps = tuple(sorted(self.low_gaps + later.low_gaps))[:MAX_TRIM]
+        self.high_gaps = tuple(sorted(self.high_gaps + later.high_gaps))[-MAX_TRIM:]
         _union_capped(self.channels, later.channels, MAX_CHANNELS)
         _union_capped(self.others, later.others, MAX_OTHERS)
         for size, count in later.sizes.items():
@@ -262,11 +258,11 @@ class SubjectState:
         self.session = later.session or self.session
 
 
-def _union_capped(into: set[str], other: set[str], cap: int) -> None:
+def _union_capped(into: dict[str, None], other: dict[str, None], cap: int) -> None:
     for item in other:
         if len(into) >= cap:
             return
-        into.add(item)
+        into[item] = None
 
 
 @dataclass
@@ -349,10 +345,23 @@ class WindowAggregator:
         return subject_windows(self.swap(now))
 
 
-def merge_states(into: WindowState, later: WindowState, max_subjects: int) -> WindowState:
-    """Fold ``later`` into ``into`` (longer window); returns ``into``."""
+def merge_states(
+    into: WindowState,
+    later: WindowState,
+    max_subjects: int,
+    pause: Callable[[], None] | None = None,
+    every: int = 256,
+) -> WindowState:
+    """Fold ``later`` into ``into`` (longer window); returns ``into``.
+
+    ``pause`` is called after every ``every`` subjects (a worker thread hands
+    the GIL back to the event loop there)."""
+    done = 0
     for mine, theirs in ((into.users, later.users), (into.addresses, later.addresses)):
         for key, state in theirs.items():
+            done += 1
+            if pause is not None and done % every == 0:
+                pause()
             if key not in mine and len(mine) >= max_subjects:
                 key = OVERFLOW
             if key in mine:
@@ -372,9 +381,15 @@ def subject_windows(state: WindowState, nominal: float | None = None) -> list[Su
     the gap reported when fewer than two publishes were seen is the nominal one,
     so that a window closed a few milliseconds late does not look unusual.
     """
+    return list(iter_subject_windows(state, nominal))
+
+
+def iter_subject_windows(
+    state: WindowState, nominal: float | None = None
+) -> Iterator[SubjectWindow]:
+    """``subject_windows`` one at a time (a caller in a thread can pause between)."""
     seconds = max(state.end - state.start, 1e-3)
     nominal = seconds if nominal is None else nominal
-    found = []
     for kind, table in (("user", state.users), ("address", state.addresses)):
         for key, subject in table.items():
             overflow = key == OVERFLOW
@@ -384,19 +399,16 @@ def subject_windows(state: WindowState, nominal: float | None = None) -> list[Su
                 user, address = (None if overflow else key), subject.address
             else:
                 user, address = subject.user, (None if overflow else key)
-            found.append(
-                SubjectWindow(
-                    kind,  # type: ignore[arg-type]
-                    user,
-                    address,
-                    subject.session,
-                    state.start,
-                    state.end,
-                    feature_vector(subject, kind, seconds, nominal),  # type: ignore[arg-type]
-                    overflow,
-                )
+            yield SubjectWindow(
+                kind,  # type: ignore[arg-type]
+                user,
+                address,
+                subject.session,
+                state.start,
+                state.end,
+                feature_vector(subject, kind, seconds, nominal),  # type: ignore[arg-type]
+                overflow,
             )
-    return found
 
 
 def feature_vector(
@@ -411,7 +423,7 @@ def feature_vector(
     count, total, squares = subject.intervals, subject.interval_sum, subject.interval_sumsq
     trim = trimmed(count)
     if trim:
-        dropped = subject.low_gaps[:trim] + subject.high_gaps[-trim:]
+        dropped = subject.low_gaps[:trim] + subject.high_gaps[-trim:]  # tuples
         count -= 2 * trim
         total -= sum(dropped)
         squares -= sum(gap * gap for gap in dropped)

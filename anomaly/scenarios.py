@@ -90,7 +90,7 @@ _EXCHANGE_KINDS = ("chat", "notify", "feeds")
 class ScenarioConfig:
     window_seconds: float = 5.0
     long_window_windows: int = 4
-    warmup_windows: int = 12
+    warmup_windows: int = 24
     attack_windows: int = 12
     normal_users: int = 50
     attackers_per_kind: int = 3

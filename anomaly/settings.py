@@ -32,6 +32,10 @@ class AnomalySettings:
     # Share of normal windows expected above the alert threshold.
     contamination: float = 0.005
     max_subjects: int = 10_000  # per kind per window; the rest count as one overflow subject
+    # Highest scores first; the rest of a window's flagged subjects are counted in one
+    # log line (an alert storm must not take the gateway down: each alert is a write,
+    # a confirmed publish and a log line).
+    max_alerts_per_window: int = 50
     # Scores at or above these raise the severity (below medium: low).
     severity_medium: float = 0.62
     severity_high: float = 0.70
@@ -58,8 +62,8 @@ class AnomalySettings:
             return "anomaly.long_window_windows must be >= 0 and anomaly.warmup_windows >= 1"
         if not 0 < self.contamination < 0.5:
             return "anomaly.contamination must be between 0 and 0.5"
-        if self.max_subjects < 1:
-            return "anomaly.max_subjects must be at least 1"
+        if self.max_subjects < 1 or self.max_alerts_per_window < 1:
+            return "anomaly.max_subjects and anomaly.max_alerts_per_window must be at least 1"
         if not 0 < self.severity_medium <= self.severity_high <= self.severity_critical <= 1:
             return "anomaly.severity_* must rise: 0 < medium <= high <= critical <= 1"
         for severity in SEVERITIES:

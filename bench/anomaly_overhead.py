@@ -10,9 +10,11 @@
    to measure the gateway rather than TLS), detector on vs off, in
    interleaved rounds: a publisher sends timestamped messages at a steady
    rate, a subscriber measures publish-to-delivery latency. Meanwhile
-   background traffic events from thousands of subjects are emitted on the
-   bus in both modes, and with the detector on, 1-second windows are scored
-   by a trained model, so swaps and scoring happen during the measurement.
+   background traffic events of 2,000 other users are emitted on the bus in
+   both modes, and with the detector on, 5-second windows are scored by a
+   model trained on that same background traffic (so it is normal to it, as
+   production traffic is to its baseline): swaps, vectors and scoring happen
+   during the measurement.
 """
 
 from __future__ import annotations
@@ -31,20 +33,24 @@ from typing import Any
 
 import numpy as np
 
-from anomaly.features import FEATURES, WindowAggregator, subject_windows
+from anomaly.features import WindowAggregator, subject_windows
 from anomaly.model import MODEL_FILE, AnomalyModel
-from anomaly.traffic import model_key
+from anomaly.traffic import baseline_rows
 from gateway.events import EventBus, TrafficEvent
 
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
-WINDOW = 1.0
+WINDOW = 5.0  # short, so that swaps and scoring happen during each round
+USERS = 2000  # background subjects (each with an address of its own)
 
 
-def event_mix(count: int, users: int = 5000, seed: int = 1) -> list[TrafficEvent]:
+def event_mix(
+    count: int, users: int = 5000, seed: int = 1, rate: float = 10_000.0, start: float | None = None
+) -> list[TrafficEvent]:
+    """``count`` events of ``users`` users (each from an address of its own), ``rate`` a second."""
     rng = random.Random(seed)
     kinds = ["publish"] * 70 + ["subscribe"] * 10 + ["unsubscribe"] * 5 + ["denied"] * 3
     kinds += ["auth_ok"] * 5 + ["connect"] * 5 + ["rate_limited", "malformed"]
-    now = time.time()
+    now = time.time() if start is None else start
     events = []
     for n in range(count):
         u = rng.randrange(users)
@@ -56,7 +62,7 @@ def event_mix(count: int, users: int = 5000, seed: int = 1) -> list[TrafficEvent
                 f"s{u}",
                 channel=f"chat.room{rng.randrange(50)}",
                 size=rng.randint(10, 2000),
-                at=now + n * 1e-4,
+                at=now + n / rate,
             )
         )
     return events
@@ -123,18 +129,18 @@ def micro() -> dict[str, float]:
 # --- delivery latency ---------------------------------------------------------
 
 
-def baseline_model(data_dir: Path) -> None:
-    rng = np.random.default_rng(0)
-    rows = np.abs(rng.normal(1.0, 0.5, (2000, len(FEATURES))))
-    keys = {model_key("user", WINDOW): rows, model_key("address", WINDOW): rows}
-    AnomalyModel.fit(keys, 0.005).save(data_dir / MODEL_FILE)
+def baseline_model(data_dir: Path, background: float) -> None:
+    """A model of the background traffic itself (so it is normal, as in production)."""
+    events = event_mix(int(background * WINDOW * 12), users=USERS, seed=3, rate=background, start=0)
+    rows = baseline_rows(events, WINDOW, 10)
+    AnomalyModel.fit(rows, 0.005).save(data_dir / MODEL_FILE)
 
 
 async def one_round(detector: bool, seconds: float, rate: float, background: float) -> list[float]:
     from websockets.asyncio.client import connect
 
     from anomaly.settings import AnomalySettings
-    from gateway.config import JwtSettings, Settings, TlsSettings
+    from gateway.config import JwtSettings, LimitSettings, Settings, TlsSettings
     from gateway.devtokens import mint_token
     from gateway.policy import load_policy_set
     from gateway.server import Gateway
@@ -151,7 +157,7 @@ async def one_round(detector: bool, seconds: float, rate: float, background: flo
         anomaly = AnomalySettings(enabled=False)
         if detector:
             (root / "anomaly").mkdir()
-            baseline_model(root / "anomaly")
+            baseline_model(root / "anomaly", background)
             anomaly = AnomalySettings(
                 enabled=True,
                 data_dir=root / "anomaly",
@@ -168,6 +174,8 @@ async def one_round(detector: bool, seconds: float, rate: float, background: flo
             policies_dir=root / "policies",
             policy_watch=False,
             jwt=jwt,
+            # The publisher sends faster than a client's default frame limit allows.
+            limits=LimitSettings(frames_per_second=10_000, frames_burst=10_000),
             admin_port=0,
             sse_port=None,
             log_level="ERROR",
@@ -181,12 +189,17 @@ async def one_round(detector: bool, seconds: float, rate: float, background: flo
 
         async def noise() -> None:
             """Traffic events of thousands of other subjects, emitted as the gateway would."""
-            events = event_mix(int(background), users=5000, seed=2)
             emit = gateway.node.events.emit
+            second = 0
             while not stop.is_set():
                 start = time.perf_counter()
-                for chunk in range(0, len(events), 500):
-                    for event in events[chunk : chunk + 500]:
+                second += 1
+                # A fresh second of the same kind of traffic the model was trained on.
+                stamped = event_mix(
+                    int(background), users=USERS, seed=100 + second, rate=background
+                )
+                for chunk in range(0, len(stamped), 500):
+                    for event in stamped[chunk : chunk + 500]:
                         emit(event)
                     await asyncio.sleep(0)
                 await asyncio.sleep(max(0.0, 1.0 - (time.perf_counter() - start)))
@@ -280,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=8.0, help="measurement per round")
     parser.add_argument("--rate", type=float, default=200.0, help="published messages a second")
     parser.add_argument(
-        "--background", type=float, default=20000.0, help="other subjects' events a second"
+        "--background", type=float, default=5000.0, help="other subjects' events a second"
     )
     parser.add_argument("--skip-latency", action="store_true")
     args = parser.parse_args(argv)

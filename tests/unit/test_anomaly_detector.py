@@ -180,3 +180,32 @@ async def test_a_changed_window_length_means_learning_again(tmp_path: Path) -> N
         assert other.learning  # the saved forests are for 10 s windows
     finally:
         await other.stop()
+
+
+async def test_an_alert_storm_is_capped_per_window(tmp_path: Path) -> None:
+    clock = Clock()
+    detector = Detector(stub_gateway(tmp_path, max_alerts_per_window=3), clock=clock)
+    detector.clock = clock  # type: ignore[attr-defined]
+    await detector.start()
+    try:
+        rng = random.Random(4)
+        await close_windows(detector, 6, rng)
+        chat(detector.node.events, clock.now, rng)
+        for n in range(20):  # twenty stuffing addresses at once
+            for k in range(20 + n):
+                at = clock.now + k * 0.2
+                detector.node.events.emit(TrafficEvent("connect", f"198.51.100.{n}", at=at))
+                detector.node.events.emit(TrafficEvent("auth_failed", f"198.51.100.{n}", at=at))
+        clock.now += WINDOW
+        decisions = await detector.tick(clock.now)
+        assert sum(d.flagged for d in decisions if d.window.key.startswith("198.51.")) == 20
+        stored = detector.store.find(limit=100)
+        assert len(stored) == 3
+        # The highest scores were kept.
+        top = sorted((d.score for d in decisions if d.flagged), reverse=True)[:3]
+        assert sorted(a["score"] for a in stored) == sorted(round(s, 4) for s in top)
+        assert detector.alerts_capped == 17 + sum(
+            1 for d in decisions if d.flagged and not d.window.key.startswith("198.51.")
+        )
+    finally:
+        await detector.stop()
