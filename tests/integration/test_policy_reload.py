@@ -316,12 +316,23 @@ async def test_a_reload_during_a_subscribe_in_flight_still_revokes_it(
     (policies_dir.parent / "revoked").mkdir()
     (policies_dir.parent / "revoked" / POLICY_FILE).write_text(text)
     revoked = load_policy_set(policies_dir.parent / "revoked")
-    # `since` makes the subscribe wait on the broker (a history read): swap then.
+    # `since` makes the subscribe wait on the broker (a history read); hold that
+    # read until the swap is done, so the race is hit every time.
+    broker = gateway.node.broker
+    read_history = broker.replay
+    swapped = asyncio.Event()
+
+    async def replay_after_swap(*args: Any, **kwargs: Any) -> Any:
+        await swapped.wait()
+        return await read_history(*args, **kwargs)
+
+    broker.replay = replay_after_swap  # type: ignore[method-assign]
     await alice.send(type="subscribe", id="s", channel="chat.race", since=0)
     await until(
         lambda: any("chat.race" in s._joining for s in gateway.node.sessions), "subscribe in flight"
     )
     await gateway.node.swap_policies(revoked)
+    swapped.set()
     answer = await alice.recv()
     assert (answer["type"], answer.get("code")) == ("error", "forbidden"), answer
     assert (await bob.request("publish", channel="chat.race", data="after"))["type"] == "ack"
