@@ -284,6 +284,22 @@ class PolicySet:
         why = "no condition holds" if any(not is_nobody(c) for c in conditions) else "nobody"
         return Decision(False, rule, bindings, f"{prefix}: {why}")
 
+    def revoked(
+        self, principal: Principal, subscriptions: Mapping[str, str]
+    ) -> list[tuple[str, Decision]]:
+        """The subscriptions (channel -> exchange) this set no longer allows.
+
+        A subscription whose channel now maps to another exchange counts as
+        revoked too: its messages would come from the wrong stream.
+        """
+        ended = []
+        for channel, exchange in subscriptions.items():
+            decision = self.decide(principal, "subscribe", channel)
+            rule = decision.rule
+            if not (decision.allowed and rule is not None and rule.exchange == exchange):
+                ended.append((channel, decision))
+        return ended
+
     def explain(self, principal: Principal, action: Action, channel: str) -> Explanation:
         decision = self.decide(principal, action, channel)
         checks: tuple[Check, ...] = ()

@@ -140,14 +140,7 @@ class Session:
         synchronous, so no message of an ended subscription is delivered after.
         """
         ended = 0
-        for channel, exchange in list(self.subscriptions.items()):
-            decision = self.node.policies.decide(self.principal, "subscribe", channel)
-            if (
-                decision.allowed
-                and decision.rule is not None
-                and decision.rule.exchange == exchange
-            ):
-                continue
+        for channel, decision in self.node.policies.revoked(self.principal, self.subscriptions):
             del self.subscriptions[channel]
             self.node.remove_subscriber(self, channel)
             self.emit("denied", channel=channel, detail="subscribe", rule=_label(decision.rule))
@@ -277,8 +270,7 @@ class Session:
         if self.node.policies is not policies:
             # A reload swapped the set while we waited for the broker; its
             # re-check could not see this subscription yet, so check it here.
-            again = self.node.policies.decide(self.principal, "subscribe", channel)
-            if not again.allowed or again.rule is None or again.rule.exchange != rule.exchange:
+            for _, again in self.node.policies.revoked(self.principal, {channel: rule.exchange}):
                 self.node.remove_subscriber(self, channel)
                 self.emit("denied", channel=channel, detail="subscribe", rule=_label(again.rule))
                 raise FrameError("forbidden", f"not allowed to subscribe to {channel}", frame.id)

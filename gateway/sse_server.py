@@ -113,14 +113,7 @@ class SseStream:
     def recheck_subscriptions(self) -> int:
         """End subscriptions the policies no longer allow (as ``Session`` does)."""
         ended = 0
-        for channel, exchange in list(self.subscriptions.items()):
-            decision = self.node.policies.decide(self.principal, "subscribe", channel)
-            if (
-                decision.allowed
-                and decision.rule is not None
-                and decision.rule.exchange == exchange
-            ):
-                continue
+        for channel, decision in self.node.policies.revoked(self.principal, self.subscriptions):
             del self.subscriptions[channel]
             self.node.remove_subscriber(self, channel)  # type: ignore[arg-type]
             rule = getattr(decision.rule, "label", None)
