@@ -10,7 +10,8 @@ Three sources feed them:
 * a collector read at scrape time (``watch``): open connections, send buffers,
   subscriptions, the broker connection and the policy set in force.
 
-``alerts_total`` (by severity) is for the anomaly detector to increment.
+``alerts_total`` (by severity) and ``anomaly_worker_restarts`` are for the
+anomaly detector to increment.
 The registry is per gateway, never the process-global one, so several
 gateways (tests) can live in one process.
 """
@@ -108,6 +109,11 @@ class Metrics:
         )
         self.alerts_total = Counter(
             "rabbitgate_alerts", "Anomaly alerts raised, by severity.", ["severity"], registry=r
+        )
+        self.anomaly_worker_restarts = Counter(
+            "rabbitgate_anomaly_worker_restarts",
+            "Times the anomaly detector's worker process ended and was started again.",
+            registry=r,
         )
         # Label children cached: the message path must not pay labels() each time.
         self._in: dict[str, Any] = {}
