@@ -1,28 +1,27 @@
-"""The live detector: windows of traffic events, scored off the event loop.
+"""The live detector: traffic events in, alerts and responses out.
 
-On the event loop only three cheap things happen: the event-bus sink
-(``WindowAggregator.add``, O(1) per event), the swap of the finished window's
-state at each window boundary (O(1)), and storing/publishing the few alerts.
-Everything that grows with traffic — turning states into vectors, merging the
-long window, scoring, explaining, training — runs in one worker thread, which
-alone owns the model and the long-window state.
+The gateway process does only what is O(1) per event or small per window:
 
-Life of a window (every ``anomaly.window_seconds``, aligned to the clock):
+* the event-bus sink appends each ``TrafficEvent`` to a list (no wrapper);
+* every ``FLUSH_SECONDS`` that list goes, as tuples in pickled batches, to the
+  detector's worker process (``anomaly/child.py``, ``anomaly/worker.py``),
+  which aggregates the windows, merges the long window, scores, explains,
+  warms up, retrains and records — so none of that holds the GIL of the
+  gateway, nor fills its heap with objects the collector has to scan;
+* at each window boundary (aligned to the clock) a ``window`` message; the
+  answer (the flagged decisions, or all of them when listeners or ``tick``
+  want them) comes back in order, and on the loop each flagged subject gets
+  one alert (not again for the same subject while its alert is younger than
+  ``REALERT_WINDOWS`` windows, unless the severity rises), the response of its
+  severity, the store's outbox flush.
 
-1. swap the aggregator's state (the first, partial window is dropped);
-2. in the worker: vectors per subject; every ``long_window_windows`` windows
-   also the long window; score each vector with its model key's forest;
-   flagged = score above the key's threshold; explain the flagged ones;
-   while there is no model, keep the vectors for the warm-up instead, and fit
-   once ``warmup_windows`` windows were seen (then save the model);
-3. on the loop: one alert per flagged subject (not again for the same subject
-   while its alert is open and younger than ``realert_windows`` windows,
-   unless the severity rises), the response of its severity, the outbox flush.
-
-Unflagged vectors are kept (bounded) as the baseline of the next scheduled
-retraining. Poisoning risk: an attacker who stays just below the threshold
-for a whole retrain interval shifts the baseline; retraining keeps the
-previous baseline rows in the mix for that reason.
+The worker is supervised: if it dies (or answers no window for
+``reply_timeout`` seconds, and is killed), that is logged and counted
+(``worker_restarts``, ``rabbitgate_anomaly_worker_restarts_total``) and a
+new one is started, which loads the model from disk; the windows in flight,
+the long window begun and, while learning, the warm-up so far are lost, and
+the first (partial) window of the new worker is dropped. Events are dropped,
+and counted, while no worker runs.
 """
 
 from __future__ import annotations
@@ -32,58 +31,37 @@ import contextlib
 import logging
 import math
 import time
-from collections import deque
+import weakref
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 from anomaly.alerts import STORE_FILE, AlertStore, Restriction, make_alert
+from anomaly.child import WorkerGone, WorkerProcess
 from anomaly.exchange import AlertOutbox, AlertPublisher
-from anomaly.features import (
-    OVERFLOW,
-    SubjectWindow,
-    WindowAggregator,
-    WindowState,
-    iter_subject_windows,
-    merge_states,
-)
-from anomaly.model import MAX_KEPT_ROWS, MIN_ROWS, MODEL_FILE, AnomalyModel, ModelError, Reason
+from anomaly.features import OVERFLOW, SubjectWindow
+from anomaly.model import MODEL_FILE, AnomalyModel
 from anomaly.settings import AnomalySettings
-from anomaly.traffic import baseline_rows, model_key, read_events, write_events
+from anomaly.worker import Outcome, Scored, event_tuple
 from gateway.events import TrafficEvent
 from gateway.restrictions import CLOSE_BANNED, Rule
+
+__all__ = ["Detector", "Scored"]
 
 log = logging.getLogger("rabbitgate.anomaly")
 
 # Alert once per subject while its alert is open and younger than this many windows.
 REALERT_WINDOWS = 10
-# The worker steps aside for the event loop after this many subjects (vectors,
-# merges, frees) or rows (scores): its work per window grows with the subjects,
-# and run in one stretch it would hold the GIL, so the loop, for as long.
-# ``time.sleep(0)`` is not enough: the releasing thread usually takes the GIL
-# straight back; a real sleep lets the loop's thread run.
-BLOCK = 64
-STEP_ASIDE_SECONDS = 0.001
-# Events buffered for the recording between two window boundaries.
-MAX_RECORDED_EVENTS = 1_000_000
+# Events go to the worker this often, in batches of at most FLUSH_BATCH: a batch
+# is pickled on the loop (about 1.5 us an event), so it is kept small.
+FLUSH_SECONDS = 0.025
+FLUSH_BATCH = 1000
+# A worker that answers no window for this long is taken for hung and replaced.
+REPLY_TIMEOUT_SECONDS = 300.0
+# Restarts sooner than this after the previous one wait, doubling up to the cap
+# (a worker that dies at every start must not spin).
+RESTART_CALM_SECONDS = 60.0
+MAX_RESTART_DELAY = 60.0
 _SEVERITY_RANK = {"low": 0, "medium": 1, "high": 2, "critical": 3}
-
-
-@dataclass(frozen=True)
-class Scored:
-    """The detector's decision about one subject-window."""
-
-    window: SubjectWindow
-    key: str
-    score: float
-    threshold: float
-    flagged: bool
-    severity: str | None = None
-    reasons: list[Reason] = field(default_factory=list)
-
 
 Listener = Callable[[list[Scored]], None]
 
@@ -97,51 +75,48 @@ class Detector:
         self.settings: AnomalySettings = gateway.settings.anomaly
         self._clock = clock
         s = self.settings
-        self.aggregator = WindowAggregator(s.max_subjects, start=clock())
         self.model_path = s.data_dir / MODEL_FILE
         self.store: AlertStore | None = None
         self.outbox: AlertOutbox | None = None
         self.publisher = AlertPublisher(gateway.settings.amqp_url, s.exchange)
-        self.model: AnomalyModel | None = None
+        self.model: AnomalyModel | None = None  # the worker's, as of its last answer
         self.listeners: list[Listener] = []  # told every window's decisions (evaluation)
         self.windows_closed = 0
         self.long_windows_closed = 0
+        self.windows_lost = 0  # windows whose worker died (or hung) before answering
+        self.events_dropped = 0  # events that arrived while no worker ran
+        self.worker_restarts = 0
         self.alerts_capped = 0  # flagged subjects not raised: over max_alerts_per_window
         self.learning = False  # True while warming up (no model yet)
-        self._warmup_windows = 0
-        self._baseline: dict[str, deque[list[float]]] = {}
-        self._long: WindowState | None = None
-        self._long_count = 0
-        self._recorded: list[TrafficEvent] = []
-        self._record_dropped = 0
+        self.reply_timeout = REPLY_TIMEOUT_SECONDS
+        self.worker: WorkerProcess | None = None
+        self._worker_since = 0.0  # when the running worker started (our clock)
+        self._window_start = 0.0  # when the current window began (our clock)
         self._recent: dict[tuple[str, str], tuple[str, float, str]] = {}  # subject -> alert
-        self._worker = ThreadPoolExecutor(1, thread_name_prefix="rabbitgate-anomaly")
-        self._task: asyncio.Task[None] | None = None
+        self._pending: list[TrafficEvent] = []
+        self._banned: weakref.WeakSet[Any] = weakref.WeakSet()  # sessions closed with 4403
+        self._tasks: list[asyncio.Task[None]] = []
+        self._worker_ready = asyncio.Event()
+        self._stopping = False
         self._started = False
         node = self.node
         node.restrictions.throttle_per_second = s.throttle_per_second
-        # The sink: the aggregator's own bound method, no wrapper on the hot path.
-        node.events.subscribe(self.aggregator.add)
-        if s.record_file is not None:
-            node.events.subscribe(self._record)
-
-    @property
-    def short_key_seconds(self) -> float:
-        return self.settings.window_seconds
-
-    @property
-    def long_key_seconds(self) -> float:
-        return self.settings.window_seconds * self.settings.long_window_windows
+        # The sink: a list's own append, no wrapper on the hot path.
+        node.events.subscribe(self._pending.append)
 
     # --- life cycle ---------------------------------------------------------
 
     async def start(self) -> None:
-        """Open the store, load (or train, or start learning) the model, run the windows."""
+        """Open the store, start the worker (it loads, trains or learns the model), run."""
         s = self.settings
         self.store = await asyncio.to_thread(AlertStore, s.data_dir / STORE_FILE)
         self.outbox = AlertOutbox(self.store, self.publisher)
-        self.model = await self._run(self._initial_model)
-        self.learning = self.model is None
+        self._window_start = self._clock()
+        self._pending.clear()  # events before the start: not part of any window
+        try:
+            await self._start_worker()
+        except WorkerGone:
+            log.error("anomaly worker process ended while starting; trying again")
         if self.learning:
             log.info(
                 "anomaly detection: no model yet, learning from %d windows of %gs",
@@ -150,245 +125,213 @@ class Detector:
             )
         await self.sync_restrictions()
         self._started = True
-        self._task = asyncio.get_running_loop().create_task(self._windows())
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._windows()),
+            loop.create_task(self._flushing()),
+            loop.create_task(self._supervise()),
+        ]
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
+        self._stopping = True
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+                await task
         self._started = False
-        if self._recorded:
-            await self._flush_recording()
+        if self.worker is not None:
+            self._flush()  # the recording gets the last events
+            await self.worker.stop()
         if self.outbox is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self.outbox.flush(), 10)
         await self.publisher.close()
-        # A fit may still be running: wait for it without blocking the loop.
-        await asyncio.to_thread(self._worker.shutdown, True)
         if self.store is not None:
             await asyncio.to_thread(self.store.close)
 
-    async def _run(self, function: Callable[..., Any], *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(self._worker, function, *args)
+    def _log_setup(self) -> tuple[str, str]:
+        settings = self.gateway.settings
+        return getattr(settings, "log_level", "INFO"), getattr(settings, "log_format", "text")
 
-    def _initial_model(self) -> AnomalyModel | None:
-        s = self.settings
-        try:
-            model = AnomalyModel.load(self.model_path)
-        except FileNotFoundError:
-            model = None
-        except ModelError as exc:
-            log.error("anomaly model not loaded: %s", exc)
-            model = None
-        if model is not None:
-            missing = {self._key("user"), self._key("address")} - set(model.keys)
-            if missing:
-                log.warning(
-                    "anomaly model %s has no forest for %s (window length changed?): retraining",
-                    self.model_path,
-                    ", ".join(sorted(missing)),
-                )
-                model = None
-            else:
-                log.info("anomaly model loaded from %s", self.model_path)
-                for key, keyed in model.keys.items():
-                    self._baseline[key] = deque(keyed.rows.tolist(), maxlen=MAX_KEPT_ROWS)
-                return model
-        if s.traffic_file is not None:
-            rows = baseline_rows(
-                read_events(s.traffic_file), s.window_seconds, s.long_window_windows, s.max_subjects
+    async def _start_worker(self) -> None:
+        """Start a worker; raises WorkerGone when it died while loading the model
+        (``self.worker`` is that dead one then: the supervisor starts another)."""
+        worker = WorkerProcess(self.settings, self._log_setup())
+        self.worker = worker
+        self.model = await worker.start()
+        self.learning = self.model is None
+        self._worker_since = self._clock()
+        self._worker_ready.set()
+
+    async def _supervise(self) -> None:
+        """Restart the worker whenever it ends (with a growing delay if it keeps ending)."""
+        delay = 0.0
+        last = -math.inf
+        while True:
+            worker = self.worker
+            assert worker is not None
+            await worker.gone.wait()
+            self._worker_ready.clear()
+            await asyncio.to_thread(worker.process.join, 5)
+            code = worker.process.exitcode
+            await worker.close()
+            self.worker_restarts += 1
+            metrics = getattr(self.node, "metrics", None)
+            if metrics is not None and hasattr(metrics, "anomaly_worker_restarts"):
+                metrics.anomaly_worker_restarts.inc()
+            now = time.monotonic()
+            delay = (
+                min(max(1.0, 2 * delay), MAX_RESTART_DELAY)
+                if now - last < RESTART_CALM_SECONDS
+                else 0.0
             )
-            model = AnomalyModel.fit(rows, s.contamination)
-            if model.keys:
-                model.save(self.model_path)
-                log.info("anomaly model trained from %s", s.traffic_file)
-                return model
-            log.warning("recorded traffic %s holds too few windows to train on", s.traffic_file)
-        return None
+            last = now
+            log.error(
+                "anomaly worker process %s ended (exit code %s); starting a new one%s,"
+                " with the model from %s",
+                worker.pid,
+                code,
+                f" in {delay:g} s" if delay else "",
+                self.model_path,
+            )
+            await asyncio.sleep(delay)
+            with contextlib.suppress(WorkerGone):  # it says why; gone is set: around again
+                await self._start_worker()
+                log.info("anomaly worker process %s started", self._pid())
 
-    def _key(self, kind: str, long: bool = False) -> str:
-        return model_key(kind, self.long_key_seconds if long else self.short_key_seconds)
+    def _pid(self) -> int | None:
+        return None if self.worker is None else self.worker.pid
 
-    # --- the sink -----------------------------------------------------------
+    async def _ready(self) -> WorkerProcess:
+        """The running worker (waits while one is being started)."""
+        while True:
+            await self._worker_ready.wait()
+            worker = self.worker
+            if worker is not None and worker.alive:
+                return worker
+            await asyncio.sleep(0.05)  # the supervisor has not noticed yet
 
-    def _record(self, event: TrafficEvent) -> None:
-        if len(self._recorded) < MAX_RECORDED_EVENTS:
-            self._recorded.append(event)
-        else:
-            self._record_dropped += 1
+    # --- events to the worker ---------------------------------------------------
 
-    async def _flush_recording(self) -> None:
-        events, self._recorded = self._recorded, []
-        path = self.settings.record_file
-        if path is not None and events:
-            await asyncio.to_thread(write_events, path, events)
+    async def _flushing(self) -> None:
+        while True:
+            await asyncio.sleep(FLUSH_SECONDS)
+            self._flush()
+
+    def _flush(self) -> None:
+        """Send the events so far to the worker (dropped, and counted, if none runs)."""
+        pending = self._pending
+        if not pending:
+            return
+        worker = self.worker
+        for start in range(0, len(pending), FLUSH_BATCH):
+            batch = list(map(event_tuple, pending[start : start + FLUSH_BATCH]))
+            if worker is None or not worker.send(("events", batch)):
+                self.events_dropped += len(batch)
+        pending.clear()
+
+    def _close_window(self, now: float, drop: bool, keep_all: bool) -> asyncio.Future[Any] | None:
+        """End the window at ``now``: its events, then the boundary, go to the worker.
+        Returns the future of its outcome (None when dropped or no worker runs)."""
+        self._flush()
+        self._window_start = now
+        worker = self.worker
+        if worker is None or not worker.alive:
+            return None
+        if not worker.send(("window", now, drop, keep_all or bool(self.listeners))):
+            return None
+        return None if drop else worker.expect()
 
     # --- windows ------------------------------------------------------------
 
     async def _windows(self) -> None:
-        """Swap the window at each boundary, on time; a second task acts on it.
+        """Close the window at each boundary, on time; a second task acts on it.
 
-        The swap is all that runs at the boundary, so alert I/O or a slow
-        scoring never stretches the next window (a late window would distort
-        its counts and gaps).
+        Closing is all that runs at the boundary, so alert I/O or a slow
+        window never stretches the next one (a late window would distort its
+        counts and gaps). The first window, and the first of a new worker, are
+        partial: dropped.
         """
         seconds = self.settings.window_seconds
-        queue: asyncio.Queue[WindowState] = asyncio.Queue()
-        worker = asyncio.get_running_loop().create_task(self._act_on_windows(queue))
+        queue: asyncio.Queue[tuple[asyncio.Future[Any], float]] = asyncio.Queue()
+        actor = asyncio.get_running_loop().create_task(self._act_on_windows(queue))
         try:
             boundary = (math.floor(self._clock() / seconds) + 1) * seconds
-            await asyncio.sleep(max(0.0, boundary - self._clock()))
-            self.aggregator.swap(max(boundary, self._clock()))  # the partial first window: dropped
-            boundary += seconds
             while True:
                 await asyncio.sleep(max(0.0, boundary - self._clock()))
-                queue.put_nowait(self.aggregator.swap(max(boundary, self._clock())))
+                now = max(boundary, self._clock())
+                drop = self._worker_since > self._window_start
+                future = self._close_window(now, drop, False)
+                if future is not None:
+                    queue.put_nowait((future, now))
+                elif not drop:
+                    self.windows_lost += 1
                 boundary += seconds
                 while boundary <= self._clock():  # the loop was blocked a whole window
                     boundary += seconds
         finally:
-            worker.cancel()
+            actor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await worker
+                await actor
 
-    async def _act_on_windows(self, queue: asyncio.Queue[WindowState]) -> None:
+    async def _act_on_windows(
+        self, queue: asyncio.Queue[tuple[asyncio.Future[Any], float]]
+    ) -> None:
         while True:
-            box = [await queue.get()]
-            end = box[0].end
+            future, end = await queue.get()
             try:
-                await self._act(box)
+                await self._act(await self._outcome(future, end))
+            except WorkerGone:
+                self.windows_lost += 1
+                log.warning("anomaly window ending at %s lost: the worker process ended", end)
             except Exception:
                 log.exception("anomaly window ending at %s failed", end)
 
-    async def tick(self, now: float | None = None) -> list[Scored]:
-        """Close the current window at ``now`` and act on it; returns its decisions."""
-        now = self._clock() if now is None else now
-        return await self._act([self.aggregator.swap(now)], keep_all=True)
+    async def _outcome(self, future: asyncio.Future[Any], end: float) -> Outcome:
+        try:
+            kind, value = await asyncio.wait_for(asyncio.shield(future), self.reply_timeout)
+        except TimeoutError:
+            worker = self.worker
+            log.error(
+                "anomaly worker process %s answered no window for %g s: killing it",
+                self._pid(),
+                self.reply_timeout,
+            )
+            if worker is not None:
+                worker.kill()
+            raise WorkerGone("the anomaly worker process hung") from None
+        if kind != "window":
+            raise RuntimeError(f"the anomaly worker failed on the window: {value}")
+        assert isinstance(value, Outcome)
+        return value
 
-    async def _act(self, box: list[WindowState], keep_all: bool = False) -> list[Scored]:
-        """Act on the window in ``box`` (the worker takes it out and frees it a
-        block at a time). Returns the flagged decisions, or all with ``keep_all``
-        or when listeners want them."""
-        keep_all = keep_all or bool(self.listeners)
-        scored: list[Scored] = await self._run(self._process, box, keep_all)
+    async def tick(self, now: float | None = None) -> list[Scored]:
+        """Close the current window at ``now`` and act on it; returns all its decisions."""
+        await self._ready()
+        now = self._clock() if now is None else now
+        future = self._close_window(now, False, True)
+        if future is None:
+            raise WorkerGone("the anomaly worker process is not running")
+        return await self._act(await self._outcome(future, now))
+
+    async def _act(self, outcome: Outcome) -> list[Scored]:
+        """Take the worker's outcome of a window: model, listeners, alerts, outbox."""
+        if outcome.model is not None:
+            self.model = outcome.model
+        self.learning = outcome.learning
         self.windows_closed += 1
+        if outcome.long_window:
+            self.long_windows_closed += 1
+        scored = outcome.scored
         for listener in self.listeners:
             listener(scored)
-        if self._recorded:
-            await self._flush_recording()
         await self._alerts(scored)
         if self.outbox is not None:
             await self.outbox.flush()
         if self.windows_closed % 5 == 0:
             await self.sync_restrictions()
         return scored
-
-    def _process(self, box: list[WindowState], keep_all: bool) -> list[Scored]:
-        """In the worker thread: vectors, long window, scores, warm-up, retraining."""
-        state = box.pop()
-        s = self.settings
-        groups = [(self.short_key_seconds, _yielding(state, self.short_key_seconds))]
-        if s.long_window_windows:
-            if self._long is None:
-                self._long = WindowState(state.start)
-            merge_states(self._long, state, s.max_subjects, _yield_gil, BLOCK)
-            self._long_count += 1
-            if self._long_count >= s.long_window_windows:
-                long_windows = _yielding(self._long, self.long_key_seconds)
-                groups.append((self.long_key_seconds, long_windows))
-                _free(self._long)
-                self._long, self._long_count = None, 0
-                self.long_windows_closed += 1
-        _free(state)
-        scored: list[Scored] = []
-        for seconds, windows in groups:
-            by_key: dict[str, list[SubjectWindow]] = {}
-            for window in windows:
-                if window.overflow:
-                    scored.append(self._overflowed(window, model_key(window.subject_kind, seconds)))
-                    continue
-                by_key.setdefault(model_key(window.subject_kind, seconds), []).append(window)
-            for key, members in by_key.items():
-                scored.extend(self._score(key, members, keep_all))
-        if self.model is None:
-            self._warmup_windows += 1
-            if self._warmup_windows >= s.warmup_windows:
-                self._fit(self._baseline_rows(), "warm-up")
-        else:
-            # A key without a forest yet (the long window after a warm-up shorter
-            # than it) gets one as soon as it has enough windows.
-            missing = [
-                k
-                for k, v in self._baseline.items()
-                if k not in self.model.keys and len(v) >= MIN_ROWS
-            ]
-            if missing:
-                self._fit(self._baseline_rows(missing), "first windows of " + ", ".join(missing))
-            elif s.retrain_interval_seconds and self._due_for_retraining():
-                self._fit(self._baseline_rows(), "scheduled retraining")
-        return scored
-
-    def _score(self, key: str, windows: list[SubjectWindow], keep_all: bool = True) -> list[Scored]:
-        rows = np.array([w.vector() for w in windows], dtype=np.float64)
-        baseline = self._baseline.setdefault(key, deque(maxlen=MAX_KEPT_ROWS))
-        keyed = self.model.keys.get(key) if self.model is not None else None
-        if keyed is None:  # warming up, or this key's first windows: learn only
-            baseline.extend(rows.tolist())
-            return [Scored(w, key, 0.0, 1.0, False) for w in windows] if keep_all else []
-        scores = np.concatenate(
-            [_pause(keyed.score(rows[i : i + BLOCK])) for i in range(0, len(rows), BLOCK)]
-        )
-        found = []
-        for n, (window, row, score) in enumerate(zip(windows, rows, scores, strict=True)):
-            if n % BLOCK == BLOCK - 1:
-                _yield_gil()
-            score = float(score)
-            if score > keyed.threshold:
-                severity = self.settings.severity(score)
-                reasons = keyed.explain(window.features)
-                found.append(Scored(window, key, score, keyed.threshold, True, severity, reasons))
-            else:
-                baseline.append(row.tolist())
-                if keep_all:
-                    found.append(Scored(window, key, score, keyed.threshold, False))
-        return found
-
-    def _overflowed(self, window: SubjectWindow, key: str) -> Scored:
-        limit = self.settings.max_subjects
-        plural = "users" if window.subject_kind == "user" else "addresses"
-        text = (
-            f"more than {limit} distinct {plural} in one window: the rest were"
-            " counted together (address cycling?)"
-        )
-        reason = Reason(f"distinct_{plural}", float(limit), 0.0, text, 100.0)
-        return Scored(window, key, 1.0, 0.0, True, "high", [reason])
-
-    def _baseline_rows(self, keys: list[str] | None = None) -> dict[str, list[list[float]]]:
-        return {k: list(v) for k, v in self._baseline.items() if keys is None or k in keys}
-
-    def _due_for_retraining(self) -> bool:
-        assert self.model is not None
-        trained = min(k.trained_at for k in self.model.keys.values())
-        return time.time() - trained >= self.settings.retrain_interval_seconds
-
-    def _fit(self, rows: dict[str, list[list[float]]], why: str) -> None:
-        model = AnomalyModel.fit(rows, self.settings.contamination)
-        if not model.keys:
-            log.warning("anomaly %s: too few windows to train on yet", why)
-            return
-        if self.model is not None:  # keep forests of keys that had too few new rows
-            for key, keyed in self.model.keys.items():
-                model.keys.setdefault(key, keyed)
-        model.save(self.model_path)
-        self.model = model
-        self.learning = False
-        for key, keyed in model.keys.items():
-            self._baseline[key] = deque(keyed.rows.tolist(), maxlen=MAX_KEPT_ROWS)
-        counts = ", ".join(f"{k}: {len(v.rows)}" for k, v in sorted(model.keys.items()))
-        log.info(
-            "anomaly model trained (%s) on %s windows; saved to %s", why, counts, self.model_path
-        )
 
     # --- alerts and responses ----------------------------------------------
 
@@ -478,23 +421,22 @@ class Detector:
         return actions
 
     def disconnect(self, kind: str, key: str) -> int:
-        """Close every live connection of the subject with 4403; returns how many."""
+        """Close every live connection of the subject with 4403; returns how many.
+
+        SSE streams are sessions too (``node.sessions``): each is closed, and
+        counted, once. A connection an earlier ban closed (it may still be in
+        ``node.sessions`` while its close completes) is not counted again."""
         closed = 0
         for session in list(self.node.sessions):
             who = session.principal.sub if kind == "user" else session.address
-            if who == key:
+            if who == key and session not in self._banned:
+                self._banned.add(session)
                 self.node.events.emit(
                     TrafficEvent(
                         "banned", session.address, session.principal.sub, session.id, detail="4403"
                     )
                 )
                 session.close(CLOSE_BANNED, "banned")
-                closed += 1
-        sse = getattr(getattr(self.gateway, "ops", None), "sse", None)
-        for stream in list(getattr(sse, "streams", ())):
-            who = stream.principal.sub if kind == "user" else stream.address
-            if who == key:
-                stream.close(CLOSE_BANNED, "banned")
                 closed += 1
         return closed
 
@@ -504,32 +446,3 @@ class Detector:
             return
         found = await asyncio.to_thread(self.store.restrictions)
         self.node.restrictions.replace(Rule(r.kind, r.key, r.mode, r.until) for r in found)
-
-
-def _yield_gil() -> None:
-    time.sleep(STEP_ASIDE_SECONDS)
-
-
-def _pause(value: Any) -> Any:
-    """Let the event loop's thread take the GIL now (the worker is not in a hurry)."""
-    time.sleep(STEP_ASIDE_SECONDS)
-    return value
-
-
-def _yielding(state: WindowState, nominal: float) -> list[SubjectWindow]:
-    windows = []
-    for n, window in enumerate(iter_subject_windows(state, nominal), 1):
-        windows.append(window)
-        if n % BLOCK == 0:
-            _yield_gil()
-    return windows
-
-
-def _free(state: WindowState) -> None:
-    """Drop a window's subjects a block at a time: freeing thousands of objects at
-    once would hold the GIL, and so the event loop, for as long."""
-    for table in (state.users, state.addresses):
-        while table:
-            for _ in range(min(BLOCK, len(table))):
-                table.popitem()
-            _yield_gil()

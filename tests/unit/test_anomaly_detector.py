@@ -209,3 +209,30 @@ async def test_an_alert_storm_is_capped_per_window(tmp_path: Path) -> None:
         )
     finally:
         await detector.stop()
+
+
+class Connection:
+    """A session of the node: a WebSocket or an SSE stream (both in node.sessions)."""
+
+    def __init__(self, user: str, address: str) -> None:
+        self.principal = SimpleNamespace(sub=user)
+        self.address = address
+        self.id = f"{user}@{address}"
+        self.closes: list[int] = []
+
+    def close(self, code: int, reason: str) -> None:
+        self.closes.append(code)
+
+
+async def test_a_ban_closes_each_connection_once_sse_streams_included(tmp_path: Path) -> None:
+    gateway = stub_gateway(tmp_path)
+    websocket, stream = Connection("mallory", "10.0.0.1"), Connection("mallory", "10.0.0.2")
+    bystander = Connection("alice", "10.0.0.1")
+    gateway.node.sessions.update({websocket, stream, bystander})
+    gateway.ops = SimpleNamespace(sse=SimpleNamespace(streams={stream}))
+    detector = Detector(gateway)
+    assert detector.disconnect("user", "mallory") == 2
+    assert websocket.closes == [4403] and stream.closes == [4403] and bystander.closes == []
+    # An address ban next: mallory's connection from there is already closing.
+    assert detector.disconnect("address", "10.0.0.1") == 1
+    assert bystander.closes == [4403] and websocket.closes == [4403]
