@@ -84,6 +84,9 @@ class LimitSettings:
     # Connections of one address closed with 4429: past this, its handshakes get 429.
     strikeouts_per_minute_per_address: float = 6.0
     strikeouts_burst: int = 3
+    # Handshakes an address makes while a Retry-After it was given still runs:
+    # past this many, its connections are closed before TLS (0 = never).
+    handshake_refusals_before_drop: int = 10
     max_connections_per_user: int = 50
     max_connections_per_address: int = 1000
     # This many rate_limited answers within the window close the connection with 4429.
@@ -317,5 +320,7 @@ def _check_limits(limits: LimitSettings) -> None:
     for name in at_least_one:
         if getattr(limits, name) < 1:
             raise ConfigError(f"limits.{name} must be at least 1")
+    if limits.handshake_refusals_before_drop < 0:
+        raise ConfigError("limits.handshake_refusals_before_drop must not be negative (0: off)")
     if limits.idle_timeout_seconds < 0:
         raise ConfigError("limits.idle_timeout_seconds must not be negative (0 turns it off)")

@@ -37,6 +37,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from gateway.admission import RefusalMemory
 from gateway.buckets import BucketTable, TokenBucket
 from gateway.config import LimitSettings, Settings
 from gateway.policy import Rule
@@ -128,6 +129,11 @@ class Limiter:
         self._task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
         self.redis_failures = 0
+        # Addresses refused at the handshake that come back too soon (this
+        # process's own answers, so kept locally even with Redis).
+        self.refusals = RefusalMemory(
+            self.limits.handshake_refusals_before_drop, self.limits.bucket_table_size, clock
+        )
 
     # --- life cycle ---------------------------------------------------------
 

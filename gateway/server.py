@@ -22,6 +22,7 @@ from websockets.http11 import Request, Response
 from websockets.typing import Subprotocol
 
 from gateway import logs
+from gateway.admission import AdmittedConnection, connection_class
 from gateway.auth import AuthError, TokenVerifier
 from gateway.config import Settings
 from gateway.devcerts import server_ssl_context
@@ -80,6 +81,7 @@ class Gateway:
 
             self.anomaly = AnomalyService(self)
         self._server: Server | None = None
+        self._connection_class: type[AdmittedConnection] | None = None
         # What the handshake learnt about a connection, for its handler.
         self._header_principals: weakref.WeakKeyDictionary[ServerConnection, Principal] = (
             weakref.WeakKeyDictionary()
@@ -112,11 +114,19 @@ class Gateway:
             await self.anomaly.start()
         await self.reloader.start()  # watches policies_dir; SIGHUP calls reload_soon
         limits = self.settings.limits
+        # TLS is started per connection by the connection class, after the
+        # address was let in (gateway/admission.py), not by the listener.
+        self._connection_class = connection_class(
+            self.node.limiter.refusals.drop,
+            self._dropped_before_tls,
+            ssl_context,
+            tls_timeout=limits.handshake_timeout_seconds,
+        )
         self._server = await serve(
             self._handle,
             self.settings.host,
             self.settings.port,
-            ssl=ssl_context,
+            create_connection=self._connection_class,
             process_request=self._process_request,
             select_subprotocol=select_subprotocol,
             subprotocols=[SUBPROTOCOL],
@@ -147,6 +157,8 @@ class Gateway:
         await self.reloader.stop()  # no policy swap while shutting down
         if self._server is not None:
             self._server.server.close()  # stop accepting; open connections stay
+            if self._connection_class is not None:
+                self._connection_class.abort_handshakes()
             # In-flight publishes get their confirm and their ack (or error)
             # before the connection goes; new ones are refused meanwhile.
             self.node.shutting_down = True
@@ -177,6 +189,7 @@ class Gateway:
         admitted = await self.node.limiter.admit_connection(address)
         if isinstance(admitted, Refusal):
             self.node.events.emit(TrafficEvent("rate_limited", address, detail=admitted.limit))
+            self.node.limiter.refusals.refused(address, admitted.retry_after)
             return _too_many_requests(connection, admitted)
         if admitted is not None:
             # Given back when the socket goes, however it ends (a failed handshake too).
@@ -207,6 +220,9 @@ class Gateway:
         self._header_principals[connection] = principal
         self.node.events.emit(TrafficEvent("auth_ok", address, principal.sub, detail="header"))
         return None
+
+    def _dropped_before_tls(self, address: str | None) -> None:
+        self.node.events.emit(TrafficEvent("rate_limited", address, detail="ignored_retry_after"))
 
     def _origin_allowed(self, request: Request) -> bool:
         allowed = self.settings.allowed_origins

@@ -590,3 +590,114 @@ async def test_slow_consumers_are_closed_with_4409_and_memory_stays_flat(
     for client in slow:
         if client.ws.transport is not None:
             client.ws.transport.abort()
+
+
+# --- an address that ignores Retry-After is refused before TLS ------------------
+
+
+async def attempt(port: int, client_ssl: ssl.SSLContext, token: str, source: str) -> str:
+    """One connection from ``source``: "welcome", "429", or "dropped" (closed
+    before the TLS handshake could finish: no certificate work was done)."""
+    try:
+        ws = await connect(
+            f"wss://localhost:{port}/ws",
+            ssl=client_ssl,
+            additional_headers={"Authorization": f"Bearer {token}"},
+            local_addr=(source, 0),
+            open_timeout=5,
+        )
+    except InvalidStatus as refused:
+        status = refused.response.status_code
+        assert status != 429 or refused.response.headers["Retry-After"]
+        return str(status)
+    except (ConnectionError, ssl.SSLError, EOFError) as exc:
+        return f"dropped ({type(exc).__name__})"
+    async with ws:
+        welcome = orjson.loads(await asyncio.wait_for(ws.recv(), 5))
+        return str(welcome["type"])
+
+
+IGNORING_LIMITS = {
+    "connects_per_second_per_address": 0.5,  # Retry-After about 2 s once over
+    "connects_burst": 1,
+    "handshake_refusals_before_drop": 2,
+}
+
+
+async def test_an_address_that_ignores_retry_after_is_dropped_before_tls(
+    start_gateway: StartFn, client_ssl: ssl.SSLContext, make_token: Any
+) -> None:
+    gw = await start_gateway(limits=IGNORING_LIMITS)
+    events = record(gw)
+    token = make_token("mallory")
+    outcomes = [await attempt(gw.port, client_ssl, token, "127.0.0.2") for _ in range(5)]
+    # One admitted, then told to wait three times (the first refusal and two
+    # ignored ones); the next attempt inside that Retry-After is cut at TCP.
+    assert outcomes[:4] == ["welcome", "429", "429", "429"], outcomes
+    assert outcomes[4].startswith("dropped"), outcomes
+    dropped = [e for e in events if e.detail == "ignored_retry_after"]
+    assert [(e.kind, e.address) for e in dropped] == [("rate_limited", "127.0.0.2")]
+    # Everyone else is served meanwhile.
+    assert await attempt(gw.port, client_ssl, make_token("alice"), "127.0.0.1") == "welcome"
+    # Once the Retry-After it was given has passed, the address is heard again.
+    await asyncio.sleep(2.2)
+    assert await attempt(gw.port, client_ssl, token, "127.0.0.2") == "welcome"
+
+
+async def test_a_client_that_honours_retry_after_is_never_dropped(
+    start_gateway: StartFn, client_ssl: ssl.SSLContext, make_token: Any
+) -> None:
+    gw = await start_gateway(limits=IGNORING_LIMITS)
+    token = make_token("carol")
+    assert await attempt(gw.port, client_ssl, token, "127.0.0.3") == "welcome"
+    for _ in range(4):
+        try:
+            await connect(
+                url(gw),
+                ssl=client_ssl,
+                additional_headers={"Authorization": f"Bearer {token}"},
+                local_addr=("127.0.0.3", 0),
+            )
+        except InvalidStatus as refused:
+            assert refused.response.status_code == 429
+            await asyncio.sleep(int(refused.response.headers["Retry-After"]))
+        else:
+            raise AssertionError("expected 429 after the burst")
+        assert await attempt(gw.port, client_ssl, token, "127.0.0.3") == "welcome"
+
+
+async def test_dropping_before_tls_can_be_turned_off(
+    start_gateway: StartFn, client_ssl: ssl.SSLContext, make_token: Any
+) -> None:
+    gw = await start_gateway(limits={**IGNORING_LIMITS, "handshake_refusals_before_drop": 0})
+    token = make_token("mallory")
+    outcomes = [await attempt(gw.port, client_ssl, token, "127.0.0.4") for _ in range(6)]
+    assert outcomes == ["welcome"] + ["429"] * 5
+
+
+async def test_the_served_gateway_drops_before_tls_too(
+    settings: Settings,
+    cleanup_broker: None,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    client_ssl: ssl.SSLContext,
+    make_token: Any,
+) -> None:
+    """The same through `rabbitgate serve`, which runs on uvloop: its TLS
+    protocol is started differently (see gateway/admission.py)."""
+    from tests.integration.processes import GatewayProcess
+
+    for name, value in IGNORING_LIMITS.items():
+        monkeypatch.setenv(f"RABBITGATE_LIMITS_{name.upper()}", str(value))
+    served = GatewayProcess(settings, tmp_path).start()
+    try:
+        token = make_token("mallory")
+        outcomes = [await attempt(served.port, client_ssl, token, "127.0.0.5") for _ in range(5)]
+        assert outcomes[:4] == ["welcome", "429", "429", "429"], outcomes
+        assert outcomes[4].startswith("dropped"), outcomes
+        assert await attempt(served.port, client_ssl, make_token("alice"), "127.0.0.1") == "welcome"
+        # A huge header still gets its HTTP answer through the TLS started here.
+        padded = make_token("alice", padding="x" * 9000)
+        assert await attempt(served.port, client_ssl, padded, "127.0.0.1") in ("401", "431")
+    finally:
+        await asyncio.to_thread(served.stop)
