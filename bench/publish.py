@@ -199,10 +199,22 @@ def run(args: argparse.Namespace, log: Any) -> dict[str, Any]:
         gateway.stop()
     gateway_cpu = through_gateway["cpu_seconds"].pop(str(gateway.pid))
     through_gateway["gateway_cpu_seconds"] = gateway_cpu
+    through_gateway["gateway_us_per_publish"] = _per_publish(gateway_cpu, through_gateway)
     for result in (through_gateway, bare):
         result["broker_cpu_seconds"] = sum(result.pop("cpu_seconds").values())
+        result["broker_us_per_publish"] = _per_publish(result["broker_cpu_seconds"], result)
+        result["client_us_per_publish"] = _per_publish(result["client_cpu_seconds"], result)
     ratio = through_gateway["confirmed_per_s"] / bare["confirmed_per_s"] if bare["confirmed"] else 0
     return {"gateway": through_gateway, "bare_aio_pika": bare, "ratio": ratio}
+
+
+def _per_publish(cpu_seconds: float, result: dict[str, Any]) -> float | None:
+    """CPU microseconds per confirmed publish (None when nothing was confirmed)."""
+    return cpu_seconds * 1e6 / result["confirmed"] if result["confirmed"] else None
+
+
+def _us(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
 
 
 def render(args: argparse.Namespace, result: dict[str, Any]) -> str:
@@ -218,6 +230,11 @@ def render(args: argparse.Namespace, result: dict[str, Any]) -> str:
         f"{'broker CPU s':28}{gw['broker_cpu_seconds']:>14.2f}{bare['broker_cpu_seconds']:>16.2f}",
         f"{'client CPU s (load tool)':28}{gw['client_cpu_seconds']:>14.2f}"
         f"{bare['client_cpu_seconds']:>16.2f}",
+        f"{'gateway CPU us/publish':28}{_us(gw['gateway_us_per_publish']):>14}{'-':>16}",
+        f"{'broker CPU us/publish':28}{_us(gw['broker_us_per_publish']):>14}"
+        f"{_us(bare['broker_us_per_publish']):>16}",
+        f"{'client CPU us/publish':28}{_us(gw['client_us_per_publish']):>14}"
+        f"{_us(bare['client_us_per_publish']):>16}",
         "",
         f"ratio gateway / bare aio-pika: {result['ratio']:.3f}  (target >= 0.7)",
     ]

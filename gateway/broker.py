@@ -23,21 +23,21 @@ import time
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import aio_pika
 import aiormq
 from aio_pika.abc import (
     AbstractChannel,
     AbstractConnection,
-    AbstractExchange,
     AbstractIncomingMessage,
     AbstractQueue,
 )
 from yarl import URL
 
-from gateway.envelope import CONTENT_TYPE, OutgoingMessage, sender_of, timestamp_ms_of
+from gateway import amqpwire
+from gateway.envelope import sender_of, timestamp_ms_of
+from gateway.publisher import ConfirmedPublisher, Expired
 
 log = logging.getLogger("rabbitgate.broker")
 
@@ -52,6 +52,7 @@ STREAM_PREFETCH = 2000
 ACK_EVERY = STREAM_PREFETCH // 4
 RECONNECT_BASE_SECONDS = 0.25
 RECONNECT_CAP_SECONDS = 5.0
+DEFAULT_EXCHANGE = amqpwire.short_string("")
 
 
 class BrokerUnavailable(Exception):
@@ -116,8 +117,10 @@ class Broker:
         # Live objects of the current connection.
         self._connection: AbstractConnection | None = None
         self._publish_channel: AbstractChannel | None = None
+        self._publisher: ConfirmedPublisher | None = None
         self._consume_channel: AbstractChannel | None = None
-        self._exchanges: dict[str, AbstractExchange] = {}
+        # Exchanges declared on the current connection, as AMQP short strings.
+        self._exchanges: dict[str, bytes] = {}
         self._consumers: dict[str, tuple[AbstractQueue, str]] = {}
         self._unacked: dict[str, int] = {}
         self._marker_waiters: dict[str, asyncio.Future[int]] = {}
@@ -174,28 +177,30 @@ class Broker:
             async with self._lock:
                 await self._declare_all(new)
 
-    async def publish(self, exchange: str, channel: str, message: OutgoingMessage) -> None:
-        """Publish and wait for RabbitMQ's confirm. Raises BrokerUnavailable otherwise."""
-        target = self._exchanges.get(exchange) if self.connected else None
-        if target is None:
+    def send(
+        self, exchange: str, channel: str, body: bytes, props: bytes
+    ) -> asyncio.Future[object]:
+        """Start a publish; the future ends with RabbitMQ's confirm.
+
+        ``props`` are encoded AMQP properties (``ClientStamp.properties``).
+        Publishes are written in call order, and within the confirm timeout
+        the future ends either way: pass it to ``publish_error`` for the
+        outcome. Raises BrokerUnavailable at once while disconnected.
+        """
+        name = self._exchanges.get(exchange) if self._ready else None
+        publisher = self._publisher
+        if name is None or publisher is None:
             raise BrokerUnavailable("broker unavailable")
-        amqp_message = aio_pika.Message(
-            message.body,
-            content_type=CONTENT_TYPE,
-            message_id=message.message_id,
-            timestamp=datetime.fromtimestamp(message.timestamp_ms / 1000, UTC),
-            headers=message.headers,
-            user_id=message.user_id,
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-        )
-        try:
-            await target.publish(
-                amqp_message, channel, mandatory=False, timeout=self._confirm_timeout
-            )
-        except (TimeoutError, aio_pika.exceptions.AMQPError, aiormq.AMQPError, ConnectionError):
-            raise BrokerUnavailable("broker did not confirm the message") from None
-        except RuntimeError:  # aio-pika: channel closed underneath us
-            raise BrokerUnavailable("broker connection lost") from None
+        return publisher.publish(name, amqpwire.short_string(channel), props, body)
+
+    async def publish(self, exchange: str, channel: str, body: bytes, props: bytes) -> None:
+        """``send`` and wait for the confirm. Raises BrokerUnavailable otherwise."""
+        future = self.send(exchange, channel, body, props)
+        with contextlib.suppress(Exception):
+            await future
+        error = publish_error(future)
+        if error is not None:
+            raise error
 
     async def follow(self, exchange: str) -> None:
         """Deliver this exchange's messages from now on (idempotent).
@@ -332,16 +337,20 @@ class Broker:
             self._marker_waiters.pop(marker_id, None)
 
     async def _publish_marker(self, exchange: str, marker_id: str | None = None) -> None:
-        channel = self._publish_channel
-        if channel is None:
+        publisher = self._publisher
+        if publisher is None:
             raise BrokerUnavailable("broker unavailable")
-        message = aio_pika.Message(b"", headers={MARKER_HEADER: marker_id or uuid.uuid4().hex})
-        try:
-            await channel.default_exchange.publish(
-                message, stream_name(exchange), timeout=self._confirm_timeout
-            )
-        except (TimeoutError, aio_pika.exceptions.AMQPError, aiormq.AMQPError, ConnectionError):
-            raise BrokerUnavailable("broker did not confirm a stream marker") from None
+        props = amqpwire.headers_only(
+            amqpwire.string_header(MARKER_HEADER, marker_id or uuid.uuid4().hex)
+        )
+        # Through the default exchange, straight into the stream.
+        future = publisher.publish(
+            DEFAULT_EXCHANGE, amqpwire.short_string(stream_name(exchange)), props, b""
+        )
+        with contextlib.suppress(Exception):
+            await future
+        if publish_error(future) is not None:
+            raise BrokerUnavailable("broker did not confirm a stream marker")
 
     # --- connection life cycle ---------------------------------------------
 
@@ -350,6 +359,14 @@ class Broker:
             connection = await aio_pika.connect(self._url, timeout=self._connect_timeout)
             try:
                 self._publish_channel = await connection.channel(publisher_confirms=True)
+                # Only the publisher writes on this channel (it numbers the
+                # delivery tags itself).
+                underlay = await self._publish_channel.get_underlay_channel()
+                if self._publisher is not None:
+                    self._publisher.close()
+                self._publisher = ConfirmedPublisher(
+                    cast(aiormq.Channel, underlay), self._confirm_timeout
+                )
                 self._consume_channel = await connection.channel(publisher_confirms=False)
                 await self._consume_channel.set_qos(prefetch_count=STREAM_PREFETCH)
                 self._connection = connection
@@ -413,7 +430,7 @@ class Broker:
             finally:
                 with contextlib.suppress(Exception):
                     await declaring.close()
-            self._exchanges[name] = await self._publish_channel.get_exchange(name, ensure=False)
+            self._exchanges[name] = amqpwire.short_string(name)
 
     async def _start_consumer(self, exchange: str) -> None:
         assert self._consume_channel is not None
@@ -479,6 +496,18 @@ class _Scan:
     scanned: int = 0
     first: int | None = None
     continuous: bool = False
+
+
+def publish_error(future: asyncio.Future[object]) -> BrokerUnavailable | None:
+    """What to tell the client about a finished ``Broker.send``: None when confirmed."""
+    if not future.done():
+        raise ValueError("the publish has not ended yet")
+    error = Expired() if future.cancelled() else future.exception()
+    if error is None:
+        return None
+    if isinstance(error, Expired | aiormq.exceptions.DeliveryError):
+        return BrokerUnavailable("broker did not confirm the message")
+    return BrokerUnavailable("broker connection lost")
 
 
 def _is_marker(message: AbstractIncomingMessage) -> bool:

@@ -5,7 +5,7 @@ Three sources feed them:
 * the traffic event bus (``Metrics.sink``): connections, refused tokens,
   policy denials, rate-limit refusals, bans, malformed frames;
 * two hooks on the message path, each O(1) per message:
-  ``publish_confirmed``/``publish_failed`` (``Session._confirm``) and
+  ``publish_confirmed``/``publish_failed`` (``Session._confirmed``) and
   ``delivered`` (``Node.deliver``, once per broker message, not per subscriber);
 * a collector read at scrape time (``watch``): open connections, send buffers,
   subscriptions, the broker connection and the policy set in force.

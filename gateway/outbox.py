@@ -102,6 +102,23 @@ class Outbox:
             broadcast((self.connection,), frame, text=True)
         return True
 
+    def send_many(self, frames: list[bytes]) -> int:
+        """Write text frames in order with one write; returns how many were sent.
+
+        Same limits as ``send``: past the limit the rest is dropped and the
+        connection is closed as a slow consumer.
+        """
+        if not self.raw:
+            return sum(1 for frame in frames if self.send(frame))
+        wire = []
+        for frame in frames:
+            if not self.admit(len(frame)):
+                break
+            wire.append(text_frame(frame))
+        if wire:
+            self.connection.transport.write(b"".join(wire))
+        return len(wire)
+
     def _overflow(self) -> None:
         self.overflowed = True
         if self._on_overflow is not None:

@@ -11,13 +11,14 @@ import asyncio
 import logging
 import time
 import uuid
-from typing import TYPE_CHECKING
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
 from websockets.protocol import State
 
 from gateway.auth import AuthError, TokenVerifier
-from gateway.broker import BrokerUnavailable
-from gateway.envelope import OutgoingMessage, client_message
+from gateway.broker import BrokerUnavailable, publish_error
+from gateway.envelope import ClientStamp
 from gateway.events import EventKind, TrafficEvent
 from gateway.limiter import Refusal, rate_limited_frame
 from gateway.outbox import Outbox
@@ -71,6 +72,11 @@ class Session:
         self.subscriptions: dict[str, str] = {}  # channel -> exchange
         self._joining: set[str] = set()  # subscribes waiting for the broker
         self._inflight = asyncio.Semaphore(MAX_INFLIGHT_PUBLISHES)
+        # Who publishes, encoded once: the verified sub never changes (a
+        # refreshed token must carry the same one).
+        self._stamp = ClientStamp(principal.sub, self.id, node.broker.user)
+        self._confirming: set[asyncio.Future[object]] = set()  # publishes awaiting a confirm
+        self._answers: list[bytes] = []  # publish answers of this loop iteration
         self._tasks: set[asyncio.Task[None]] = set()
         self._publishing = False  # a publish frame is between read and its confirm task
         self._expiry: asyncio.TimerHandle | None = None
@@ -108,11 +114,14 @@ class Session:
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.node.settings.publish_confirm_timeout_seconds
-        while (self._tasks or self._publishing) and loop.time() < deadline:
-            if self._tasks:
-                await asyncio.wait(set(self._tasks), timeout=deadline - loop.time())
+        while (self._tasks or self._confirming or self._publishing) and loop.time() < deadline:
+            waiting: set[asyncio.Future[Any]] = set(self._confirming)
+            waiting.update(self._tasks)
+            if waiting:
+                await asyncio.wait(waiting, timeout=deadline - loop.time())
             else:
                 await asyncio.sleep(0.005)
+        self._send_answers()  # now, before the caller closes the connection
 
     def _schedule_expiry(self) -> None:
         if self._expiry is not None:
@@ -313,29 +322,52 @@ class Session:
         self.emit("publish", channel=frame.channel, size=len(frame.body), rule=decision.rule.label)
         if self.node.shutting_down:
             raise FrameError("unavailable", "server shutting down, reconnect elsewhere", frame.id)
-        message = client_message(frame.body, self.principal.sub, self.id, self.node.broker.user)
         await self._inflight.acquire()
-        # The publish is written to RabbitMQ in the order tasks start, which is
-        # the order frames arrived: one publisher's messages keep their order.
-        task = asyncio.get_running_loop().create_task(
-            self._confirm(decision.rule.exchange, frame, message)
-        )
-        self._keep(task)
-
-    async def _confirm(self, exchange: str, frame: Publish, message: OutgoingMessage) -> None:
-        started = time.monotonic()
+        exchange = decision.rule.exchange
+        # Written to RabbitMQ in call order, which is the order frames arrived:
+        # one publisher's messages keep their order.
         try:
-            await self.node.broker.publish(exchange, frame.channel, message)
+            confirm = self.node.broker.send(
+                exchange, frame.channel, frame.body, self._stamp.properties()
+            )
         except BrokerUnavailable as exc:
-            self.node.metrics.publish_failed(exchange)
-            if frame.id is not None:
-                self.send(error_frame("unavailable", str(exc), frame.id))
-        else:
-            self.node.metrics.publish_confirmed(exchange, time.monotonic() - started)
-            if frame.id is not None:
-                self.send(ack_frame(frame.id))
-        finally:
             self._inflight.release()
+            self.node.metrics.publish_failed(exchange)
+            raise FrameError("unavailable", str(exc), frame.id) from None
+        self._confirming.add(confirm)
+        started = time.monotonic()
+        confirm.add_done_callback(partial(self._confirmed, exchange, frame.id, started))
+
+    def _confirmed(
+        self,
+        exchange: str,
+        request_id: RequestId | None,
+        started: float,
+        confirm: asyncio.Future[object],
+    ) -> None:
+        """Answer a publish once RabbitMQ confirmed it (ack) or did not (unavailable)."""
+        self._confirming.discard(confirm)
+        self._inflight.release()
+        error = publish_error(confirm)
+        if error is None:
+            self.node.metrics.publish_confirmed(exchange, time.monotonic() - started)
+        else:
+            self.node.metrics.publish_failed(exchange)
+        if request_id is None:
+            return  # the client asked for no answer
+        if not self._answers:
+            # Confirms come in batches (one broker ack covers many publishes):
+            # answer all of them that end in this loop iteration with one write.
+            asyncio.get_running_loop().call_soon(self._send_answers)
+        if error is None:
+            self._answers.append(ack_frame(request_id))
+        else:
+            self._answers.append(error_frame("unavailable", str(error), request_id))
+
+    def _send_answers(self) -> None:
+        answers, self._answers = self._answers, []
+        if answers:
+            self.outbox.send_many(answers)
 
     async def _refresh(self, frame: Auth) -> None:
         try:
