@@ -199,6 +199,8 @@ class ConfirmedPublisher:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._putting is not None:
+            self._putting.cancel()  # the connection's writer is gone: room never comes
         self._batch.clear()
         while self._unconfirmed:
             future = self._unconfirmed.popleft().future
