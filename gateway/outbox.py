@@ -48,6 +48,17 @@ def _wire_length(payload: int) -> int:
 
 
 class Outbox:
+    # One per connection, 10,000s of them: no instance dict.
+    __slots__ = (
+        "connection",
+        "_max_bytes",
+        "_max_messages",
+        "_on_overflow",
+        "_written",
+        "_ends",
+        "overflowed",
+    )
+
     def __init__(
         self,
         connection: ServerConnection,
@@ -61,8 +72,10 @@ class Outbox:
         self._max_messages = max_messages
         self._on_overflow = on_overflow
         self._written = 0
-        # Where each frame still in the transport buffer ends, in bytes written.
-        self._ends: deque[int] = deque()
+        # Where each frame still in the transport buffer ends, in bytes written;
+        # None while nothing is in flight (an empty deque is ~600 bytes, and
+        # most connections sit idle with nothing in flight).
+        self._ends: deque[int] | None = None
         self.overflowed = False
 
     def pending(self) -> tuple[int, int]:
@@ -71,8 +84,13 @@ class Outbox:
         buffered = transport.get_write_buffer_size() if transport is not None else 0
         flushed = self._written - buffered
         ends = self._ends
+        if ends is None:
+            return buffered, 0
         while ends and ends[0] <= flushed:
             ends.popleft()
+        if not ends:
+            self._ends = None
+            return buffered, 0
         return buffered, len(ends)
 
     def admit(self, frame_length: int) -> bool:
@@ -84,6 +102,8 @@ class Outbox:
             self._overflow()
             return False
         self._written += _wire_length(frame_length)
+        if self._ends is None:
+            self._ends = deque()
         self._ends.append(self._written)
         return True
 
@@ -100,6 +120,7 @@ class Outbox:
             self.connection.transport.write(text_frame(frame))
         else:
             broadcast((self.connection,), frame, text=True)
+        self.pending()  # usually all gone to the socket already: frees the deque
         return True
 
     def send_many(self, frames: list[bytes]) -> int:
@@ -154,6 +175,7 @@ def fan_out(outboxes: Iterable[Outbox | FrameSink], frame: bytes) -> int:
                 if wire is None:
                     wire = text_frame(frame)
                 outbox.connection.transport.write(wire)
+                outbox.pending()  # usually all gone already: frees its deque
             else:
                 compressed.append(outbox.connection)
             taken += 1

@@ -17,6 +17,7 @@ from http import HTTPStatus
 from typing import Any
 
 from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed, NegotiationError
 from websockets.http11 import Request, Response
 from websockets.typing import Subprotocol
@@ -27,7 +28,10 @@ from gateway.auth import AuthError, TokenVerifier
 from gateway.config import Settings
 from gateway.devcerts import server_ssl_context
 from gateway.events import TrafficEvent
+from gateway.heartbeat import Heartbeat, WebSocketLink
+from gateway.heartbeat import run as run_heartbeat
 from gateway.limiter import Refusal, rate_limited_frame, retry_after_header
+from gateway.malloc import fix_mmap_threshold
 from gateway.node import Node
 from gateway.operations import Operations
 from gateway.outbox import Outbox
@@ -46,6 +50,10 @@ CLOSE_AUTH_TIMEOUT = 4408
 CLOSE_RATE_LIMITED = 4429
 # What a rejected handshake has to say: nothing a client could learn from.
 _UNAUTHORIZED_BODY = "invalid or missing token\n"
+# What a connection's ``request`` and ``response`` are once its handler runs
+# (shared, empty: websockets needs them not None, and nothing reads them).
+_REQUEST_READ = Request(WS_PATH, Headers())
+_RESPONSE_SENT = Response(HTTPStatus.SWITCHING_PROTOCOLS, "Switching Protocols", Headers())
 
 
 def select_subprotocol(
@@ -87,6 +95,9 @@ class Gateway:
             weakref.WeakKeyDictionary()
         )
         self._refused: weakref.WeakSet[ServerConnection] = weakref.WeakSet()
+        # Every connection's WebSocket pings, from one task (gateway/heartbeat.py).
+        self.heartbeat: Heartbeat[ServerConnection] | None = None
+        self._heartbeat_task: asyncio.Task[None] | None = None
 
     @property
     def port(self) -> int:
@@ -114,6 +125,14 @@ class Gateway:
             await self.anomaly.start()
         await self.reloader.start()  # watches policies_dir; SIGHUP calls reload_soon
         limits = self.settings.limits
+        # Before the first connection: keeps uvloop's per-connection TLS read
+        # buffers out of the heap (gateway/malloc.py).
+        fix_mmap_threshold()
+        loop = asyncio.get_running_loop()
+        self.heartbeat = Heartbeat(
+            WebSocketLink(), limits.heartbeat_seconds, limits.heartbeat_timeout_seconds, loop.time()
+        )
+        self._heartbeat_task = loop.create_task(run_heartbeat(self.heartbeat))
         # TLS is started per connection by the connection class, after the
         # address was let in (gateway/admission.py), not by the listener.
         self._connection_class = connection_class(
@@ -133,8 +152,8 @@ class Gateway:
             compression="deflate" if self.settings.compression else None,
             server_header=None,
             open_timeout=limits.handshake_timeout_seconds,
-            ping_interval=limits.heartbeat_seconds,
-            ping_timeout=limits.heartbeat_timeout_seconds,
+            # Pings come from self.heartbeat, not a keepalive task per connection.
+            ping_interval=None,
             close_timeout=5,
             max_size=limits.max_frame_bytes,
             max_queue=16,
@@ -167,6 +186,10 @@ class Gateway:
                 await asyncio.gather(*(session.drain() for session in sessions))
             self._server.close(close_connections=True, reason="server shutting down")
             await self._server.wait_closed()
+        if self._heartbeat_task is not None:
+            self._heartbeat_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._heartbeat_task
         if self.anomaly is not None:
             await self.anomaly.stop()
         await self.node.stop()
@@ -233,6 +256,19 @@ class Gateway:
     # --- connection ---------------------------------------------------------
 
     async def _handle(self, connection: ServerConnection) -> None:
+        # The handshake is over and process_request read what it needed
+        # (anything else wanted from it must be read there too): websockets
+        # would keep the request and response, headers and token, ~4 KiB,
+        # for the connection's whole life.
+        connection.request, connection.response = _REQUEST_READ, _RESPONSE_SENT
+        assert self.heartbeat is not None
+        self.heartbeat.add(connection, asyncio.get_running_loop().time())
+        try:
+            await self._converse(connection)
+        finally:
+            self.heartbeat.discard(connection)
+
+    async def _converse(self, connection: ServerConnection) -> None:
         if connection in self._refused:
             await connection.close(CLOSE_POLICY, "origin not allowed")
             return
