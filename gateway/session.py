@@ -333,7 +333,9 @@ class Session:
         except BrokerUnavailable as exc:
             self._inflight.release()
             self.node.metrics.publish_failed(exchange)
-            raise FrameError("unavailable", str(exc), frame.id) from None
+            if frame.id is not None:  # like a failed confirm: answered only when asked
+                raise FrameError("unavailable", str(exc), frame.id) from None
+            return
         self._confirming.add(confirm)
         started = time.monotonic()
         confirm.add_done_callback(partial(self._confirmed, exchange, frame.id, started))
