@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -160,6 +161,12 @@ async def _run_gateway(settings: Settings) -> int:
     except BrokerUnavailable as exc:
         await gateway.stop()
         raise CliError(str(exc)) from None
+    # Everything alive now (modules, numpy/scikit-learn, settings, policies)
+    # lives as long as the process: out of the collector's sight, a full
+    # collection no longer walks it. Measured: a full collection of a
+    # started gateway took ~90 ms of event loop (141,000 tracked objects).
+    gc.collect()
+    gc.freeze()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
