@@ -29,6 +29,9 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from websockets.asyncio.server import ServerConnection
+from websockets.server import ServerProtocol
+
+from gateway.handshake_memory import forget_request_in_parser
 
 Clock = Callable[[], float]
 # How long a TLS close_notify exchange may take (websockets' close timeout).
@@ -137,6 +140,11 @@ class AdmittedConnection(ServerConnection):
     _early: list[bytes] | None = None  # raw bytes until fed, then decrypted ones
     _early_bytes = 0
     _early_eof = False
+
+    def __init__(self, protocol: ServerProtocol, *args: Any, **kwargs: Any) -> None:
+        # Not kept for the connection's life: the handshake request (and token).
+        forget_request_in_parser(protocol)
+        super().__init__(protocol, *args, **kwargs)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self._tls_started:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from gateway.broker import Broker, Delivery
 from gateway.config import Settings
+from gateway.deadlines import Deadlines
 from gateway.events import EventBus
 from gateway.hub import Hub
 from gateway.limiter import Limiter
@@ -64,6 +65,8 @@ class Node:
         self.limiter = Limiter(settings)  # rate limits and connection caps
         # Bans and throttles put on subjects by the anomaly detector's responses.
         self.restrictions = Restrictions()
+        # Every session's wake-up (token expiry, idle timeout) on one loop timer.
+        self.deadlines = Deadlines()
         # Latest seq seen per channel (what a subscribe ack reports).
         self._latest_seq: dict[str, int] = {}
         self._following: dict[str, asyncio.Future[None]] = {}
@@ -95,6 +98,7 @@ class Node:
     async def stop(self) -> None:
         for timer in self._unfollow_timers.values():
             timer.cancel()
+        self.deadlines.close()
         await self.broker.close()
         await self.limiter.close()
 

@@ -17,7 +17,6 @@ from http import HTTPStatus
 from typing import Any
 
 from websockets.asyncio.server import Server, ServerConnection, serve
-from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed, NegotiationError
 from websockets.http11 import Request, Response
 from websockets.typing import Subprotocol
@@ -28,6 +27,7 @@ from gateway.auth import AuthError, TokenVerifier
 from gateway.config import Settings
 from gateway.devcerts import server_ssl_context
 from gateway.events import TrafficEvent
+from gateway.handshake_memory import forget_handshake
 from gateway.heartbeat import Heartbeat, WebSocketLink
 from gateway.heartbeat import run as run_heartbeat
 from gateway.limiter import Refusal, rate_limited_frame, retry_after_header
@@ -50,10 +50,6 @@ CLOSE_AUTH_TIMEOUT = 4408
 CLOSE_RATE_LIMITED = 4429
 # What a rejected handshake has to say: nothing a client could learn from.
 _UNAUTHORIZED_BODY = "invalid or missing token\n"
-# What a connection's ``request`` and ``response`` are once its handler runs
-# (shared, empty: websockets needs them not None, and nothing reads them).
-_REQUEST_READ = Request(WS_PATH, Headers())
-_RESPONSE_SENT = Response(HTTPStatus.SWITCHING_PROTOCOLS, "Switching Protocols", Headers())
 
 
 def select_subprotocol(
@@ -257,10 +253,8 @@ class Gateway:
 
     async def _handle(self, connection: ServerConnection) -> None:
         # The handshake is over and process_request read what it needed
-        # (anything else wanted from it must be read there too): websockets
-        # would keep the request and response, headers and token, ~4 KiB,
-        # for the connection's whole life.
-        connection.request, connection.response = _REQUEST_READ, _RESPONSE_SENT
+        # (anything else wanted from it must be read there too).
+        forget_handshake(connection)
         assert self.heartbeat is not None
         self.heartbeat.add(connection, asyncio.get_running_loop().time())
         try:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 import uuid
 from functools import partial
@@ -18,6 +19,7 @@ from websockets.protocol import State
 
 from gateway.auth import AuthError, TokenVerifier
 from gateway.broker import BrokerUnavailable, publish_error
+from gateway.deadlines import CLOCK_SLACK_SECONDS, Deadline
 from gateway.envelope import ClientStamp
 from gateway.events import EventKind, TrafficEvent
 from gateway.limiter import Refusal, rate_limited_frame
@@ -55,6 +57,29 @@ MAX_INFLIGHT_PUBLISHES = 64
 
 
 class Session:
+    # Thousands of these live at once, most of them idle: no __dict__.
+    __slots__ = (
+        "id",
+        "node",
+        "verifier",
+        "outbox",
+        "principal",
+        "address",
+        "subscriptions",
+        "guard",
+        "_joining",
+        "_inflight",
+        "_stamp",
+        "_confirming",
+        "_answers",
+        "_tasks",
+        "_publishing",
+        "_expires_at",
+        "_wakeup",
+        "_closing",
+        "__weakref__",
+    )
+
     def __init__(
         self,
         node: Node,
@@ -70,8 +95,10 @@ class Session:
         self.principal = principal
         self.address = address
         self.subscriptions: dict[str, str] = {}  # channel -> exchange
-        self._joining: set[str] = set()  # subscribes waiting for the broker
-        self._inflight = asyncio.Semaphore(MAX_INFLIGHT_PUBLISHES)
+        self._joining = 0  # subscribes waiting for the broker
+        # Publishes waiting for a confirm; made at the first publish (most
+        # connections only listen).
+        self._inflight: asyncio.Semaphore | None = None
         # Who publishes, encoded once: the verified sub never changes (a
         # refreshed token must carry the same one).
         self._stamp = ClientStamp(principal.sub, self.id, node.broker.user)
@@ -79,13 +106,14 @@ class Session:
         self._answers: list[bytes] = []  # publish answers of this loop iteration
         self._tasks: set[asyncio.Task[None]] = set()
         self._publishing = False  # a publish frame is between read and its confirm task
-        self._expiry: asyncio.TimerHandle | None = None
-        self._schedule_expiry()
         # This connection's rate limits and idle timeout (gateway/limiter.py).
         self.guard = node.limiter.connection_guard()
-        self._idle: asyncio.TimerHandle | None = None
         self._closing: asyncio.Task[None] | None = None
-        self._watch_idle()
+        # The token's expiry, on the loop's clock; the wake-up comes then or at
+        # the idle timeout, whichever is first.
+        self._expires_at = _loop_time_of(principal.exp)
+        self._wakeup: Deadline | None = None
+        self._schedule_wakeup()
 
     # --- life cycle ---------------------------------------------------------
 
@@ -96,10 +124,8 @@ class Session:
 
     async def ended(self) -> None:
         """Release everything the session holds; after this it receives nothing."""
-        if self._expiry is not None:
-            self._expiry.cancel()
-        if self._idle is not None:
-            self._idle.cancel()
+        if self._wakeup is not None:
+            self._wakeup.cancel()
         for channel in list(self.subscriptions):
             self.node.remove_subscriber(self, channel)
         self.subscriptions.clear()
@@ -123,12 +149,28 @@ class Session:
                 await asyncio.sleep(0.005)
         self._send_answers()  # now, before the caller closes the connection
 
-    def _schedule_expiry(self) -> None:
-        if self._expiry is not None:
-            self._expiry.cancel()
-        loop = asyncio.get_running_loop()
-        delay = max(0.0, self.principal.exp - time.time())
-        self._expiry = loop.call_later(delay, self.close, CLOSE_AUTH, "token expired")
+    def _schedule_wakeup(self) -> None:
+        if self._wakeup is not None:
+            self._wakeup.cancel()
+            self._wakeup = None
+        when = self._expires_at
+        idle_left = self.guard.idle_left()
+        if idle_left is not None:
+            when = min(when, asyncio.get_running_loop().time() + idle_left)
+        if when != math.inf:
+            self._wakeup = self.node.deadlines.call_at(when, self._wake)
+
+    def _wake(self) -> None:
+        """The token expired (close 4401), the client went idle (1000), or neither yet."""
+        self._wakeup = None
+        if asyncio.get_running_loop().time() + CLOCK_SLACK_SECONDS >= self._expires_at:
+            self.close(CLOSE_AUTH, "token expired")
+            return
+        idle_left = self.guard.idle_left()
+        if idle_left is not None and idle_left <= 0:
+            self.close(CLOSE_IDLE, "idle timeout")
+            return
+        self._schedule_wakeup()  # a frame came since: the idle timeout moved
 
     def _keep(self, task: asyncio.Task[None]) -> None:
         self._tasks.add(task)
@@ -193,15 +235,6 @@ class Session:
                 transport.write_eof()
         await closing
 
-    def _watch_idle(self) -> None:
-        left = self.guard.idle_left()
-        if left is None:
-            return
-        if left <= 0:
-            self.close(CLOSE_IDLE, "idle timeout")
-            return
-        self._idle = asyncio.get_running_loop().call_later(left, self._watch_idle)
-
     # --- commands -----------------------------------------------------------
 
     async def handle(self, text: str) -> None:
@@ -264,9 +297,9 @@ class Session:
             self.send(ack_frame(frame.id, seq=self.node.latest_seq(channel)))
             return
         limit = self.node.settings.limits.max_channels_per_connection
-        if len(self.subscriptions) + len(self._joining) >= limit:
+        if len(self.subscriptions) + self._joining >= limit:
             raise FrameError("forbidden", f"at most {limit} channels per connection", frame.id)
-        self._joining.add(channel)
+        self._joining += 1
         policies = self.node.policies
         try:
             joined = await self.node.add_subscriber(
@@ -275,7 +308,7 @@ class Session:
         except BrokerUnavailable:
             raise FrameError("unavailable", "broker unavailable, retry later", frame.id) from None
         finally:
-            self._joining.discard(channel)
+            self._joining -= 1
         if self.node.policies is not policies:
             # A reload swapped the set while we waited for the broker; its
             # re-check could not see this subscription yet, so check it here.
@@ -322,7 +355,10 @@ class Session:
         self.emit("publish", channel=frame.channel, size=len(frame.body), rule=decision.rule.label)
         if self.node.shutting_down:
             raise FrameError("unavailable", "server shutting down, reconnect elsewhere", frame.id)
-        await self._inflight.acquire()
+        if self._inflight is None:
+            self._inflight = asyncio.Semaphore(MAX_INFLIGHT_PUBLISHES)
+        inflight = self._inflight
+        await inflight.acquire()
         exchange = decision.rule.exchange
         # Written to RabbitMQ in call order, which is the order frames arrived:
         # one publisher's messages keep their order.
@@ -331,7 +367,7 @@ class Session:
                 exchange, frame.channel, frame.body, self._stamp.properties()
             )
         except BrokerUnavailable as exc:
-            self._inflight.release()
+            inflight.release()
             self.node.metrics.publish_failed(exchange)
             if frame.id is not None:  # like a failed confirm: answered only when asked
                 raise FrameError("unavailable", str(exc), frame.id) from None
@@ -349,6 +385,7 @@ class Session:
     ) -> None:
         """Answer a publish once RabbitMQ confirmed it (ack) or did not (unavailable)."""
         self._confirming.discard(confirm)
+        assert self._inflight is not None  # made before the publish was sent
         self._inflight.release()
         error = publish_error(confirm)
         if error is None:
@@ -380,12 +417,21 @@ class Session:
         if principal.sub != self.principal.sub:
             raise FrameError("unauthorized", "a refreshed token must carry the same sub", frame.id)
         self.principal = principal
-        self._schedule_expiry()
+        self._expires_at = _loop_time_of(principal.exp)
+        self._schedule_wakeup()
         self.emit("auth_ok", detail="refresh")
         # Roles or claims may have changed with the new token.
         self.recheck_subscriptions()
         # Answered even without an id: the client must know the refresh took.
         self.send(ack_frame(frame.id))
+
+
+def _loop_time_of(epoch_seconds: float) -> float:
+    """A wall-clock instant (a token's exp) on the event loop's clock."""
+    if epoch_seconds == math.inf:
+        return math.inf
+    loop = asyncio.get_running_loop()
+    return loop.time() + max(0.0, epoch_seconds - time.time())
 
 
 def _request_id(text: str) -> RequestId | None:
