@@ -111,11 +111,20 @@ class Principal:
 
         return cls(
             sub=sub,
-            roles=frozenset(roles),
-            scopes=frozenset(scope.split()),
+            roles=_frozen(roles),
+            scopes=_frozen(scope.split()),
             claims=MappingProxyType(dict(claims)),
             exp=float(exp),
         )
+
+
+# Shared by every principal without roles or scopes (an empty frozenset is
+# 216 bytes, and not a singleton).
+_NOTHING: frozenset[str] = frozenset()
+
+
+def _frozen(values: list[str]) -> frozenset[str]:
+    return frozenset(values) if values else _NOTHING
 
 
 def is_finite_number(value: object) -> bool:

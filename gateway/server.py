@@ -13,6 +13,7 @@ import contextlib
 import logging
 import weakref
 from collections.abc import Sequence
+from functools import partial
 from http import HTTPStatus
 from typing import Any
 
@@ -30,7 +31,7 @@ from gateway.events import TrafficEvent
 from gateway.handshake_memory import forget_handshake
 from gateway.heartbeat import Heartbeat, WebSocketLink
 from gateway.heartbeat import run as run_heartbeat
-from gateway.limiter import Refusal, rate_limited_frame, retry_after_header
+from gateway.limiter import Limiter, Refusal, Slot, rate_limited_frame, retry_after_header
 from gateway.malloc import fix_mmap_threshold
 from gateway.node import Node
 from gateway.operations import Operations
@@ -257,25 +258,45 @@ class Gateway:
         forget_handshake(connection)
         assert self.heartbeat is not None
         self.heartbeat.add(connection, asyncio.get_running_loop().time())
+        # One coroutine frame for the connection's whole life (no nested
+        # coroutine, no async iterator): it is held by every idle connection.
         try:
-            await self._converse(connection)
+            session = await self._open_session(connection)
+            if session is None:
+                return
+            try:
+                heartbeat_seconds = self.settings.limits.heartbeat_seconds
+                session.send(welcome_frame(session.id, session.principal.sub, heartbeat_seconds))
+                while True:
+                    message = await connection.recv()
+                    if isinstance(message, bytes):
+                        session.send(error_frame("bad_request", "binary frames are not accepted"))
+                        continue
+                    await session.handle(message)
+            except ConnectionClosed:
+                pass
+            finally:
+                self.node.sessions.discard(session)
+                session.emit("closed", detail=str(connection.close_code))
+                await session.ended()
         finally:
             self.heartbeat.discard(connection)
 
-    async def _converse(self, connection: ServerConnection) -> None:
+    async def _open_session(self, connection: ServerConnection) -> Session | None:
+        """Authenticate, admit and greet the connection; None once it was closed instead."""
         if connection in self._refused:
             await connection.close(CLOSE_POLICY, "origin not allowed")
-            return
+            return None
         principal = self._header_principals.pop(connection, None)
         if principal is None:
             principal = await self._authenticate(connection)
             if principal is None:
-                return
+                return None
         if self.node.restrictions.banned("user", principal.sub):
             banned = TrafficEvent("banned", _address(connection), principal.sub, detail="4403")
             self.node.events.emit(banned)
             await connection.close(CLOSE_BANNED, "banned")
-            return
+            return None
         user_slot = await self.node.limiter.admit_user(principal.sub)
         if isinstance(user_slot, Refusal):
             refused = TrafficEvent(
@@ -283,10 +304,9 @@ class Gateway:
             )
             self.node.events.emit(refused)
             await connection.close(CLOSE_POLICY, "too many connections")
-            return
-        held = user_slot
+            return None
         connection.connection_lost_waiter.add_done_callback(
-            lambda _: self.node.limiter.release(held)
+            partial(_release_slot, self.node.limiter, user_slot)
         )
         limits = self.settings.limits
         outbox = Outbox(
@@ -298,19 +318,7 @@ class Gateway:
         session = Session(self.node, self.verifier, outbox, principal, address)
         logs.bind(session=session.id, user=principal.sub, address=address)
         self.node.sessions.add(session)
-        try:
-            session.send(welcome_frame(session.id, principal.sub, limits.heartbeat_seconds))
-            async for message in connection:
-                if isinstance(message, bytes):
-                    session.send(error_frame("bad_request", "binary frames are not accepted"))
-                    continue
-                await session.handle(message)
-        except ConnectionClosed:
-            pass
-        finally:
-            self.node.sessions.discard(session)
-            session.emit("closed", detail=str(connection.close_code))
-            await session.ended()
+        return session
 
     async def _authenticate(self, connection: ServerConnection) -> Principal | None:
         """Wait for a valid ``auth`` frame; close with 4408/4401 and return None otherwise."""
@@ -365,6 +373,10 @@ class Gateway:
             return None
         except ConnectionClosed:
             return None
+
+
+def _release_slot(limiter: Limiter, slot: Slot, _: object) -> None:
+    limiter.release(slot)
 
 
 def _too_many_requests(connection: ServerConnection, refusal: Refusal) -> Response:
