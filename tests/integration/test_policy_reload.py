@@ -328,11 +328,11 @@ async def test_a_reload_during_a_subscribe_in_flight_still_revokes_it(
 
     broker.replay = replay_after_swap  # type: ignore[method-assign]
     await alice.send(type="subscribe", id="s", channel="chat.race", since=0)
-    await until(
-        lambda: any("chat.race" in s._joining for s in gateway.node.sessions), "subscribe in flight"
-    )
-    await gateway.node.swap_policies(revoked)
-    swapped.set()
+    try:
+        await until(lambda: any(s._joining for s in gateway.node.sessions), "subscribe in flight")
+        await gateway.node.swap_policies(revoked)
+    finally:
+        swapped.set()  # (also when failing: a held read would stall the gateway's stop)
     answer = await alice.recv()
     assert (answer["type"], answer.get("code")) == ("error", "forbidden"), answer
     assert (await bob.request("publish", channel="chat.race", data="after"))["type"] == "ack"
