@@ -115,4 +115,3 @@ class Deadlines:
             if not self._heap and self._timer is not None:
                 self._timer.cancel()
                 self._timer, self._timer_at = None, float("inf")
-

@@ -205,8 +205,10 @@ class Explanation:
         p, rule = self.principal, self.decision.rule
         lines = [
             f"{self.action} {self.channel!r} as {p.sub!r}",
-            "  roles: " + (", ".join(sorted(p.roles)) or "none")
-            + "; scopes: " + (", ".join(sorted(p.scopes)) or "none"),
+            "  roles: "
+            + (", ".join(sorted(p.roles)) or "none")
+            + "; scopes: "
+            + (", ".join(sorted(p.scopes)) or "none"),
         ]
         if rule is None:
             lines.append("  rule: none matches (default deny)")
@@ -345,8 +347,10 @@ def _shadows(rules: tuple[Rule, ...]) -> dict[int, Rule]:
         if 2 ** len(literals) <= len(first):
             # Few literals: look up each pattern covering this one (literal or placeholder
             # at each literal position) instead of comparing with every earlier rule.
-            candidates = [first.get(_generalize(rule._shape, literals, bits))
-                          for bits in range(2 ** len(literals))]
+            candidates = [
+                first.get(_generalize(rule._shape, literals, bits))
+                for bits in range(2 ** len(literals))
+            ]
         else:
             candidates = list(first.values())
         covering = [c for c in candidates if c is not None and c.covers(rule)]
@@ -372,9 +376,15 @@ def _digest(rules: tuple[Rule, ...], files: tuple[str, ...]) -> str:
     canonical = {
         "files": list(files),
         "rules": [
-            [r.source, r.pattern, r.exchange, [str(c) for c in r.subscribe],
-             [str(c) for c in r.publish],
-             [r.limits.publish_per_second, r.limits.burst, r.limits.max_bytes], r.history]
+            [
+                r.source,
+                r.pattern,
+                r.exchange,
+                [str(c) for c in r.subscribe],
+                [str(c) for c in r.publish],
+                [r.limits.publish_per_second, r.limits.burst, r.limits.max_bytes],
+                r.history,
+            ]
             for r in rules
         ],
     }
@@ -528,7 +538,7 @@ _EXCHANGE = re.compile(r"[A-Za-z0-9_.:-]+")
 def check_pattern(raw: object) -> str:
     """``raw`` when it is a valid channel pattern; raises a ValueError saying why not."""
     if not isinstance(raw, str) or not raw:
-        raise _Invalid(f"must be a channel pattern such as \"chat.{{room}}\", not {shown(raw)}")
+        raise _Invalid(f'must be a channel pattern such as "chat.{{room}}", not {shown(raw)}')
     if len(raw.encode()) > MAX_CHANNEL_BYTES:
         raise _Invalid(f"pattern longer than {MAX_CHANNEL_BYTES} bytes")
     if "*" in raw or "#" in raw:
@@ -611,7 +621,7 @@ def _parse_limits(node: yaml.Node) -> RuleLimits:
 def _parse_rate(raw: object) -> float:
     match = _RATE.fullmatch(raw) if isinstance(raw, str) else None
     if match is None:
-        raise _Invalid(f"must be a rate such as \"10/second\" or \"600/minute\", not {shown(raw)}")
+        raise _Invalid(f'must be a rate such as "10/second" or "600/minute", not {shown(raw)}')
     count = float(match[1])
     if count <= 0:
         raise _Invalid("the rate must be more than 0 (use publish: [nobody] to forbid publishing)")

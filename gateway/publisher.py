@@ -34,6 +34,7 @@ from gateway import amqpwire
 
 log = logging.getLogger("rabbitgate.publisher")
 
+
 class Expired(Exception):
     """RabbitMQ did not confirm the publish within the confirm timeout.
 

@@ -97,7 +97,10 @@ async def test_a_stalled_event_loop_does_not_turn_confirms_into_unavailable(
 
 
 async def test_a_broker_that_confirms_nothing_gets_unavailable(
-    settings: Settings, chaos_node: None, make_token: Any, client_ssl: Any  # noqa: F811
+    settings: Settings,
+    chaos_node: None,  # noqa: F811  (the fixture imported above)
+    make_token: Any,
+    client_ssl: Any,
 ) -> None:
     stalled = dataclasses.replace(
         settings, amqp_url=CHAOS_URL, publish_confirm_timeout_seconds=CONFIRM_TIMEOUT

@@ -139,8 +139,19 @@ def test_files_are_read_in_name_order_whatever_the_mapping_order() -> None:
 
 @pytest.mark.parametrize(
     "channel",
-    ["nothing.here", "chat", "", "chat.", ".chat", "chat..x", "chat.*", "chat.#", "chat.a b",
-     "chat." + "x" * 200, "chat.é"],
+    [
+        "nothing.here",
+        "chat",
+        "",
+        "chat.",
+        ".chat",
+        "chat..x",
+        "chat.*",
+        "chat.#",
+        "chat.a b",
+        "chat." + "x" * 200,
+        "chat.é",
+    ],
 )
 def test_default_deny_for_unmatched_and_invalid_channels(channel: str) -> None:
     policies = one_file(rules('{channel: "chat.{room}", exchange: chat, subscribe: [anyone]}'))
@@ -193,19 +204,27 @@ def test_missing_or_empty_condition_lists_mean_nobody() -> None:
         ("claim:org=lobby", who(org={"lobby": 1}), False),
         ("claim:org=None", who(org=None), False),
         ("claim:sub={room}", who("lobby"), True),
-        ("claim:https://example.com/team=red",
-         Principal("al", frozenset(), frozenset(), {"https://example.com/team": "red"}), True),
+        (
+            "claim:https://example.com/team=red",
+            Principal("al", frozenset(), frozenset(), {"https://example.com/team": "red"}),
+            True,
+        ),
         ({"all": ["role:member", "claim:tenant=acme"]}, ALICE, True),
         ({"all": ["role:member", "claim:tenant=acme"]}, BOB, False),
-        ({"all": ["role:member", {"all": ["anyone", "claim:org={room}"]}]},
-         who(roles=("member",), org="lobby"), True),
+        (
+            {"all": ["role:member", {"all": ["anyone", "claim:org={room}"]}]},
+            who(roles=("member",), org="lobby"),
+            True,
+        ),
         ({"all": ["role:member", {"all": ["anyone", "nobody"]}]}, ALICE, False),
     ],
 )
 def test_each_condition_kind(condition: Any, principal: Principal, allowed: bool) -> None:
     text = yaml.safe_dump(
-        {"version": 1, "rules": [{"channel": "chat.{room}", "exchange": "chat",
-                                   "subscribe": [condition]}]}
+        {
+            "version": 1,
+            "rules": [{"channel": "chat.{room}", "exchange": "chat", "subscribe": [condition]}],
+        }
     )
     policies = parse_policy_files({"t.yaml": text})
     assert policies.decide(principal, "subscribe", "chat.lobby").allowed is allowed
@@ -276,8 +295,9 @@ def test_rule_for_hands_out_copies_and_keeps_its_cache_bounded(
 
 
 def test_exchanges_lists_each_once() -> None:
-    policies = parse_policy_files({"10-spec.yaml": SPEC_EXAMPLE, "20.yaml": rules(
-        '{channel: "more.{x}", exchange: chat}')})
+    policies = parse_policy_files(
+        {"10-spec.yaml": SPEC_EXAMPLE, "20.yaml": rules('{channel: "more.{x}", exchange: chat}')}
+    )
     assert policies.exchanges() == frozenset({"chat", "feeds", "notify"})
 
 
@@ -318,10 +338,13 @@ def test_history(history: str, expected: int) -> None:
 @pytest.mark.parametrize(
     ("rule", "field", "message"),
     [
-        ('{exchange: x}', "channel", "missing"),
+        ("{exchange: x}", "channel", "missing"),
         ('{channel: "a.{x}"}', "exchange", "missing"),
-        ('{channel: "a.{x}", exchange: x, subscibe: [anyone]}', "subscibe",
-         "did you mean 'subscribe'"),
+        (
+            '{channel: "a.{x}", exchange: x, subscibe: [anyone]}',
+            "subscibe",
+            "did you mean 'subscribe'",
+        ),
         ('{channel: "a.{x}", exchange: x, limit: {}}', "limit", "did you mean 'limits'"),
         ('{channel: "a.*", exchange: x}', "channel", "wildcards"),
         ('{channel: "a.#", exchange: x}', "channel", "wildcards"),
@@ -334,7 +357,7 @@ def test_history(history: str, expected: int) -> None:
         ('{channel: "a.x{y}", exchange: x}', "channel", "bad segment"),
         ('{channel: "a.{x}.{x}", exchange: x}', "channel", "{x} appears twice"),
         ('{channel: "' + "a." * 100 + 'b", exchange: x}', "channel", "longer than 200 bytes"),
-        ('{channel: 12, exchange: x}', "channel", "must be a channel pattern"),
+        ("{channel: 12, exchange: x}", "channel", "must be a channel pattern"),
         ('{channel: "", exchange: x}', "channel", "must be a channel pattern"),
         ('{channel: "a.{x}", exchange: ""}', "exchange", "not the default one"),
         ('{channel: "a.{x}", exchange: 7}', "exchange", "must name a RabbitMQ exchange"),
@@ -344,54 +367,120 @@ def test_history(history: str, expected: int) -> None:
         ('{channel: "a.{x}", exchange: "a/b"}', "exchange", "bad exchange name"),
         ('{channel: "a.{x}", exchange: ' + "e" * 128 + "}", "exchange", "longer than 127"),
         ('{channel: "a.{x}", exchange: x, subscribe: anyone}', "subscribe", "must be a list"),
-        ('{channel: "a.{x}", exchange: x, subscribe: [rol:member]}', "subscribe",
-         "unknown condition 'rol:member'"),
+        (
+            '{channel: "a.{x}", exchange: x, subscribe: [rol:member]}',
+            "subscribe",
+            "unknown condition 'rol:member'",
+        ),
         ('{channel: "a.{x}", exchange: x, subscribe: [Anyone]}', "subscribe", "unknown condition"),
         ('{channel: "a.{x}", exchange: x, subscribe: ["role:"]}', "subscribe", "unknown condition"),
-        ('{channel: "a.{x}", exchange: x, subscribe: ["role:a b"]}', "subscribe",
-         "unknown condition"),
+        (
+            '{channel: "a.{x}", exchange: x, subscribe: ["role:a b"]}',
+            "subscribe",
+            "unknown condition",
+        ),
         ('{channel: "a.{x}", exchange: x, subscribe: [7]}', "subscribe", "must be a string"),
-        ('{channel: "a.{x}", exchange: x, publish: [role: member]}', "publish",
-         "did you mean 'role:member'"),
-        ('{channel: "a.{x}", exchange: x, subscribe: ["claim:sub={user}"]}', "subscribe",
-         "placeholder {user} is not in the channel pattern"),
-        ('{channel: "a.{x}", exchange: x, subscribe: [{all: [anyone, "claim:t={y}"]}]}',
-         "subscribe", "placeholder {y}"),
-        ('{channel: "a.{x}", exchange: x, subscribe: ["claim:sub={x"]}', "subscribe",
-         "bad claim value"),
-        ('{channel: "a.{x}", exchange: x, subscribe: ["claim:sub=a b"]}', "subscribe",
-         "bad claim value"),
-        ('{channel: "a.{x}", exchange: x, subscribe: ["claim:sub="]}', "subscribe",
-         "unknown condition"),
+        (
+            '{channel: "a.{x}", exchange: x, publish: [role: member]}',
+            "publish",
+            "did you mean 'role:member'",
+        ),
+        (
+            '{channel: "a.{x}", exchange: x, subscribe: ["claim:sub={user}"]}',
+            "subscribe",
+            "placeholder {user} is not in the channel pattern",
+        ),
+        (
+            '{channel: "a.{x}", exchange: x, subscribe: [{all: [anyone, "claim:t={y}"]}]}',
+            "subscribe",
+            "placeholder {y}",
+        ),
+        (
+            '{channel: "a.{x}", exchange: x, subscribe: ["claim:sub={x"]}',
+            "subscribe",
+            "bad claim value",
+        ),
+        (
+            '{channel: "a.{x}", exchange: x, subscribe: ["claim:sub=a b"]}',
+            "subscribe",
+            "bad claim value",
+        ),
+        (
+            '{channel: "a.{x}", exchange: x, subscribe: ["claim:sub="]}',
+            "subscribe",
+            "unknown condition",
+        ),
         ('{channel: "a.{x}", exchange: x, subscribe: [{all: []}]}', "subscribe", "non-empty list"),
-        ('{channel: "a.{x}", exchange: x, subscribe: [{all: anyone}]}', "subscribe",
-         "non-empty list"),
-        ('{channel: "a.{x}", exchange: x, subscribe: [{any: [anyone]}]}', "subscribe",
-         "unknown condition"),
-        ('{channel: "a.{x}", exchange: x, subscribe: [{all: [anyone], x: 1}]}', "subscribe",
-         "unknown condition"),
-        ('{channel: "a.{x}", exchange: x, limits: {publsh: "1/second"}}', "limits.publsh",
-         "did you mean 'publish'"),
-        ('{channel: "a.{x}", exchange: x, limits: {publish: "0/second"}}', "limits.publish",
-         "more than 0"),
-        ('{channel: "a.{x}", exchange: x, limits: {publish: "-1/second"}}', "limits.publish",
-         "must be a rate"),
-        ('{channel: "a.{x}", exchange: x, limits: {publish: "10/fortnight"}}', "limits.publish",
-         "must be a rate"),
-        ('{channel: "a.{x}", exchange: x, limits: {publish: 10}}', "limits.publish",
-         "must be a rate"),
-        ('{channel: "a.{x}", exchange: x, limits: {publish: "1e9/second"}}', "limits.publish",
-         "must be a rate"),
-        ('{channel: "a.{x}", exchange: x, limits: {burst: 5}}', "limits.burst",
-         "needs a 'publish' rate"),
-        ('{channel: "a.{x}", exchange: x, limits: {publish: "1/second", burst: 0}}',
-         "limits.burst", "from 1 to"),
-        ('{channel: "a.{x}", exchange: x, limits: {max_bytes: -1}}', "limits.max_bytes",
-         "from 1 to"),
-        ('{channel: "a.{x}", exchange: x, limits: {max_bytes: true}}', "limits.max_bytes",
-         "from 1 to"),
-        ('{channel: "a.{x}", exchange: x, limits: {max_bytes: 1.5}}', "limits.max_bytes",
-         "from 1 to"),
+        (
+            '{channel: "a.{x}", exchange: x, subscribe: [{all: anyone}]}',
+            "subscribe",
+            "non-empty list",
+        ),
+        (
+            '{channel: "a.{x}", exchange: x, subscribe: [{any: [anyone]}]}',
+            "subscribe",
+            "unknown condition",
+        ),
+        (
+            '{channel: "a.{x}", exchange: x, subscribe: [{all: [anyone], x: 1}]}',
+            "subscribe",
+            "unknown condition",
+        ),
+        (
+            '{channel: "a.{x}", exchange: x, limits: {publsh: "1/second"}}',
+            "limits.publsh",
+            "did you mean 'publish'",
+        ),
+        (
+            '{channel: "a.{x}", exchange: x, limits: {publish: "0/second"}}',
+            "limits.publish",
+            "more than 0",
+        ),
+        (
+            '{channel: "a.{x}", exchange: x, limits: {publish: "-1/second"}}',
+            "limits.publish",
+            "must be a rate",
+        ),
+        (
+            '{channel: "a.{x}", exchange: x, limits: {publish: "10/fortnight"}}',
+            "limits.publish",
+            "must be a rate",
+        ),
+        (
+            '{channel: "a.{x}", exchange: x, limits: {publish: 10}}',
+            "limits.publish",
+            "must be a rate",
+        ),
+        (
+            '{channel: "a.{x}", exchange: x, limits: {publish: "1e9/second"}}',
+            "limits.publish",
+            "must be a rate",
+        ),
+        (
+            '{channel: "a.{x}", exchange: x, limits: {burst: 5}}',
+            "limits.burst",
+            "needs a 'publish' rate",
+        ),
+        (
+            '{channel: "a.{x}", exchange: x, limits: {publish: "1/second", burst: 0}}',
+            "limits.burst",
+            "from 1 to",
+        ),
+        (
+            '{channel: "a.{x}", exchange: x, limits: {max_bytes: -1}}',
+            "limits.max_bytes",
+            "from 1 to",
+        ),
+        (
+            '{channel: "a.{x}", exchange: x, limits: {max_bytes: true}}',
+            "limits.max_bytes",
+            "from 1 to",
+        ),
+        (
+            '{channel: "a.{x}", exchange: x, limits: {max_bytes: 1.5}}',
+            "limits.max_bytes",
+            "from 1 to",
+        ),
         ('{channel: "a.{x}", exchange: x, limits: [1]}', "limits", "must be a mapping"),
         ('{channel: "a.{x}", exchange: x, history: -1}', "history", "from 0 to 1000000"),
         ('{channel: "a.{x}", exchange: x, history: 1000001}', "history", "from 0 to"),
@@ -407,7 +496,10 @@ def test_rule_validation_errors_name_file_line_rule_and_field(
         parse_policy_files({"10-chat.yaml": text}, base="policies")
     error = caught.value
     assert (error.file, error.line, error.rule, error.field) == (
-        "policies/10-chat.yaml", 4, 2, field
+        "policies/10-chat.yaml",
+        4,
+        2,
+        field,
     )
     assert str(error).startswith("policies/10-chat.yaml:4: rule 2")
     assert f"field '{field}': " in str(error)
@@ -466,8 +558,10 @@ def test_file_validation_errors(text: str, line: int, field: str | None, message
 
 
 def test_duplicate_keys_in_a_rule_are_refused() -> None:
-    text = "version: 1\nrules:\n  - channel: a\n    exchange: x\n    subscribe: [anyone]\n" \
-           "    subscribe: [nobody]\n"
+    text = (
+        "version: 1\nrules:\n  - channel: a\n    exchange: x\n    subscribe: [anyone]\n"
+        "    subscribe: [nobody]\n"
+    )
     with pytest.raises(PolicyError, match=r"^10-x.yaml:6: rule 1: duplicate key 'subscribe'"):
         parse_policy_files({"10-x.yaml": text})
 
@@ -532,8 +626,10 @@ rules: *i
         ("version: 1\nrules: " + "[" * 10_000 + "]" * 10_000 + "\n", "levels deep|nesting depth"),
         ("version: 1\nrules:\n  - {" + "a: {" * 50 + "}" * 51 + "\n", "levels deep"),
         ("version: 1\nrules: [" + "1, " * 60_000 + "1]\n", "more than 50000 YAML values"),
-        ("version: 1\nrules:\n  - {channel: a, exchange: x, history: " + "9" * 5000 + "}\n",
-         "cannot read the value"),
+        (
+            "version: 1\nrules:\n  - {channel: a, exchange: x, history: " + "9" * 5000 + "}\n",
+            "cannot read the value",
+        ),
         ("version: 1\nrules: []\nx: \x00\n", "character #x0000 is not allowed"),
         ("version: 1\nrules: []\n" + "#" * (policy.MAX_FILE_BYTES + 1), "larger than"),
     ],
@@ -611,8 +707,12 @@ def test_lint_shadow_table(first: str, second: str, shadowed: bool) -> None:
 
 
 def test_lint_shadow_check_stays_fast_with_many_rules() -> None:
-    text = rules(*(f'{{channel: "a.{{x}}.c{n}", exchange: x, subscribe: [anyone]}}'
-                   for n in range(policy.MAX_RULES)))
+    text = rules(
+        *(
+            f'{{channel: "a.{{x}}.c{n}", exchange: x, subscribe: [anyone]}}'
+            for n in range(policy.MAX_RULES)
+        )
+    )
     policies = one_file(text)
     started = time.perf_counter()
     assert policies.lint() == []
@@ -639,9 +739,9 @@ def test_lint_finds_a_rule_nobody_can_use(conditions: str) -> None:
 def test_lint_warns_about_unlimited_open_publishing() -> None:
     policies = one_file(rules('{channel: "a.{x}", exchange: x, publish: [anyone]}'))
     assert ["anyone may publish" in text for text in lint_texts(policies)] == [True]
-    limited = one_file(rules(
-        '{channel: "a.{x}", exchange: x, publish: [anyone], limits: {publish: "1/second"}}'
-    ))
+    limited = one_file(
+        rules('{channel: "a.{x}", exchange: x, publish: [anyone], limits: {publish: "1/second"}}')
+    )
     assert limited.lint() == []
 
 
