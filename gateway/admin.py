@@ -33,6 +33,8 @@ def build_admin_app(gateway: Any, routes: Iterable[web.AbstractRouteDef] = ()) -
 
 def readiness(gateway: Any) -> str | None:
     """Why ``gateway`` cannot serve traffic now, or None when it can."""
+    if gateway.draining:
+        return "shutting down"
     node = gateway.node
     if not node.broker.connected:
         return "broker not connected"

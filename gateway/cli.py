@@ -175,7 +175,7 @@ async def _run_gateway(settings: Settings) -> int:
     loop.add_signal_handler(signal.SIGHUP, gateway.reloader.reload_soon, "SIGHUP")
     await stop.wait()
     logging.getLogger("rabbitgate").info("shutting down")
-    await gateway.stop()
+    await gateway.shut_down()
     return 0
 
 

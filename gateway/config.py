@@ -28,6 +28,8 @@ ASYMMETRIC_ALGORITHMS = frozenset(
     {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
 )
 SYMMETRIC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
+# Longer than any orchestrator waits for a process to end after SIGTERM.
+MAX_SHUTDOWN_DELAY_SECONDS = 600.0
 
 
 @dataclass(frozen=True)
@@ -108,6 +110,9 @@ class Settings:
     stream_max_bytes: int = 256 * 1024 * 1024
     stream_max_age: str = "7D"
     publish_confirm_timeout_seconds: float = 5.0
+    # On SIGTERM, how long to go on serving with /readyz answering 503 before
+    # the listeners close, so a load balancer stops sending new clients first.
+    shutdown_delay_seconds: float = 0.0
     policies_dir: Path = Path("policies")
     # Reload the policies when a *.yaml file of policies_dir changes (SIGHUP always does).
     policy_watch: bool = True
@@ -270,6 +275,10 @@ def _check(settings: Settings) -> Settings:
     if jwt.max_token_bytes <= 0 or jwt.leeway_seconds < 0:
         raise ConfigError(
             "jwt.max_token_bytes must be positive and jwt.leeway_seconds not negative"
+        )
+    if not 0 <= settings.shutdown_delay_seconds <= MAX_SHUTDOWN_DELAY_SECONDS:
+        raise ConfigError(
+            f"shutdown_delay_seconds must be between 0 and {MAX_SHUTDOWN_DELAY_SECONDS:g}"
         )
     if not 0 <= settings.port < 65536:  # 0: any free port (tests)
         raise ConfigError(f"port {settings.port} is out of range")

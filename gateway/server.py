@@ -77,6 +77,7 @@ class Gateway:
         self.verifier = TokenVerifier(settings.jwt)
         # Metrics, audit stream, admin and SSE listeners (gateway/operations.py).
         self.metrics = self.node.metrics
+        self.draining = False  # shutting down: /readyz answers 503
         self.ops = Operations(self)
         self.admin_app = self.ops.admin_app  # add admin routes to it before start()
         # Anomaly detection, alerts and their review page (anomaly/); None when off.
@@ -166,6 +167,17 @@ class Gateway:
             WS_PATH,
         )
         await self.ops.start(ssl_context)
+
+    async def shut_down(self) -> None:
+        """What SIGTERM does: report not ready, go on serving for
+        ``shutdown_delay_seconds`` (a load balancer sees /readyz 503 and stops
+        sending new clients here), then ``stop``."""
+        self.draining = True
+        delay = self.settings.shutdown_delay_seconds
+        if delay > 0:
+            log.info("not ready any more; stopping in %g s", delay)
+            await asyncio.sleep(delay)
+        await self.stop()
 
     async def stop(self) -> None:
         """Stop accepting, close every client with 1001, then leave RabbitMQ."""

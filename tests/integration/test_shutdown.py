@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import aio_pika
+import aiohttp
 import orjson
 import pytest
 from websockets.asyncio.client import connect
@@ -18,7 +19,7 @@ from websockets.exceptions import ConnectionClosed
 from gateway.config import Settings
 from gateway.server import Gateway
 
-from .processes import GatewayProcess
+from .processes import GatewayProcess, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -78,5 +79,49 @@ async def test_sigterm_stops_the_process_within_bounds(
             assert ws.close_code == 1001
         assert await asyncio.to_thread(process.wait, 15) == 0
         assert time.monotonic() - started < 15
+    finally:
+        process.stop()
+
+
+async def test_with_a_shutdown_delay_readyz_turns_503_while_clients_are_still_served(
+    settings: Settings,
+    tmp_path: Path,
+    client_ssl: ssl.SSLContext,
+    make_token: Any,
+    cleanup_broker: None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """SIGTERM with `shutdown_delay_seconds`: a load balancer polling /readyz stops
+    sending new clients while the gateway still serves; then the usual 1001."""
+    admin_port = free_port()
+    monkeypatch.setenv("RABBITGATE_ADMIN_PORT", str(admin_port))
+    monkeypatch.setenv("RABBITGATE_SHUTDOWN_DELAY_SECONDS", "3")
+    process = GatewayProcess(settings, tmp_path).start()
+
+    async def readyz() -> tuple[int, dict[str, Any]]:
+        async with aiohttp.ClientSession() as http:
+            async with http.get(f"http://127.0.0.1:{admin_port}/readyz") as response:
+                return response.status, await response.json()
+
+    url = f"wss://localhost:{process.port}/ws"
+    headers = {"Authorization": f"Bearer {make_token('alice')}"}
+    try:
+        assert (await readyz())[0] == 200
+        async with connect(url, ssl=client_ssl, additional_headers=headers) as ws:
+            assert orjson.loads(await ws.recv())["type"] == "welcome"
+            process.signal(signal.SIGTERM)
+            deadline = time.monotonic() + 2
+            while (status := await readyz())[0] == 200 and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            assert status == (503, {"status": "unavailable", "reason": "shutting down"})
+            # Still serving: the open connection answers, a new one is let in.
+            await ws.send('{"type":"ping","id":1}')
+            assert orjson.loads(await asyncio.wait_for(ws.recv(), 5))["type"] == "pong"
+            async with connect(url, ssl=client_ssl, additional_headers=headers) as late:
+                assert orjson.loads(await late.recv())["type"] == "welcome"
+            with pytest.raises(ConnectionClosed):
+                await asyncio.wait_for(ws.recv(), 10)
+            assert ws.close_code == 1001
+        assert await asyncio.to_thread(process.wait, 15) == 0
     finally:
         process.stop()

@@ -41,6 +41,9 @@ def test_precedence_file_then_environment_then_flags(tmp_path: Path) -> None:
         ("tls: {enabled: maybe}\njwt: {secret: x}", "bad value"),
         ("- a list", "mapping"),
         ("a: [unclosed", "not valid YAML"),
+        ("shutdown_delay_seconds: -1\njwt: {secret: x}", "shutdown_delay_seconds"),
+        ("shutdown_delay_seconds: .nan\njwt: {secret: x}", "shutdown_delay_seconds"),
+        ("shutdown_delay_seconds: 601\njwt: {secret: x}", "shutdown_delay_seconds"),
     ],
 )
 def test_refused_configurations(tmp_path: Path, text: str, message: str) -> None:
