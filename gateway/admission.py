@@ -140,6 +140,9 @@ class AdmittedConnection(ServerConnection):
     _early: list[bytes] | None = None  # raw bytes until fed, then decrypted ones
     _early_bytes = 0
     _early_eof = False
+    # The client's address when a trusted proxy forwarded it (set by the
+    # handshake; None: the TCP peer is the client).
+    forwarded_client: str | None = None
 
     def __init__(self, protocol: ServerProtocol, *args: Any, **kwargs: Any) -> None:
         # Not kept for the connection's life: the handshake request (and token).

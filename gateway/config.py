@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from anomaly.settings import AnomalySettings
+from gateway.client_address import TrustedProxies
 
 
 class ConfigError(Exception):
@@ -120,6 +121,9 @@ class Settings:
     limits: LimitSettings = field(default_factory=LimitSettings)
     compression: bool = False
     allowed_origins: tuple[str, ...] = ()
+    # Proxies (addresses or networks) whose X-Forwarded-For names the client
+    # (gateway/client_address.py). Empty: the TCP peer is the client.
+    trusted_proxies: tuple[str, ...] = ()
     log_level: str = "INFO"
     # "json": one JSON object a line (gateway/logs.py); "text": plain lines.
     log_format: str = "json"
@@ -276,6 +280,10 @@ def _check(settings: Settings) -> Settings:
         raise ConfigError(
             "jwt.max_token_bytes must be positive and jwt.leeway_seconds not negative"
         )
+    try:
+        TrustedProxies(settings.trusted_proxies)
+    except ValueError as exc:
+        raise ConfigError(f"trusted_proxies: {exc}") from None
     if not 0 <= settings.shutdown_delay_seconds <= MAX_SHUTDOWN_DELAY_SECONDS:
         raise ConfigError(
             f"shutdown_delay_seconds must be between 0 and {MAX_SHUTDOWN_DELAY_SECONDS:g}"

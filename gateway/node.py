@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from gateway.broker import Broker, Delivery
+from gateway.client_address import TrustedProxies
 from gateway.config import Settings
 from gateway.deadlines import Deadlines
 from gateway.events import EventBus
@@ -65,6 +66,8 @@ class Node:
         self.limiter = Limiter(settings)  # rate limits and connection caps
         # Bans and throttles put on subjects by the anomaly detector's responses.
         self.restrictions = Restrictions()
+        # Whose X-Forwarded-For names the client (gateway/client_address.py).
+        self.trusted_proxies = TrustedProxies(settings.trusted_proxies)
         # Every session's wake-up (token expiry, idle timeout) on one loop timer.
         self.deadlines = Deadlines()
         # Latest seq seen per channel (what a subscribe ack reports).

@@ -134,7 +134,7 @@ class Gateway:
         # TLS is started per connection by the connection class, after the
         # address was let in (gateway/admission.py), not by the listener.
         self._connection_class = connection_class(
-            self.node.limiter.refusals.drop,
+            self._drop_before_tls,
             self._dropped_before_tls,
             ssl_context,
             tls_timeout=limits.handshake_timeout_seconds,
@@ -206,12 +206,30 @@ class Gateway:
 
     # --- handshake ----------------------------------------------------------
 
+    def _drop_before_tls(self, peer: str | None) -> bool:
+        # A proxy carries many clients: its address is never dropped (refusals
+        # are recorded for the client behind it anyway).
+        if self.node.trusted_proxies.trusts(peer):
+            return False
+        return self.node.limiter.refusals.drop(peer)
+
+    def _client_address(self, connection: ServerConnection, request: Request) -> str | None:
+        """The peer, or the client a trusted proxy forwarded (then kept on the connection)."""
+        peer = _peer(connection)
+        if not self.node.trusted_proxies:
+            return peer
+        forwarded = request.headers.get_all("X-Forwarded-For")
+        address = self.node.trusted_proxies.client_address(peer, forwarded)
+        if address != peer and isinstance(connection, AdmittedConnection):
+            connection.forwarded_client = address
+        return address
+
     async def _process_request(
         self, connection: ServerConnection, request: Request
     ) -> Response | None:
         if request.path.split("?", 1)[0] != WS_PATH:
             return connection.respond(HTTPStatus.NOT_FOUND, "not found\n")
-        address = _address(connection)
+        address = self._client_address(connection, request)
         self.node.events.emit(TrafficEvent("connect", address))
         if self.node.restrictions.banned("address", address):
             self.node.events.emit(TrafficEvent("banned", address, detail="403"))
@@ -398,5 +416,11 @@ def _too_many_requests(connection: ServerConnection, refusal: Refusal) -> Respon
 
 
 def _address(connection: ServerConnection) -> str | None:
+    """The client's address (see ``Gateway._client_address``)."""
+    forwarded = getattr(connection, "forwarded_client", None)
+    return forwarded if forwarded is not None else _peer(connection)
+
+
+def _peer(connection: ServerConnection) -> str | None:
     remote = connection.remote_address
     return str(remote[0]) if remote else None

@@ -239,7 +239,8 @@ class SseEndpoint:
 
     async def _events(self, request: web.Request) -> web.StreamResponse:
         node: Node = self._gateway.node
-        address = request.remote
+        forwarded = request.headers.getall("X-Forwarded-For", [])
+        address = node.trusted_proxies.client_address(request.remote, forwarded)
         node.events.emit(TrafficEvent("connect", address, detail="sse"))
         cors = self._cors(request)
         if cors is None:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import aio_pika
+import aiohttp
 import orjson
 import pytest
 from websockets.asyncio.client import connect
@@ -701,3 +702,74 @@ async def test_the_served_gateway_drops_before_tls_too(
         assert await attempt(served.port, client_ssl, padded, "127.0.0.1") in ("401", "431")
     finally:
         await asyncio.to_thread(served.stop)
+
+
+# --- behind a trusted proxy ---------------------------------------------------
+
+
+async def test_behind_a_trusted_proxy_limits_and_events_follow_the_forwarded_client(
+    start_gateway: StartFn, client_ssl: ssl.SSLContext, make_token: Any
+) -> None:
+    """127.0.0.1 plays the proxy: each forwarded client has its own connect
+    bucket; a forged hop left of the proxy's changes nothing; SSE too."""
+    gw = await start_gateway(
+        limits={"connects_per_second_per_address": 0.2, "connects_burst": 2},
+        trusted_proxies=("127.0.0.0/8",),
+    )
+    events = record(gw)
+
+    async def handshake(forwarded_for: str) -> int:
+        headers = {
+            "Authorization": f"Bearer {make_token('alice')}",
+            "X-Forwarded-For": forwarded_for,
+        }
+        try:
+            async with connect(url(gw), ssl=client_ssl, additional_headers=headers) as ws:
+                assert orjson.loads(await ws.recv())["type"] == "welcome"
+                return 101
+        except InvalidStatus as refused:
+            return refused.response.status_code
+
+    assert [await handshake("198.51.100.1") for _ in range(3)] == [101, 101, 429]
+    # A client of the same proxy, and one that forges another client's hop.
+    assert await handshake("198.51.100.2") == 101
+    assert await handshake("198.51.100.2, 198.51.100.1") == 429
+    connects = [e.address for e in events if e.kind == "connect"]
+    assert connects == ["198.51.100.1"] * 3 + ["198.51.100.2", "198.51.100.1"]
+    assert ("auth_ok", "198.51.100.2") in [(e.kind, e.address) for e in events]
+
+    async with aiohttp.ClientSession() as http:
+        async with http.get(
+            f"https://localhost:{gw.sse_port}/events",
+            params={"channel": "chat.ok"},
+            headers={
+                "Authorization": f"Bearer {make_token('alice')}",
+                "X-Forwarded-For": "198.51.100.3",
+            },
+            ssl=client_ssl,
+        ) as response:
+            assert response.status == 200
+    assert ("connect", "198.51.100.3", "sse") in [(e.kind, e.address, e.detail) for e in events]
+
+
+async def test_an_untrusted_peer_cannot_pick_its_address_with_x_forwarded_for(
+    start_gateway: StartFn, client_ssl: ssl.SSLContext, make_token: Any
+) -> None:
+    gw = await start_gateway(
+        limits={"connects_per_second_per_address": 0.2, "connects_burst": 2},
+        trusted_proxies=("192.0.2.0/24",),  # not us
+    )
+    events = record(gw)
+    statuses = []
+    for n in range(3):
+        headers = {
+            "Authorization": f"Bearer {make_token('alice')}",
+            "X-Forwarded-For": f"198.51.100.{n}",  # a new "client" every time
+        }
+        try:
+            async with connect(url(gw), ssl=client_ssl, additional_headers=headers):
+                statuses.append(101)
+        except InvalidStatus as refused:
+            statuses.append(refused.response.status_code)
+    assert statuses == [101, 101, 429]
+    assert {e.address for e in events if e.kind == "connect"} == {"127.0.0.1"}

@@ -41,6 +41,7 @@ def test_precedence_file_then_environment_then_flags(tmp_path: Path) -> None:
         ("tls: {enabled: maybe}\njwt: {secret: x}", "bad value"),
         ("- a list", "mapping"),
         ("a: [unclosed", "not valid YAML"),
+        ("trusted_proxies: [example.com]\njwt: {secret: x}", "trusted_proxies: 'example.com'"),
         ("shutdown_delay_seconds: -1\njwt: {secret: x}", "shutdown_delay_seconds"),
         ("shutdown_delay_seconds: .nan\njwt: {secret: x}", "shutdown_delay_seconds"),
         ("shutdown_delay_seconds: 601\njwt: {secret: x}", "shutdown_delay_seconds"),
@@ -56,3 +57,13 @@ def test_refused_configurations(tmp_path: Path, text: str, message: str) -> None
 def test_secret_never_in_repr() -> None:
     settings = load_settings(environ={"RABBITGATE_JWT_SECRET": "topsecretvalue"})
     assert "topsecretvalue" not in repr(settings)
+
+
+def test_trusted_proxies_from_the_environment() -> None:
+    settings = load_settings(
+        environ={
+            "RABBITGATE_JWT_SECRET": "x",
+            "RABBITGATE_TRUSTED_PROXIES": "10.0.0.0/8, 192.0.2.1",
+        }
+    )
+    assert settings.trusted_proxies == ("10.0.0.0/8", "192.0.2.1")
