@@ -1,9 +1,15 @@
 """Server-Sent Events, the wire side (spec section 8): event ids, event text, the buffer.
 
-No network here. An event id is the stream's position, channel -> latest seq
-sent, as base64url (unpadded) of its compact JSON, e.g. ``{"chat.a":12}`` ->
-``eyJjaGF0LmEiOjEyfQ``. Clients treat it as opaque; the gateway reads it back
-from ``Last-Event-ID`` to know where a reconnecting client stopped.
+No network here. An event id is the stream's position: the latest seq sent
+of each channel, in the order of the stream's ``channel`` parameters (null for
+one with no position yet), as base64url (unpadded) of compact JSON, e.g.
+``[12,null]`` -> ``WzEyLG51bGxd``. Clients treat it as opaque; the gateway
+reads it back from ``Last-Event-ID`` to know where a reconnecting client
+stopped. The channel names are not in it: EventSource reconnects to the same
+URL, which names them, and with names an id grew past what browsers and
+aiohttp accept as a header (8 KiB) at ~100 long channel names, while it rode
+on every event. Ids of the first form, an object ``{"chat.a":12}``, are still
+read.
 
 ``SseOutbox`` is the bounded send buffer of one stream, with the limits of a
 WebSocket's (``limits.send_buffer_bytes`` / ``send_buffer_messages``): frames
@@ -18,7 +24,7 @@ import asyncio
 import base64
 import binascii
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import orjson
 
@@ -29,13 +35,14 @@ MAX_EVENT_ID_CHARS = 8 * 1024
 HEARTBEAT = b": heartbeat\n\n"
 
 
-def encode_event_id(positions: Mapping[str, int]) -> str:
-    raw = orjson.dumps(dict(positions))
+def encode_event_id(channels: Sequence[str], positions: Mapping[str, int]) -> str:
+    raw = orjson.dumps([positions.get(channel) for channel in channels])
     return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
 
 
-def decode_event_id(text: str | None) -> dict[str, int] | None:
-    """The positions an event id holds; None when it is absent or not one of ours."""
+def decode_event_id(text: str | None, channels: Sequence[str]) -> dict[str, int] | None:
+    """The positions an event id of a stream of ``channels`` holds; None when it
+    is absent or not one of ours (or of a stream of other channels)."""
     if not text or len(text) > MAX_EVENT_ID_CHARS:
         return None
     try:
@@ -43,10 +50,16 @@ def decode_event_id(text: str | None) -> dict[str, int] | None:
         value = orjson.loads(raw)
     except (binascii.Error, ValueError):
         return None
-    if not isinstance(value, dict):
+    if isinstance(value, list):
+        if len(value) != len(channels):
+            return None
+        pairs = [(c, seq) for c, seq in zip(channels, value, strict=True) if seq is not None]
+    elif isinstance(value, dict):  # the first form, channel -> seq
+        pairs = list(value.items())
+    else:
         return None
     positions: dict[str, int] = {}
-    for channel, seq in value.items():
+    for channel, seq in pairs:
         if not is_valid_channel(channel) or type(seq) is not int or seq < 0:
             return None
         positions[channel] = seq

@@ -33,6 +33,7 @@ import logging
 import math
 import time
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
@@ -74,10 +75,16 @@ class SseStream:
     transport = "sse"
 
     def __init__(
-        self, node: Node, principal: Principal, address: str | None, positions: dict[str, int]
+        self,
+        node: Node,
+        principal: Principal,
+        address: str | None,
+        channels: Sequence[str],
+        positions: dict[str, int],
     ) -> None:
         self.id = uuid.uuid4().hex
         self.node = node
+        self.channels = tuple(channels)  # as the URL names them: the order of event ids
         self.principal = principal
         self.address = address
         self.subscriptions: dict[str, str] = {}  # channel -> exchange
@@ -210,7 +217,7 @@ class SseStream:
         if channel not in self.subscriptions:
             return b""  # the policies ended it after the message was queued
         self._positions[channel] = parsed["seq"]
-        return format_event("message", frame, encode_event_id(self._positions))
+        return format_event("message", frame, encode_event_id(self.channels, self._positions))
 
 
 class SseEndpoint:
@@ -317,7 +324,7 @@ class SseEndpoint:
                 return _refuse(403, f"not allowed to subscribe to {channel}", cors)
             rules[channel] = decision.rule
         since = _since(request.headers.get("Last-Event-ID"), channels)
-        stream = SseStream(node, principal, address, {})
+        stream = SseStream(node, principal, address, channels, {})
         try:
             await stream.subscribe(rules, since)
         except BrokerUnavailable:
@@ -396,7 +403,7 @@ def _since(last_event_id: str | None, channels: list[str]) -> dict[str, int | No
     """Where a reconnecting client stopped, per channel; None on a first connection."""
     if last_event_id is None:
         return None
-    positions = decode_event_id(last_event_id)
+    positions = decode_event_id(last_event_id, channels)
     if positions is None:  # not one of ours: no channel can be recovered
         return dict.fromkeys(channels)
     return {channel: positions[channel] for channel in channels if channel in positions}

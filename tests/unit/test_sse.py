@@ -17,12 +17,28 @@ from gateway.sse import (
 )
 
 
-def test_an_event_id_is_unpadded_base64url_of_the_compact_position_json() -> None:
-    event_id = encode_event_id({"chat.a": 12, "news.b-c_d": 0})
+def test_an_event_id_is_unpadded_base64url_of_the_positions_in_channel_order() -> None:
+    channels = ["chat.a", "news.b-c_d", "chat.quiet"]
+    event_id = encode_event_id(channels, {"news.b-c_d": 0, "chat.a": 12})
     assert "=" not in event_id and "+" not in event_id and "/" not in event_id
     padded = event_id + "=" * (-len(event_id) % 4)
-    assert orjson.loads(base64.urlsafe_b64decode(padded)) == {"chat.a": 12, "news.b-c_d": 0}
-    assert decode_event_id(event_id) == {"chat.a": 12, "news.b-c_d": 0}
+    assert orjson.loads(base64.urlsafe_b64decode(padded)) == [12, 0, None]
+    assert decode_event_id(event_id, channels) == {"chat.a": 12, "news.b-c_d": 0}
+
+
+def test_an_event_id_stays_small_with_many_long_channel_names() -> None:
+    """The names come from the URL, not the id: 100 channels of 200 bytes fit a header."""
+    channels = [f"tenant{i:03d}." + "x" * 190 for i in range(100)]
+    positions = {channel: 10**12 + i for i, channel in enumerate(channels)}
+    event_id = encode_event_id(channels, positions)
+    assert len(event_id) < 2 * 1024
+    assert decode_event_id(event_id, channels) == positions
+
+
+def test_an_event_id_of_the_first_form_is_still_read() -> None:
+    """Ids issued before the channel names left them: ``{"channel": seq}``."""
+    old = _b64(b'{"chat.a": 12, "news.b": 3}')
+    assert decode_event_id(old, ["chat.a", "news.b"]) == {"chat.a": 12, "news.b": 3}
 
 
 def _b64(raw: bytes) -> str:
@@ -36,7 +52,13 @@ def _b64(raw: bytes) -> str:
         "",
         "not base64 !",
         _b64(b"not json"),
-        _b64(b"[1, 2]"),  # not an object
+        _b64(b'"chat.a"'),  # neither a list nor an object
+        _b64(b"[1]"),  # a stream of one channel: not this stream's
+        _b64(b"[1, 2, 3]"),
+        _b64(b"[1, -1]"),
+        _b64(b"[1, 1.5]"),
+        _b64(b"[true, 1]"),
+        _b64(b'["7", 1]'),
         _b64(b'{"chat.#": 1}'),  # an AMQP wildcard is no channel
         _b64(b'{"chat.a": -1}'),
         _b64(b'{"chat.a": 1.5}'),
@@ -46,7 +68,7 @@ def _b64(raw: bytes) -> str:
     ],
 )
 def test_an_id_that_is_not_ours_decodes_to_none(text: str | None) -> None:
-    assert decode_event_id(text) is None
+    assert decode_event_id(text, ["chat.a", "chat.b"]) is None
 
 
 def test_an_event_has_its_name_id_and_one_data_line() -> None:
