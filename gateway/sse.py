@@ -1,15 +1,16 @@
 """Server-Sent Events, the wire side (spec section 8): event ids, event text, the buffer.
 
-No network here. An event id is the stream's position: the latest seq sent
-of each channel, in the order of the stream's ``channel`` parameters (null for
-one with no position yet), as base64url (unpadded) of compact JSON, e.g.
-``[12,null]`` -> ``WzEyLG51bGxd``. Clients treat it as opaque; the gateway
-reads it back from ``Last-Event-ID`` to know where a reconnecting client
-stopped. The channel names are not in it: EventSource reconnects to the same
-URL, which names them, and with names an id grew past what browsers and
-aiohttp accept as a header (8 KiB) at ~100 long channel names, while it rode
-on every event. Ids of the first form, an object ``{"chat.a":12}``, are still
-read.
+No network here. An event id is the stream's position: a fingerprint of the
+stream's channel list (CRC-32 of the names), then the latest seq sent of each
+channel in the order of the stream's ``channel`` parameters (null for one with
+no position yet), as base64url (unpadded) of compact JSON: for
+``?channel=chat.lobby&channel=news.sports``, ``[3573982671,42,null]``.
+Clients treat it as opaque; the gateway reads it back from ``Last-Event-ID``
+to know where a reconnecting client stopped. The channel names are not in
+it: EventSource reconnects to the same URL, which names them, and with names
+an id grew past what browsers and aiohttp accept as a header (8 KiB) at ~100
+long channel names, while it rode on every event. Ids of the first form, an
+object ``{"chat.a":12}``, are still read.
 
 ``SseOutbox`` is the bounded send buffer of one stream, with the limits of a
 WebSocket's (``limits.send_buffer_bytes`` / ``send_buffer_messages``): frames
@@ -23,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import zlib
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 
@@ -36,8 +38,14 @@ HEARTBEAT = b": heartbeat\n\n"
 
 
 def encode_event_id(channels: Sequence[str], positions: Mapping[str, int]) -> str:
-    raw = orjson.dumps([positions.get(channel) for channel in channels])
+    raw = orjson.dumps([_fingerprint(channels), *(positions.get(c) for c in channels)])
     return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+
+def _fingerprint(channels: Sequence[str]) -> int:
+    """Which channel list an id was made for: an id reused on a stream of other
+    channels must not put one channel's position on another."""
+    return zlib.crc32("\n".join(channels).encode())
 
 
 def decode_event_id(text: str | None, channels: Sequence[str]) -> dict[str, int] | None:
@@ -51,9 +59,9 @@ def decode_event_id(text: str | None, channels: Sequence[str]) -> dict[str, int]
     except (binascii.Error, ValueError):
         return None
     if isinstance(value, list):
-        if len(value) != len(channels):
+        if len(value) != len(channels) + 1 or value[0] != _fingerprint(channels):
             return None
-        pairs = [(c, seq) for c, seq in zip(channels, value, strict=True) if seq is not None]
+        pairs = [(c, seq) for c, seq in zip(channels, value[1:], strict=True) if seq is not None]
     elif isinstance(value, dict):  # the first form, channel -> seq
         pairs = list(value.items())
     else:

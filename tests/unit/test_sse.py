@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import zlib
 
 import orjson
 import pytest
@@ -22,8 +23,12 @@ def test_an_event_id_is_unpadded_base64url_of_the_positions_in_channel_order() -
     event_id = encode_event_id(channels, {"news.b-c_d": 0, "chat.a": 12})
     assert "=" not in event_id and "+" not in event_id and "/" not in event_id
     padded = event_id + "=" * (-len(event_id) % 4)
-    assert orjson.loads(base64.urlsafe_b64decode(padded)) == [12, 0, None]
+    fingerprint = zlib.crc32(b"chat.a\nnews.b-c_d\nchat.quiet")
+    assert orjson.loads(base64.urlsafe_b64decode(padded)) == [fingerprint, 12, 0, None]
     assert decode_event_id(event_id, channels) == {"chat.a": 12, "news.b-c_d": 0}
+    # The same number of channels, other names or another order: not this stream's.
+    assert decode_event_id(event_id, ["chat.a", "news.b-c_d", "chat.other"]) is None
+    assert decode_event_id(event_id, ["news.b-c_d", "chat.a", "chat.quiet"]) is None
 
 
 def test_an_event_id_stays_small_with_many_long_channel_names() -> None:
@@ -41,6 +46,9 @@ def test_an_event_id_of_the_first_form_is_still_read() -> None:
     assert decode_event_id(old, ["chat.a", "news.b"]) == {"chat.a": 12, "news.b": 3}
 
 
+OURS = zlib.crc32(b"chat.a\nchat.b")  # the fingerprint of the stream below
+
+
 def _b64(raw: bytes) -> str:
     return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
 
@@ -53,12 +61,13 @@ def _b64(raw: bytes) -> str:
         "not base64 !",
         _b64(b"not json"),
         _b64(b'"chat.a"'),  # neither a list nor an object
-        _b64(b"[1]"),  # a stream of one channel: not this stream's
-        _b64(b"[1, 2, 3]"),
-        _b64(b"[1, -1]"),
-        _b64(b"[1, 1.5]"),
-        _b64(b"[true, 1]"),
-        _b64(b'["7", 1]'),
+        _b64(b"[1, 2, 3]"),  # no fingerprint of chat.a + chat.b
+        _b64(f"[{OURS}, 1]".encode()),  # one position: a stream of one channel
+        _b64(f"[{OURS}, 1, 2, 3]".encode()),
+        _b64(f"[{OURS}, 1, -1]".encode()),
+        _b64(f"[{OURS}, 1, 1.5]".encode()),
+        _b64(f"[{OURS}, true, 1]".encode()),
+        _b64(f'[{OURS}, "7", 1]'.encode()),
         _b64(b'{"chat.#": 1}'),  # an AMQP wildcard is no channel
         _b64(b'{"chat.a": -1}'),
         _b64(b'{"chat.a": 1.5}'),
