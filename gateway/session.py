@@ -167,7 +167,9 @@ class Session:
             self.close(CLOSE_AUTH, "token expired")
             return
         idle_left = self.guard.idle_left()
-        if idle_left is not None and idle_left <= 0:
+        # (With the same slack: rescheduled within it, this wake-up would come
+        # straight back, in the same run of due deadlines, until the clock moved.)
+        if idle_left is not None and idle_left <= CLOCK_SLACK_SECONDS:
             self.close(CLOSE_IDLE, "idle timeout")
             return
         self._schedule_wakeup()  # a frame came since: the idle timeout moved
