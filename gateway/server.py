@@ -313,7 +313,7 @@ class Gateway:
             self.heartbeat.discard(connection)
 
     async def _open_session(self, connection: ServerConnection) -> Session | None:
-        """Authenticate, admit and greet the connection; None once it was closed instead."""
+        """Authenticate and admit the connection: its session, or None once it is closed."""
         if connection in self._refused:
             await connection.close(CLOSE_POLICY, "origin not allowed")
             return None
