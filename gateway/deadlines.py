@@ -47,7 +47,7 @@ class Deadline:
 
 
 class Deadlines:
-    """The deadlines of one event loop (created lazily, on first use)."""
+    """The deadlines of one event loop (the running one, looked up when a timer is set)."""
 
     def __init__(self) -> None:
         self._heap: list[tuple[float, int, Deadline]] = []

@@ -37,41 +37,49 @@ MAX_EVENT_ID_CHARS = 8 * 1024
 HEARTBEAT = b": heartbeat\n\n"
 
 
-def encode_event_id(channels: Sequence[str], positions: Mapping[str, int]) -> str:
-    raw = orjson.dumps([_fingerprint(channels), *(positions.get(c) for c in channels)])
-    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+class EventIds:
+    """The event ids of one stream of ``channels`` (in the URL's order).
 
+    The fingerprint is worked out once per stream: ``encode`` runs for every
+    event of every stream, on the fan-out's path.
+    """
 
-def _fingerprint(channels: Sequence[str]) -> int:
-    """Which channel list an id was made for: an id reused on a stream of other
-    channels must not put one channel's position on another."""
-    return zlib.crc32("\n".join(channels).encode())
+    def __init__(self, channels: Sequence[str]) -> None:
+        self.channels = tuple(channels)
+        # Which channel list an id was made for: an id reused on a stream of
+        # other channels must not put one channel's position on another.
+        self._fingerprint = zlib.crc32("\n".join(self.channels).encode())
 
+    def encode(self, positions: Mapping[str, int]) -> str:
+        raw = orjson.dumps([self._fingerprint, *(positions.get(c) for c in self.channels)])
+        return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
 
-def decode_event_id(text: str | None, channels: Sequence[str]) -> dict[str, int] | None:
-    """The positions an event id of a stream of ``channels`` holds; None when it
-    is absent or not one of ours (or of a stream of other channels)."""
-    if not text or len(text) > MAX_EVENT_ID_CHARS:
-        return None
-    try:
-        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-        value = orjson.loads(raw)
-    except (binascii.Error, ValueError):
-        return None
-    if isinstance(value, list):
-        if len(value) != len(channels) + 1 or value[0] != _fingerprint(channels):
+    def decode(self, text: str | None) -> dict[str, int] | None:
+        """The positions an event id holds; None when it is absent or not one
+        of ours (or of a stream of other channels)."""
+        if not text or len(text) > MAX_EVENT_ID_CHARS:
             return None
-        pairs = [(c, seq) for c, seq in zip(channels, value[1:], strict=True) if seq is not None]
-    elif isinstance(value, dict):  # the first form, channel -> seq
-        pairs = list(value.items())
-    else:
-        return None
-    positions: dict[str, int] = {}
-    for channel, seq in pairs:
-        if not is_valid_channel(channel) or type(seq) is not int or seq < 0:
+        try:
+            raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+            value = orjson.loads(raw)
+        except (binascii.Error, ValueError):
             return None
-        positions[channel] = seq
-    return positions
+        if isinstance(value, list):
+            if len(value) != len(self.channels) + 1 or value[0] != self._fingerprint:
+                return None
+            pairs = [
+                (c, seq) for c, seq in zip(self.channels, value[1:], strict=True) if seq is not None
+            ]
+        elif isinstance(value, dict):  # the first form, channel -> seq
+            pairs = list(value.items())
+        else:
+            return None
+        positions: dict[str, int] = {}
+        for channel, seq in pairs:
+            if not is_valid_channel(channel) or type(seq) is not int or seq < 0:
+                return None
+            positions[channel] = seq
+        return positions
 
 
 def format_event(event: str, data: bytes, event_id: str | None = None) -> bytes:

@@ -51,7 +51,7 @@ from gateway.policy import Principal, Rule
 from gateway.protocol import error_frame
 from gateway.restrictions import CLOSE_BANNED
 from gateway.session import CLOSE_AUTH
-from gateway.sse import HEARTBEAT, SseOutbox, decode_event_id, encode_event_id, format_event
+from gateway.sse import HEARTBEAT, EventIds, SseOutbox, format_event
 
 log = logging.getLogger("rabbitgate.sse")
 
@@ -84,7 +84,7 @@ class SseStream:
     ) -> None:
         self.id = uuid.uuid4().hex
         self.node = node
-        self.channels = tuple(channels)  # as the URL names them: the order of event ids
+        self.event_ids = EventIds(channels)  # the URL's channels, in its order
         self.principal = principal
         self.address = address
         self.subscriptions: dict[str, str] = {}  # channel -> exchange
@@ -217,7 +217,7 @@ class SseStream:
         if channel not in self.subscriptions:
             return b""  # the policies ended it after the message was queued
         self._positions[channel] = parsed["seq"]
-        return format_event("message", frame, encode_event_id(self.channels, self._positions))
+        return format_event("message", frame, self.event_ids.encode(self._positions))
 
 
 class SseEndpoint:
@@ -403,7 +403,7 @@ def _since(last_event_id: str | None, channels: list[str]) -> dict[str, int | No
     """Where a reconnecting client stopped, per channel; None on a first connection."""
     if last_event_id is None:
         return None
-    positions = decode_event_id(last_event_id, channels)
+    positions = EventIds(channels).decode(last_event_id)
     if positions is None:  # not one of ours: no channel can be recovered
         return dict.fromkeys(channels)
     return {channel: positions[channel] for channel in channels if channel in positions}

@@ -27,7 +27,7 @@ from gateway.config import Settings, TlsSettings
 from gateway.policy import load_policy_set, parse_policy_files
 from gateway.restrictions import Rule as Restriction
 from gateway.server import Gateway
-from gateway.sse import decode_event_id
+from gateway.sse import EventIds
 
 pytestmark = pytest.mark.integration
 
@@ -151,7 +151,7 @@ async def test_an_sse_event_carries_the_same_json_as_a_websocket_message(
     events = [await stream.next_of("message"), await stream.next_of("message")]
     assert [orjson.loads(e["data"]) for e in events] == over_ws
     assert over_ws[0]["from"] == "bob" and over_ws[1]["data"] == {"t": "two"}
-    positions = [decode_event_id(e["id"], ["chat.same", "news.same"]) for e in events]
+    positions = [EventIds(["chat.same", "news.same"]).decode(e["id"]) for e in events]
     assert [p["chat.same"] for p in positions] == [m["seq"] for m in over_ws]
     # news.same had no message: its position is where its exchange's stream
     # stood at the subscribe, a valid Last-Event-ID point.
@@ -240,7 +240,7 @@ async def test_last_event_id_resumes_after_what_the_client_missed(
     live = await again.next_of("message")
     assert orjson.loads(live["data"])["data"] == "live"
     seqs = [
-        decode_event_id(e["id"], ["chat.resume"])["chat.resume"] for e in (seen, *replayed, live)
+        EventIds(["chat.resume"]).decode(e["id"])["chat.resume"] for e in (seen, *replayed, live)
     ]  # type: ignore[index]
     assert seqs == sorted(set(seqs))
     again.close()
@@ -480,7 +480,7 @@ async def test_a_browser_eventsource_receives_messages(
         frames = [orjson.loads(r["data"]) for r in received()]
         assert [f["data"] for f in frames] == [{"n": 0}, {"n": 1}, {"n": 2}]
         assert all(f["type"] == "message" and f["from"] == "bob" for f in frames)
-        ids = [decode_event_id(r["id"], ["chat.browser"]) for r in received()]
+        ids = [EventIds(["chat.browser"]).decode(r["id"]) for r in received()]
         assert ids == [{"chat.browser": f["seq"]} for f in frames]
         assert not [r for r in reports() if "error" in r], console()
     finally:

@@ -11,39 +11,38 @@ import pytest
 
 from gateway.sse import (
     MAX_EVENT_ID_CHARS,
+    EventIds,
     SseOutbox,
-    decode_event_id,
-    encode_event_id,
     format_event,
 )
 
 
 def test_an_event_id_is_unpadded_base64url_of_the_positions_in_channel_order() -> None:
     channels = ["chat.a", "news.b-c_d", "chat.quiet"]
-    event_id = encode_event_id(channels, {"news.b-c_d": 0, "chat.a": 12})
+    event_id = EventIds(channels).encode({"news.b-c_d": 0, "chat.a": 12})
     assert "=" not in event_id and "+" not in event_id and "/" not in event_id
     padded = event_id + "=" * (-len(event_id) % 4)
     fingerprint = zlib.crc32(b"chat.a\nnews.b-c_d\nchat.quiet")
     assert orjson.loads(base64.urlsafe_b64decode(padded)) == [fingerprint, 12, 0, None]
-    assert decode_event_id(event_id, channels) == {"chat.a": 12, "news.b-c_d": 0}
+    assert EventIds(channels).decode(event_id) == {"chat.a": 12, "news.b-c_d": 0}
     # The same number of channels, other names or another order: not this stream's.
-    assert decode_event_id(event_id, ["chat.a", "news.b-c_d", "chat.other"]) is None
-    assert decode_event_id(event_id, ["news.b-c_d", "chat.a", "chat.quiet"]) is None
+    assert EventIds(["chat.a", "news.b-c_d", "chat.other"]).decode(event_id) is None
+    assert EventIds(["news.b-c_d", "chat.a", "chat.quiet"]).decode(event_id) is None
 
 
 def test_an_event_id_stays_small_with_many_long_channel_names() -> None:
     """The names come from the URL, not the id: 100 channels of 200 bytes fit a header."""
     channels = [f"tenant{i:03d}." + "x" * 190 for i in range(100)]
     positions = {channel: 10**12 + i for i, channel in enumerate(channels)}
-    event_id = encode_event_id(channels, positions)
+    event_id = EventIds(channels).encode(positions)
     assert len(event_id) < 2 * 1024
-    assert decode_event_id(event_id, channels) == positions
+    assert EventIds(channels).decode(event_id) == positions
 
 
 def test_an_event_id_of_the_first_form_is_still_read() -> None:
     """Ids issued before the channel names left them: ``{"channel": seq}``."""
     old = _b64(b'{"chat.a": 12, "news.b": 3}')
-    assert decode_event_id(old, ["chat.a", "news.b"]) == {"chat.a": 12, "news.b": 3}
+    assert EventIds(["chat.a", "news.b"]).decode(old) == {"chat.a": 12, "news.b": 3}
 
 
 OURS = zlib.crc32(b"chat.a\nchat.b")  # the fingerprint of the stream below
@@ -77,7 +76,7 @@ def _b64(raw: bytes) -> str:
     ],
 )
 def test_an_id_that_is_not_ours_decodes_to_none(text: str | None) -> None:
-    assert decode_event_id(text, ["chat.a", "chat.b"]) is None
+    assert EventIds(["chat.a", "chat.b"]).decode(text) is None
 
 
 def test_an_event_has_its_name_id_and_one_data_line() -> None:
