@@ -17,6 +17,8 @@ from __future__ import annotations
 import asyncio
 import heapq
 import itertools
+import math
+import time
 from collections.abc import Callable
 
 # uvloop's clock counts whole milliseconds: a timer can fire up to 1 ms before
@@ -115,3 +117,11 @@ class Deadlines:
             if not self._heap and self._timer is not None:
                 self._timer.cancel()
                 self._timer, self._timer_at = None, float("inf")
+
+
+def loop_time_of(epoch_seconds: float) -> float:
+    """A wall-clock instant (a token's exp) on the running event loop's clock."""
+    if epoch_seconds == math.inf:
+        return math.inf
+    loop = asyncio.get_running_loop()
+    return loop.time() + max(0.0, epoch_seconds - time.time())

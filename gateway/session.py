@@ -19,7 +19,7 @@ from websockets.protocol import State
 
 from gateway.auth import AuthError, TokenVerifier
 from gateway.broker import BrokerUnavailable, publish_error
-from gateway.deadlines import CLOCK_SLACK_SECONDS, Deadline
+from gateway.deadlines import CLOCK_SLACK_SECONDS, Deadline, loop_time_of
 from gateway.envelope import ClientStamp
 from gateway.events import EventKind, TrafficEvent
 from gateway.limiter import Refusal, rate_limited_frame
@@ -111,7 +111,7 @@ class Session:
         self._closing: asyncio.Task[None] | None = None
         # The token's expiry, on the loop's clock; the wake-up comes then or at
         # the idle timeout, whichever is first.
-        self._expires_at = _loop_time_of(principal.exp)
+        self._expires_at = loop_time_of(principal.exp)
         self._wakeup: Deadline | None = None
         self._schedule_wakeup()
 
@@ -419,21 +419,13 @@ class Session:
         if principal.sub != self.principal.sub:
             raise FrameError("unauthorized", "a refreshed token must carry the same sub", frame.id)
         self.principal = principal
-        self._expires_at = _loop_time_of(principal.exp)
+        self._expires_at = loop_time_of(principal.exp)
         self._schedule_wakeup()
         self.emit("auth_ok", detail="refresh")
         # Roles or claims may have changed with the new token.
         self.recheck_subscriptions()
         # Answered even without an id: the client must know the refresh took.
         self.send(ack_frame(frame.id))
-
-
-def _loop_time_of(epoch_seconds: float) -> float:
-    """A wall-clock instant (a token's exp) on the event loop's clock."""
-    if epoch_seconds == math.inf:
-        return math.inf
-    loop = asyncio.get_running_loop()
-    return loop.time() + max(0.0, epoch_seconds - time.time())
 
 
 def _request_id(text: str) -> RequestId | None:

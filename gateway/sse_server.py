@@ -31,9 +31,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import time
 import uuid
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import orjson
@@ -43,6 +43,7 @@ from gateway import logs
 from gateway.auth import AuthError
 from gateway.broker import BrokerUnavailable
 from gateway.channels import is_valid_channel
+from gateway.deadlines import Deadline, loop_time_of
 from gateway.events import EventKind, TrafficEvent
 from gateway.limiter import Refusal
 from gateway.node import Node
@@ -97,9 +98,11 @@ class SseStream:
         self.end_code: int | None = None
         self._positions = positions  # channel -> seq: what the event ids say
         self._socket: asyncio.Transport | None = None
-        delay = max(0.0, principal.exp - time.time())
-        loop = asyncio.get_running_loop()
-        self._expiry = loop.call_later(delay, self.close, CLOSE_AUTH, "token expired")
+        expires_at = loop_time_of(principal.exp)
+        self._expiry: Deadline | None = None
+        if expires_at != math.inf:
+            expired = partial(self.close, CLOSE_AUTH, "token expired")
+            self._expiry = node.deadlines.call_at(expires_at, expired)
 
     # --- the session interface (node, hub, policy reloads) --------------------
 
@@ -174,7 +177,8 @@ class SseStream:
 
     def release(self) -> None:
         """Leave the hub; after this the stream receives nothing."""
-        self._expiry.cancel()
+        if self._expiry is not None:
+            self._expiry.cancel()
         for channel in list(self.subscriptions):
             self.node.remove_subscriber(self, channel)  # type: ignore[arg-type]
         self.subscriptions.clear()
