@@ -42,7 +42,8 @@ from anomaly.features import OVERFLOW, SubjectWindow
 from anomaly.model import MODEL_FILE, AnomalyModel
 from anomaly.settings import AnomalySettings
 from anomaly.worker import Outcome, Scored, event_tuple
-from gateway.limits.restrictions import CLOSE_BANNED, Rule
+from gateway.limits.restrictions import Rule
+from gateway.protocol.codes import CLOSE_BANNED
 from gateway.telemetry.events import TrafficEvent
 
 __all__ = ["Detector", "Scored"]

@@ -24,15 +24,21 @@ from websockets.typing import Subprotocol
 
 from gateway.auth.tokens import AuthError, TokenVerifier
 from gateway.config import Settings
+from gateway.core.gate import Gate, Refused
 from gateway.core.node import Node
 from gateway.core.reloader import PolicyReloader
-from gateway.core.session import CLOSE_AUTH, Session
+from gateway.core.session import Session
 from gateway.devtools.devcerts import server_ssl_context
 from gateway.limits.limiter import Limiter, Refusal, Slot, rate_limited_frame, retry_after_header
-from gateway.limits.restrictions import CLOSE_BANNED
 from gateway.operations.malloc import fix_mmap_threshold
 from gateway.operations.operations import Operations
 from gateway.policy.rules import PolicySet, Principal
+from gateway.protocol.codes import (
+    CLOSE_AUTH,
+    CLOSE_AUTH_TIMEOUT,
+    CLOSE_POLICY,
+    CLOSE_RATE_LIMITED,
+)
 from gateway.protocol.frames import Auth, FrameError, error_frame, parse_frame, welcome_frame
 from gateway.telemetry import logs
 from gateway.telemetry.events import TrafficEvent
@@ -40,15 +46,13 @@ from gateway.transports.admission import AdmittedConnection, connection_class
 from gateway.transports.handshake_memory import forget_handshake
 from gateway.transports.heartbeat import Heartbeat, WebSocketLink
 from gateway.transports.heartbeat import run as run_heartbeat
-from gateway.transports.outbox import Outbox
+from gateway.transports.outbox import fan_out
+from gateway.transports.websocket import WebSocketTransport
 
 log = logging.getLogger("rabbitgate.server")
 
 SUBPROTOCOL = Subprotocol("rabbitgate.v1")
 WS_PATH = "/ws"
-CLOSE_POLICY = 1008
-CLOSE_AUTH_TIMEOUT = 4408
-CLOSE_RATE_LIMITED = 4429
 # What a rejected handshake has to say: nothing a client could learn from.
 _UNAUTHORIZED_BODY = "invalid or missing token\n"
 
@@ -70,11 +74,13 @@ class Gateway:
 
     def __init__(self, settings: Settings, policies: PolicySet) -> None:
         self.settings = settings
-        self.node = Node(settings, policies)
+        self.node = Node(settings, policies, fan_out=fan_out)
         self.reloader = PolicyReloader(
             self.node, settings.policies_dir, watch=settings.policy_watch
         )
         self.verifier = TokenVerifier(settings.jwt)
+        # Who may connect and subscribe, for every transport (gateway/core/gate.py).
+        self.gate = Gate(self.node, self.verifier)
         # Metrics, audit stream, admin and SSE listeners (gateway/operations/operations.py).
         self.metrics = self.node.metrics
         self.draining = False  # shutting down: /readyz answers 503
@@ -230,17 +236,16 @@ class Gateway:
         if request.path.split("?", 1)[0] != WS_PATH:
             return connection.respond(HTTPStatus.NOT_FOUND, "not found\n")
         address = self._client_address(connection, request)
-        self.node.events.emit(TrafficEvent("connect", address))
-        if self.node.restrictions.banned("address", address):
-            self.node.events.emit(TrafficEvent("banned", address, detail="403"))
-            return connection.respond(HTTPStatus.FORBIDDEN, "banned\n")
-        # Connect rate, failed authentications, concurrent connections of the
-        # address: checked before any token work, refused with 429.
-        admitted = await self.node.limiter.admit_connection(address)
-        if isinstance(admitted, Refusal):
-            self.node.events.emit(TrafficEvent("rate_limited", address, detail=admitted.limit))
-            self.node.limiter.refusals.refused(address, admitted.retry_after)
-            return _too_many_requests(connection, admitted)
+        self.gate.connected(address, "websocket")
+        # A banned address (403); connect rate, failed authentications,
+        # concurrent connections of the address (429): before any token work.
+        admitted = await self.gate.admit(address)
+        if isinstance(admitted, Refused):
+            if admitted.limit is None:
+                return connection.respond(HTTPStatus.FORBIDDEN, "banned\n")
+            # Remembered, to drop before TLS one that ignores its Retry-After.
+            self.node.limiter.refusals.refused(address, admitted.limit.retry_after)
+            return _too_many_requests(connection, admitted.limit)
         if admitted is not None:
             # Given back when the socket goes, however it ends (a failed handshake too).
             slot = admitted
@@ -256,19 +261,15 @@ class Gateway:
         if authorization is None:
             return None  # the client authenticates with its first frame
         scheme, _, token = authorization.partition(" ")
-        try:
-            if scheme.lower() != "bearer" or not token.strip():
-                raise AuthError("malformed", "Authorization must be 'Bearer <token>'")
-            principal = await self.verifier.verify(token.strip())
-        except AuthError as exc:
-            log.info("handshake refused: %s", exc.reason)
-            self.node.events.emit(TrafficEvent("auth_failed", address, detail=exc.reason))
-            await self.node.limiter.record_auth_failure(address)
+        credentials: str | AuthError = token.strip()
+        if scheme.lower() != "bearer" or not token.strip():
+            credentials = AuthError("malformed", "Authorization must be 'Bearer <token>'")
+        principal = await self.gate.authenticate(credentials, address, "header")
+        if isinstance(principal, Refused):
             response = connection.respond(HTTPStatus.UNAUTHORIZED, _UNAUTHORIZED_BODY)
             response.headers["WWW-Authenticate"] = 'Bearer error="invalid_token"'
             return response
         self._header_principals[connection] = principal
-        self.node.events.emit(TrafficEvent("auth_ok", address, principal.sub, detail="header"))
         return None
 
     def _dropped_before_tls(self, address: str | None) -> None:
@@ -322,30 +323,22 @@ class Gateway:
             principal = await self._authenticate(connection)
             if principal is None:
                 return None
-        if self.node.restrictions.banned("user", principal.sub):
-            banned = TrafficEvent("banned", _address(connection), principal.sub, detail="4403")
-            self.node.events.emit(banned)
-            await connection.close(CLOSE_BANNED, "banned")
-            return None
-        user_slot = await self.node.limiter.admit_user(principal.sub)
-        if isinstance(user_slot, Refusal):
-            refused = TrafficEvent(
-                "rate_limited", _address(connection), principal.sub, detail=user_slot.limit
-            )
-            self.node.events.emit(refused)
-            await connection.close(CLOSE_POLICY, "too many connections")
+        address = _address(connection)
+        # A banned user (4403), the user's concurrent connections (1008).
+        user_slot = await self.gate.admit_user(principal, address)
+        if isinstance(user_slot, Refused):
+            await connection.close(user_slot.close_code, user_slot.message)
             return None
         connection.connection_lost_waiter.add_done_callback(
             partial(_release_slot, self.node.limiter, user_slot)
         )
         limits = self.settings.limits
-        outbox = Outbox(
+        transport = WebSocketTransport(
             connection,
             max_bytes=limits.send_buffer_bytes,
             max_messages=limits.send_buffer_messages,
         )
-        address = _address(connection)
-        session = Session(self.node, self.verifier, outbox, principal, address)
+        session = Session(self.gate, transport, principal, address)
         logs.bind(session=session.id, user=principal.sub, address=address)
         self.node.sessions.add(session)
         return session
@@ -385,17 +378,10 @@ class Gateway:
                         error_frame("unauthorized", "authenticate first", request_id), text=True
                     )
                     continue
-                address = _address(connection)
-                try:
-                    principal = await self.verifier.verify(frame.token)
-                except AuthError as exc:
-                    log.info("auth frame refused: %s", exc.reason)
-                    self.node.events.emit(TrafficEvent("auth_failed", address, detail=exc.reason))
-                    await self.node.limiter.record_auth_failure(address)
-                    await connection.close(CLOSE_AUTH, str(exc)[:120])
+                principal = await self.gate.authenticate(frame.token, _address(connection), "frame")
+                if isinstance(principal, Refused):
+                    await connection.close(CLOSE_AUTH, principal.message[:120])
                     return None
-                accepted = TrafficEvent("auth_ok", address, principal.sub, detail="frame")
-                self.node.events.emit(accepted)
                 return principal
         except TimeoutError:
             with contextlib.suppress(ConnectionClosed):

@@ -31,7 +31,8 @@ class Operations:
         node.metrics.watch(gateway)
         self._settings = gateway.settings
         self.admin_app: web.Application = build_admin_app(gateway)
-        self.sse = SseEndpoint(gateway) if gateway.settings.sse_port is not None else None
+        sse_port = gateway.settings.sse_port
+        self.sse = SseEndpoint(gateway.gate, gateway.settings) if sse_port is not None else None
         self._admin: HttpListener | None = None
         self._sse: HttpListener | None = None
 

@@ -31,7 +31,7 @@ from prometheus_client.core import (
     Metric,
 )
 
-from gateway.telemetry.events import TrafficEvent
+from gateway.telemetry.events import TRANSPORT_KINDS, TrafficEvent
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 SEND_BUFFER_BUCKETS = (0, 1024, 16 * 1024, 64 * 1024, 256 * 1024, 512 * 1024, 1024 * 1024)
@@ -128,9 +128,9 @@ class Metrics:
     def sink(self, event: TrafficEvent) -> None:
         match event.kind:
             case "connect":
-                self.connections_opened.labels(
-                    "sse" if event.detail == "sse" else "websocket"
-                ).inc()
+                # The connect event's detail names the transport (none: WebSocket).
+                kind = event.detail if event.detail in TRANSPORT_KINDS else "websocket"
+                self.connections_opened.labels(kind).inc()
             case "closed":
                 self.connections_closed.labels(event.detail or "unknown").inc()
             case "auth_failed":
@@ -184,8 +184,7 @@ class _LiveCollector:
         )
         by_transport = {"websocket": 0, "sse": 0}
         for session in sessions:
-            transport = getattr(session, "transport", "websocket")
-            by_transport[transport] = by_transport.get(transport, 0) + 1
+            by_transport[session.kind] = by_transport.get(session.kind, 0) + 1
         for transport, count in sorted(by_transport.items()):
             open_.add_metric([transport], count)
         yield open_

@@ -72,9 +72,9 @@ class _Outbox:
 
 def _gateway(reloader: object = None) -> SimpleNamespace:
     sessions = [
-        SimpleNamespace(outbox=_Outbox(0, 0)),
-        SimpleNamespace(outbox=_Outbox(20_000, 7)),
-        SimpleNamespace(outbox=_Outbox(900, 1), transport="sse"),
+        SimpleNamespace(outbox=_Outbox(0, 0), kind="websocket"),
+        SimpleNamespace(outbox=_Outbox(20_000, 7), kind="websocket"),
+        SimpleNamespace(outbox=_Outbox(900, 1), kind="sse"),
     ]
     node = SimpleNamespace(
         sessions=sessions,
