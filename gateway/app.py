@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from typing import TYPE_CHECKING
 
 from websockets.asyncio.server import Server, ServerConnection
 
@@ -27,6 +27,9 @@ from gateway.policy.rules import PolicySet
 from gateway.transports.heartbeat import Heartbeat
 from gateway.transports.outbox import fan_out
 from gateway.transports.websocket import WebSocketListener
+
+if TYPE_CHECKING:
+    from anomaly.service import AnomalyService
 
 log = logging.getLogger("rabbitgate.server")
 
@@ -49,7 +52,7 @@ class Gateway:
         self.ops = Operations(self)
         self.admin_app = self.ops.admin_app  # add admin routes to it before start()
         # Anomaly detection, alerts and their review page (anomaly/); None when off.
-        self.anomaly: Any = None
+        self.anomaly: AnomalyService | None = None
         if settings.anomaly.enabled:
             from anomaly.service import AnomalyService
 
