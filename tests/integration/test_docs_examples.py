@@ -174,6 +174,9 @@ def doc_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DocGateway
             audience="rabbitgate",
         )
         env = {k: v for k, v in os.environ.items() if not k.startswith("RABBITGATE_")}
+        # As in an activated venv: the docs write `rabbitgate ...` as often as `.venv/bin/...`.
+        env["PATH"] = f"{home / '.venv' / 'bin'}{os.pathsep}{env.get('PATH', '')}"
+        env["VIRTUAL_ENV"] = str(home / ".venv")
         gateway = DocGateway(home, port, sse_port, admin_port, jwt, env)
         env["TOKEN"] = gateway.token()
         yield gateway
