@@ -259,6 +259,8 @@ def _run_stream(gw: DocGateway, text: str, until: str) -> None:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGTERM)
         process.wait(10)
+        if process.stdout is not None:
+            process.stdout.close()
     assert until.encode() in seen, seen.decode(errors="replace")
 
 
