@@ -75,7 +75,7 @@ class LimitSettings:
     heartbeat_timeout_seconds: float = 20.0
     max_channels_per_connection: int = 100
     # Token buckets (rate per second, burst) and caps; see gateway/limiter.py
-    # and the README's "Rate limits and defenses" for what each one guards.
+    # and docs/security.md "Rate limits and defenses" for what each one guards.
     frames_per_second: float = 100.0  # every frame of one connection
     frames_burst: int = 500
     subscribes_per_second: float = 10.0  # subscribe requests of one connection
