@@ -10,7 +10,9 @@ just above the fence says otherwise:
     <!-- docs-test: stream until TEXT --> a command that never ends (curl -N): run it
                                           until TEXT appears in its output, then stop it
 
-Data blocks (yaml, json) are parsed; plain or ``text`` blocks are output and not run.
+Data blocks (yaml, json) are parsed; ``text`` blocks are output or pictures and
+not run; a block without a language is refused, so that nothing paste-able
+slips through unclassified.
 A paste-able block of a language no runner knows, unmarked, fails the test.
 """
 
@@ -101,6 +103,8 @@ def problem(block: Block) -> str | None:
             if block.marker and len(block.marker) > len("skip: ") + 3
             else (f"{block.where}: a skipped block must say why")
         )
+    if block.language == "":
+        return f"{block.where}: a block without a language: name it (text for output or a picture)"
     if block.language in PASTEABLE and block.language not in RUNNABLE:
         return (
             f"{block.where}: a {block.language} block no test can run: make it one of "

@@ -38,6 +38,10 @@ print(1)
 output, not code
 ```
 
+```
+unnamed
+```
+
     ```console
     $ rabbitgate policy check \\
         policies
@@ -61,6 +65,7 @@ def test_blocks_their_languages_and_markers(page: list[Block]) -> None:
         ("js", True, None),
         ("python", False, None),
         ("text", False, None),
+        ("", False, None),
         ("console", False, None),
     ]
     assert page[0].text == "python -m bench.load\n"
@@ -74,7 +79,8 @@ def test_what_cannot_run_is_a_problem(page: list[Block]) -> None:
     assert problems[2] is not None and "a html block no test can run" in problems[2]
     assert problems[3] is not None and "must say why" in problems[3]
     assert problems[4] is not None and "unknown docs-test marker" in problems[4]
-    assert problems[6] is None
+    assert problems[6] is not None and "without a language" in problems[6]
+    assert problems[7] is None
 
 
 def test_console_steps_join_continued_lines() -> None:
