@@ -92,6 +92,10 @@ export function fatalConnectError(url, event) {
     return `the TLS certificate of ${url} does not verify (${code}): trust the CA that signed it ` +
       "(the development gateway's is certs/ca.pem; Node: NODE_EXTRA_CA_CERTS=certs/ca.pem)";
   }
+  if (code === "ERR_SSL_WRONG_VERSION_NUMBER" || /wrong version number/i.test(text)) {
+    return `${url} does not speak TLS on this port: use ws:// when the gateway runs without TLS, ` +
+      "or the port of its TLS listener";
+  }
   const status = /Unexpected server response: (\d{3})/.exec(text)?.[1];
   if (status && NOT_AN_ENDPOINT_STATUSES.has(Number(status))) {
     return `${url} answered the WebSocket upgrade with HTTP ${status}: it is not a rabbitgate ` +

@@ -401,6 +401,41 @@ async def test_a_server_that_does_not_select_the_subprotocol_fails_at_once() -> 
         await client.close()
 
 
+async def test_a_wss_url_for_a_port_without_tls_fails_at_once(
+    gateway: Gateway, client_ssl: ssl.SSLContext
+) -> None:
+    """wss:// to the admin port (plain HTTP): OpenSSL reads an HTTP answer to its hello."""
+    client = RabbitgateClient(
+        f"wss://localhost:{gateway.admin_port}/ws", token="t", ssl=client_ssl, backoff_base=0.01
+    )
+    with pytest.raises(CannotConnect) as failed:
+        await asyncio.wait_for(client.connect(), 10)
+    assert "does not speak TLS on this port" in failed.value.message
+    await client.close()
+
+
+async def test_a_ws_url_for_a_tls_port_is_retried_with_a_hint(
+    gateway: Gateway, caplog: pytest.LogCaptureFixture
+) -> None:
+    """ws:// to the TLS port: the gateway closes without an HTTP answer, which it also
+    does to an address it throttles, so this is retried; the WARNING says what to check."""
+    token_calls: list[int] = []
+
+    def token() -> str:
+        token_calls.append(1)
+        return "t"
+
+    client = RabbitgateClient(f"ws://localhost:{gateway.port}/ws", token=token, backoff_cap=0.05)
+    connecting = asyncio.create_task(client.connect())
+    await wait_until(lambda: len(token_calls) >= 3)
+    assert not connecting.done()
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("a TLS port? then the URL is wss://" in w for w in warnings), warnings
+    await client.close()
+    with pytest.raises(ClientClosed):
+        await connecting
+
+
 def test_a_url_that_is_not_ws_or_wss_is_refused_by_the_constructor(gateway: Gateway) -> None:
     with pytest.raises(ValueError, match="must start with wss://"):
         RabbitgateClient(f"https://localhost:{gateway.port}/ws", token="t")

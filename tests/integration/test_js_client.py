@@ -483,6 +483,16 @@ async def test_under_node_a_certificate_that_does_not_verify_rejects_at_once(
     assert outcome["tokens"] == 1  # one attempt, no retry
 
 
+async def test_under_node_a_wss_url_for_a_port_without_tls_rejects_at_once(
+    gateway: Gateway,
+) -> None:
+    _npm_ready()
+    url = f"wss://localhost:{gateway.admin_port}/ws"
+    outcome = await asyncio.to_thread(_node_fail_fast, url)
+    assert outcome["name"] == "CannotConnect", outcome
+    assert "does not speak TLS on this port" in outcome["message"] and outcome["tokens"] == 1
+
+
 async def test_under_node_a_server_that_is_not_a_rabbitgate_endpoint_rejects_at_once(
     plain_gateway: Gateway,
 ) -> None:

@@ -15,9 +15,10 @@ functions at the top; only ``RabbitgateClient`` does I/O.
 
 What retrying cannot fix fails at once, with a message saying what to change:
 a URL that is not ws:// or wss:// (ValueError from the constructor), a TLS
-certificate that does not verify, a server that is not a rabbitgate endpoint
-(HTTP 400/404/405/426 to the upgrade, or no ``rabbitgate.v1`` subprotocol):
-``connect()`` raises CannotConnect. Only network failures are retried.
+certificate that does not verify, a wss:// URL for a port without TLS, a
+server that is not a rabbitgate endpoint (HTTP 400/404/405/426 to the upgrade,
+or no ``rabbitgate.v1`` subprotocol): ``connect()`` raises CannotConnect. Only
+network failures are retried.
 
 It depends on websockets alone (the standard library's json, not orjson: a
 client's frames are small, and one dependency less for every application).
@@ -185,6 +186,21 @@ def certificate_reason(url: str, exc: ssl_module.SSLCertVerificationError) -> st
         f"the TLS certificate of {url} does not verify ({detail}); pass "
         "ssl=ssl.create_default_context(cafile=CA_FILE) with the CA that signed it "
         "(the development gateway's is certs/ca.pem)"
+    )
+
+
+# OpenSSL's reasons for "the peer answered the ClientHello with something that is
+# not TLS": a plain listener (a wss:// URL for a ws:// port). Not transient.
+NOT_TLS_REASONS = frozenset({"WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "UNKNOWN_PROTOCOL"})
+
+
+def not_tls_reason(url: str, exc: ssl_module.SSLError) -> str | None:
+    """The reason to stop for good after a TLS handshake error; None to retry."""
+    if exc.reason not in NOT_TLS_REASONS:
+        return None
+    return (
+        f"{url} does not speak TLS on this port ({exc.reason}): use ws:// when the gateway "
+        "runs without TLS, or the port of its TLS listener"
     )
 
 
@@ -461,6 +477,15 @@ class RabbitgateClient:
                     await self._handle(raw)
             except ssl_module.SSLCertVerificationError as exc:
                 fatal = certificate_reason(self.url, exc)
+            except ssl_module.SSLError as exc:
+                fatal = not_tls_reason(self.url, exc)
+                if fatal is None:
+                    log.log(
+                        logging.WARNING if attempt == 0 else logging.INFO,
+                        "TLS with %s failed: %s; retrying",
+                        self.url,
+                        exc,
+                    )
             except _NotAnEndpoint as exc:
                 fatal = str(exc)
             except InvalidURI as exc:
@@ -478,9 +503,10 @@ class RabbitgateClient:
                 # logging set up), so that a client that cannot reach its gateway says so.
                 log.log(
                     logging.WARNING if attempt == 0 else logging.INFO,
-                    "connection to %s failed: %s; retrying",
+                    "connection to %s failed: %s%s; retrying",
                     self.url,
                     exc or type(exc).__name__,
+                    _hint(self.url, exc),
                 )
             finally:
                 if ws is not None:
@@ -759,6 +785,14 @@ class RabbitgateClient:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
+
+
+def _hint(url: str, exc: BaseException) -> str:
+    """A closed connection before any HTTP answer, on ws://, is most often a TLS port;
+    it is still retried (a gateway also closes at once an address it throttles)."""
+    if url.lower().startswith("ws://") and isinstance(exc.__cause__, EOFError):
+        return " (closed before any HTTP answer: a TLS port? then the URL is wss://)"
+    return ""
 
 
 class _NoToken(Exception):
