@@ -178,7 +178,13 @@ def doc_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DocGateway
         env["PATH"] = f"{home / '.venv' / 'bin'}{os.pathsep}{env.get('PATH', '')}"
         env["VIRTUAL_ENV"] = str(home / ".venv")
         gateway = DocGateway(home, port, sse_port, admin_port, jwt, env)
-        env["TOKEN"] = gateway.token()
+        # The README's own command (`export TOKEN=$(...)`), for the blocks that use $TOKEN.
+        minted = subprocess.run(
+            [".venv/bin/rabbitgate", "token", "--config", "config/dev.yaml", "--sub", "alice",
+             "--roles", "member", "--ttl", "1h"],
+            cwd=home, env=env, capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        env["TOKEN"] = minted.stdout.strip()
         yield gateway
     finally:
         os.killpg(process.pid, signal.SIGTERM)

@@ -4,6 +4,7 @@ gateway (no gateway, orjson, aio-pika, scikit-learn ...), and typed."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -30,11 +31,14 @@ def test_it_is_typed() -> None:
 def test_it_installs_into_a_fresh_venv_and_imports_without_the_gateway(tmp_path: Path) -> None:
     """pip installs it (and websockets, from the index) into an empty venv; the import
     then pulls in none of the server's packages."""
+    source = tmp_path / "rabbitgate-client"  # a copy: the build writes next to its sources
+    skip = shutil.ignore_patterns("build", "*.egg-info", "__pycache__")
+    shutil.copytree(PACKAGE, source, ignore=skip)
     env_dir = tmp_path / "venv"
     venv.EnvBuilder(with_pip=True).create(env_dir)
     python = env_dir / "bin" / "python"
     install = subprocess.run(
-        [python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", str(PACKAGE)],
+        [python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", str(source)],
         capture_output=True,
         text=True,
     )
