@@ -59,7 +59,7 @@ from docs_blocks import (
 )
 
 from gateway.config import JwtSettings
-from gateway.devtokens import mint_token
+from gateway.devtools.devtokens import mint_token
 
 from .cdp import Browser
 
