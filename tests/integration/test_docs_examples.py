@@ -61,7 +61,7 @@ from docs_blocks import (
 from gateway.config import JwtSettings
 from gateway.devtools.devtokens import mint_token
 
-from .cdp import Browser
+from .cdp import CHROMIUM, Browser
 
 pytestmark = pytest.mark.integration
 
@@ -347,6 +347,9 @@ def spki_hash(cert_file: Path) -> str:
 
 @pytest.mark.parametrize("block", _runnable("js"))
 async def test_javascript_block_runs_in_chromium(doc_gateway: DocGateway, block: Block) -> None:
+    assert CHROMIUM.exists(), (
+        "chromium is missing: run `RABBITGATE_BROWSER_TESTS=1 bash scripts/setup` (CI does)"
+    )
     handler = type("Pages", (_Pages,), {"gateway": doc_gateway,
                                         "module": doc_gateway.localise(block.text)})  # fmt: skip
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
