@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import hashlib
 import http.server
 import json
@@ -58,7 +59,7 @@ from docs_blocks import (
     problem,
 )
 
-from gateway.config import JwtSettings
+from gateway.config import JwtSettings, LimitSettings, Settings, TlsSettings
 from gateway.devtools.devtokens import mint_token
 
 from .cdp import CHROMIUM, Browser
@@ -366,3 +367,30 @@ async def test_javascript_block_runs_in_chromium(doc_gateway: DocGateway, block:
     finally:
         server.shutdown()
         server.server_close()
+
+
+# --- the reference tables are complete -----------------------------------------------
+
+
+def test_operators_md_lists_every_flag_of_rabbitgate_serve() -> None:
+    done = subprocess.run(
+        [ROOT / ".venv" / "bin" / "rabbitgate", "serve", "--help"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    flags = set(re.findall(r"(--[a-z][a-z-]+)", done.stdout)) - {"--help"}
+    page = (ROOT / "docs" / "operators.md").read_text()
+    assert flags and sorted(f for f in flags if f"`{f}" not in page) == []
+
+
+def test_operators_md_names_every_setting() -> None:
+    page = (ROOT / "docs" / "operators.md").read_text()
+    missing = []
+    for prefix, cls in (("", Settings), ("jwt.", JwtSettings), ("tls.", TlsSettings),
+                        ("limits.", LimitSettings)):  # fmt: skip
+        for f in dataclasses.fields(cls):
+            if f.name in ("jwt", "tls", "limits", "anomaly"):
+                continue
+            # In a table row as `key`, `prefix.key`, or `limits.a`, `limits.b` lists.
+            if not re.search(rf"`({re.escape(prefix)})?{re.escape(f.name)}`", page):
+                missing.append(prefix + f.name)
+    assert missing == []
