@@ -229,11 +229,17 @@ def test_local_links_of_the_docs_lead_somewhere() -> None:
 # --- running them ------------------------------------------------------------------
 
 
-def _run_shell(gw: DocGateway, text: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["bash", "-euo", "pipefail", "-c", gw.localise(text)],
-        cwd=gw.home, env=gw.env, capture_output=True, text=True, timeout=timeout,
-    )  # fmt: skip
+def _run_shell(gw: DocGateway, text: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    try:
+        return subprocess.run(
+            ["bash", "-euo", "pipefail", "-c", gw.localise(text)],
+            cwd=gw.home, env=gw.env, capture_output=True, text=True, timeout=timeout,
+        )  # fmt: skip
+    except subprocess.TimeoutExpired:
+        pytest.fail(
+            f"still running after {timeout:.0f} s: a command that never ends needs "
+            "<!-- docs-test: stream until TEXT --> (or skip: WHY) above its block\n" + text
+        )
 
 
 @pytest.mark.parametrize("block", _runnable("shell"))
