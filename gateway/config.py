@@ -2,7 +2,7 @@
 
 Precedence, lowest first: the defaults below, the YAML file given with
 ``--config``, ``RABBITGATE_*`` environment variables, command-line flags.
-Every limit of the wire contract (``../shared/spec/protocol.md`` section 1) is
+Every limit of the wire protocol (``docs/protocol.md``, "Connecting") is
 set here, with its default, so an operator finds them all in one place.
 """
 
