@@ -9,6 +9,9 @@ just above the fence says otherwise:
     <!-- docs-test: skip: WHY -->         not run (say why: a benchmark, a synopsis ...)
     <!-- docs-test: stream until TEXT --> a command that never ends (curl -N): run it
                                           until TEXT appears in its output, then stop it
+    <!-- docs-test: config -->            a yaml block that is a gateway configuration
+                                          (or part of one): loaded as `--config` would
+    <!-- docs-test: policy -->            a yaml block that is a policy file: loaded
 
 Data blocks (yaml, json) are parsed; ``text`` blocks are output or pictures and
 not run; a block without a language is refused, so that nothing paste-able
@@ -55,6 +58,11 @@ class Block:
         return self.marker is not None and self.marker.startswith("skip:")
 
     @property
+    def loads_as(self) -> str | None:
+        """``config`` or ``policy`` for a yaml block the gateway must accept."""
+        return self.marker if self.marker in ("config", "policy") else None
+
+    @property
     def stream_until(self) -> str | None:
         if self.marker is None or not self.marker.startswith("stream until "):
             return None
@@ -95,8 +103,10 @@ def blocks(path: Path) -> list[Block]:
 
 def problem(block: Block) -> str | None:
     """Why this block cannot be run as the docs stand (None: it can, or it is not code)."""
-    if block.marker is not None and not (block.skipped or block.stream_until):
+    if block.marker is not None and not (block.skipped or block.stream_until or block.loads_as):
         return f"{block.where}: unknown docs-test marker {block.marker!r}"
+    if block.loads_as and block.language not in ("yaml", "yml"):
+        return f"{block.where}: a {block.marker} marker on a {block.language or 'plain'} block"
     if block.skipped:
         return (
             None

@@ -59,8 +59,9 @@ from docs_blocks import (
     problem,
 )
 
-from gateway.config import JwtSettings, LimitSettings, Settings, TlsSettings
+from gateway.config import JwtSettings, LimitSettings, Settings, TlsSettings, load_settings
 from gateway.devtools.devtokens import mint_token
+from gateway.policy.rules import load_policy_set
 
 from .cdp import CHROMIUM, Browser
 
@@ -208,11 +209,23 @@ def test_every_pasteable_block_can_be_run_or_says_why_not() -> None:
 @pytest.mark.parametrize(
     "block", [pytest.param(b, id=b.where) for b in ALL_BLOCKS if b.language in DATA]
 )
-def test_data_blocks_parse(block: Block) -> None:
+def test_data_blocks_parse(block: Block, tmp_path: Path) -> None:
+    """JSON and YAML parse; a configuration loads as ``--config`` would (unknown keys,
+    bad values refused) and a policy file loads as the gateway's policy set would."""
     if block.language == "json":
         json.loads(block.text)
-    else:
-        yaml.safe_load(block.text)
+        return
+    yaml.safe_load(block.text)
+    if block.loads_as == "config":
+        (tmp_path / "gateway.yaml").write_text(block.text)
+        # A fragment (the anomaly section, say) completes the dev setup: a JWT secret.
+        fragment = "jwt" not in (yaml.safe_load(block.text) or {})
+        environ = {"RABBITGATE_JWT_SECRET": "docs-" * 8} if fragment else {}
+        load_settings(tmp_path / "gateway.yaml", environ=environ)
+    elif block.loads_as == "policy":
+        (tmp_path / "policies").mkdir()
+        (tmp_path / "policies" / "10-docs.yaml").write_text(block.text)
+        assert load_policy_set(tmp_path / "policies").rules
 
 
 def test_local_links_of_the_docs_lead_somewhere() -> None:
