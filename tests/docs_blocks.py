@@ -9,6 +9,8 @@ just above the fence says otherwise:
     <!-- docs-test: skip: WHY -->         not run (say why: a benchmark, a synopsis ...)
     <!-- docs-test: stream until TEXT --> a command that never ends (curl -N): run it
                                           until TEXT appears in its output, then stop it
+    <!-- docs-test: stream until TEXT while publishing to CHANNEL -->
+                                          the same, while another user publishes to CHANNEL
     <!-- docs-test: config -->            a yaml block that is a gateway configuration
                                           (or part of one): loaded as `--config` would
     <!-- docs-test: policy -->            a yaml block that is a policy file: loaded
@@ -66,7 +68,14 @@ class Block:
     def stream_until(self) -> str | None:
         if self.marker is None or not self.marker.startswith("stream until "):
             return None
-        return self.marker.removeprefix("stream until ").strip().strip('"')
+        text = self.marker.removeprefix("stream until ").split(" while publishing to ")[0]
+        return text.strip().strip('"')
+
+    @property
+    def publishing_to(self) -> str | None:
+        if self.stream_until is None or " while publishing to " not in (self.marker or ""):
+            return None
+        return (self.marker or "").split(" while publishing to ")[1].strip()
 
 
 def doc_files() -> list[Path]:

@@ -30,6 +30,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import threading
 import time
@@ -58,6 +59,8 @@ from docs_blocks import (
     matches,
     problem,
 )
+from websockets.sync.client import connect
+from websockets.typing import Subprotocol
 
 from gateway.config import JwtSettings, LimitSettings, Settings, TlsSettings, load_settings
 from gateway.devtools.devtokens import mint_token
@@ -258,13 +261,31 @@ def _run_shell(gw: DocGateway, text: str, timeout: float = 60) -> subprocess.Com
 @pytest.mark.parametrize("block", _runnable("shell"))
 def test_shell_block_runs(doc_gateway: DocGateway, block: Block) -> None:
     if (until := block.stream_until) is not None:
-        _run_stream(doc_gateway, block.text, until)
+        _run_stream(doc_gateway, block.text, until, block.publishing_to)
         return
     done = _run_shell(doc_gateway, block.text)
     assert done.returncode == 0, f"{block.where}\n{done.stdout}\n{done.stderr}"
 
 
-def _run_stream(gw: DocGateway, text: str, until: str) -> None:
+def _publish_until(gw: DocGateway, channel: str, stop: threading.Event) -> None:
+    """bob publishes to ``channel`` every 0.2 s until ``stop``: something to stream."""
+    tls = ssl.create_default_context(cafile=str(gw.home / "certs" / "ca.pem"))
+    with connect(
+        f"wss://localhost:{gw.port}/ws",
+        ssl=tls,
+        subprotocols=[Subprotocol("rabbitgate.v1")],
+        additional_headers={"Authorization": f"Bearer {gw.token('bob')}"},
+    ) as ws:
+        ws.recv()  # welcome
+        while not stop.wait(0.2):
+            ws.send(json.dumps({"type": "publish", "channel": channel, "data": {"text": "hi"}}))
+
+
+def _run_stream(gw: DocGateway, text: str, until: str, publish_to: str | None = None) -> None:
+    stop = threading.Event()
+    if publish_to is not None:
+        publisher = threading.Thread(target=_publish_until, args=(gw, publish_to, stop))
+        publisher.start()
     process = subprocess.Popen(
         ["bash", "-euo", "pipefail", "-c", gw.localise(text)],
         cwd=gw.home, env=gw.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -281,6 +302,9 @@ def _run_stream(gw: DocGateway, text: str, until: str) -> None:
                 break
             seen += chunk
     finally:
+        stop.set()
+        if publish_to is not None:
+            publisher.join(10)
         timer.cancel()
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGTERM)

@@ -105,3 +105,14 @@ def test_print_comments_are_the_expected_output() -> None:
 )
 def test_wildcards(pattern: str, text: str, expected: bool) -> None:
     assert matches(pattern, text) is expected
+
+
+def test_a_stream_may_name_a_channel_to_publish_to(tmp_path: Path) -> None:
+    path = tmp_path / "sse.md"
+    path.write_text(
+        '<!-- docs-test: stream until "event: message" while publishing to chat.lobby -->\n'
+        "```sh\ncurl -N https://localhost:8444/events?channel=chat.lobby\n```\n"
+    )
+    (block,) = blocks(path)
+    assert (block.stream_until, block.publishing_to) == ("event: message", "chat.lobby")
+    assert problem(block) is None
