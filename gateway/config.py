@@ -96,6 +96,15 @@ class LimitSettings:
     rate_limited_strikes_before_close: int = 10
     rate_limited_strike_window_seconds: float = 10.0
     idle_timeout_seconds: float = 300.0  # no frame from the client this long: close 1000; 0 = off
+    # History replays (subscribe with `since`, SSE Last-Event-ID; gateway/replays.py).
+    # One read ends after this long or this many stream messages (recovered: false).
+    replay_timeout_seconds: float = 5.0
+    replay_scan_limit: int = 50_000
+    replays_per_user: int = 2  # reads of one user at once (more: rate_limited)
+    replays_in_flight: int = 4  # reads of this process at once (more wait, up to the timeout)
+    # Stream messages one user's reads may go through: a token bucket in messages.
+    replay_scan_per_second_per_user: float = 1000.0
+    replay_scan_burst: int = 100_000
     bucket_table_size: int = 50_000  # buckets kept in memory per kind of limit
     redis_timeout_seconds: float = 0.25  # each Redis call; slower means "Redis down"
 
@@ -318,6 +327,8 @@ def _check_limits(limits: LimitSettings) -> None:
         "send_buffer_messages",
         "auth_timeout_seconds",
         "handshake_timeout_seconds",
+        "replay_timeout_seconds",
+        "replay_scan_per_second_per_user",
     ]
     at_least_one = [
         "frames_burst",
@@ -330,6 +341,10 @@ def _check_limits(limits: LimitSettings) -> None:
         "rate_limited_strikes_before_close",
         "bucket_table_size",
         "max_channels_per_connection",
+        "replay_scan_limit",
+        "replays_per_user",
+        "replays_in_flight",
+        "replay_scan_burst",
     ]
     for name in positive:
         if not getattr(limits, name) > 0:

@@ -25,6 +25,7 @@ from gateway.metrics import Metrics
 from gateway.outbox import CLOSE_SLOW_CONSUMER, fan_out
 from gateway.policy import PolicySet
 from gateway.protocol import data_from_body, message_frame
+from gateway.replays import ReplayGate, Ticket
 from gateway.restrictions import Restrictions
 
 if TYPE_CHECKING:
@@ -35,9 +36,6 @@ log = logging.getLogger("rabbitgate.node")
 # An exchange without local subscribers is still followed this long, so that
 # a client hopping between channels does not restart the stream consumer.
 UNFOLLOW_GRACE_SECONDS = 30.0
-# How many stream messages (of all channels of an exchange) one replay may
-# read; a client that was away for longer gets recovered: false.
-REPLAY_SCAN_LIMIT = 200_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +62,8 @@ class Node:
         self.events = EventBus()
         self.metrics = Metrics()  # its own registry; the Gateway serves it on /metrics
         self.limiter = Limiter(settings)  # rate limits and connection caps
+        # What history replays may cost, per user and per process (gateway/replays.py).
+        self.replays = ReplayGate(settings.limits)
         # Bans and throttles put on subjects by the anomaly detector's responses.
         self.restrictions = Restrictions()
         # Whose X-Forwarded-For names the client (gateway/client_address.py).
@@ -122,8 +122,28 @@ class Node:
         the frames to send right after it (the replay, then what was delivered
         meanwhile, each exactly once and in seq order). The caller must send
         them before it awaits anything, so that nothing overtakes them.
-        Raises BrokerUnavailable when the stream cannot be followed or read.
+        Raises BrokerUnavailable when the stream cannot be followed or read,
+        and ReplayRefused (before any read) when ``since`` asks for a replay
+        the replay limits refuse.
         """
+        ticket = None
+        if since is not None:
+            ticket = await self.replays.admit(session.principal.sub)
+        try:
+            return await self._add_subscriber(session, channel, exchange, since, history, ticket)
+        finally:
+            if ticket is not None:
+                self.replays.release(ticket)
+
+    async def _add_subscriber(
+        self,
+        session: Session,
+        channel: str,
+        exchange: str,
+        since: int | None,
+        history: int,
+        ticket: Ticket | None,
+    ) -> Subscribed:
         await self._ensure_following(exchange)
         if since is None:
             self.hub.add(channel, exchange, session)
@@ -145,9 +165,11 @@ class Node:
                 channel,
                 since,
                 history=history,
-                scan_limit=REPLAY_SCAN_LIMIT,
-                timeout=self.settings.publish_confirm_timeout_seconds * 2,
+                scan_limit=self.settings.limits.replay_scan_limit,
+                timeout=self.settings.limits.replay_timeout_seconds,
             )
+            if ticket is not None:
+                ticket.scanned = replay.scanned
         finally:
             del waiting[session]
             if not waiting:

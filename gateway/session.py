@@ -39,6 +39,7 @@ from gateway.protocol import (
     parse_frame,
     pong_frame,
 )
+from gateway.replays import ReplayRefused
 
 if TYPE_CHECKING:
     from gateway.node import Node
@@ -309,6 +310,9 @@ class Session:
             )
         except BrokerUnavailable:
             raise FrameError("unavailable", "broker unavailable, retry later", frame.id) from None
+        except ReplayRefused as refused:  # the replay limits (gateway/replays.py)
+            self._refuse(refused.refusal, frame.id)
+            return
         finally:
             self._joining -= 1
         if self.node.policies is not policies:

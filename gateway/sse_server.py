@@ -50,6 +50,7 @@ from gateway.node import Node
 from gateway.outbox import CLOSE_SLOW_CONSUMER
 from gateway.policy import Principal, Rule
 from gateway.protocol import error_frame
+from gateway.replays import ReplayRefused
 from gateway.restrictions import CLOSE_BANNED
 from gateway.session import CLOSE_AUTH
 from gateway.sse import HEARTBEAT, EventIds, SseOutbox, format_event
@@ -334,6 +335,12 @@ class SseEndpoint:
         except BrokerUnavailable:
             stream.release()
             return _refuse(503, "broker unavailable, retry later", cors)
+        except ReplayRefused as refused:  # Last-Event-ID asked for too much replaying
+            stream.release()
+            refusal = refused.refusal
+            event = TrafficEvent("rate_limited", address, principal.sub, detail=refusal.limit)
+            node.events.emit(event)
+            return _too_many(refusal, cors)
         except BaseException:  # the client left (handler cancelled) while joining
             stream.release()
             raise
