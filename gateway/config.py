@@ -31,6 +31,8 @@ ASYMMETRIC_ALGORITHMS = frozenset(
 SYMMETRIC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
 # Longer than any orchestrator waits for a process to end after SIGTERM.
 MAX_SHUTDOWN_DELAY_SECONDS = 600.0
+# limits.max_data_depth at most: well inside what orjson can serialize (254).
+MAX_DATA_DEPTH = 128
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,8 @@ class LimitSettings:
     """Connection-level limits; per-rule publish limits live in the policies."""
 
     max_frame_bytes: int = 64 * 1024
+    # How deeply a publish's `data` may nest (arrays/objects); deeper: bad_request.
+    max_data_depth: int = 32
     send_buffer_bytes: int = 1024 * 1024
     send_buffer_messages: int = 1000
     auth_timeout_seconds: float = 5.0
@@ -352,6 +356,9 @@ def _check_limits(limits: LimitSettings) -> None:
     for name in at_least_one:
         if getattr(limits, name) < 1:
             raise ConfigError(f"limits.{name} must be at least 1")
+    if not 1 <= limits.max_data_depth <= MAX_DATA_DEPTH:
+        # orjson frames at most 254 levels; a message frame adds its own.
+        raise ConfigError(f"limits.max_data_depth must be between 1 and {MAX_DATA_DEPTH}")
     if limits.handshake_refusals_before_drop < 0:
         raise ConfigError("limits.handshake_refusals_before_drop must not be negative (0: off)")
     if limits.idle_timeout_seconds < 0:

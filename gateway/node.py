@@ -256,18 +256,21 @@ class Node:
                     buffered.append((delivery.seq, frame))
 
     def _frame(self, delivery: Delivery) -> bytes | None:
-        """The message frame, serialized once for every subscriber; None if undeliverable."""
+        """The message frame, serialized once for every subscriber; None if undeliverable.
+
+        A backend may publish anything: a message that cannot be framed is
+        skipped and counted (``rabbitgate_messages_dropped``), for live
+        subscribers and replays alike, never fatal to either.
+        """
         try:
             data = data_from_body(delivery.body)
-        except ValueError:
-            self.dropped_messages += 1
-            log.warning(
-                "dropped a message on %s (seq %d): body is neither JSON nor UTF-8",
-                delivery.channel,
-                delivery.seq,
+            return message_frame(
+                delivery.channel, delivery.seq, data, delivery.sender, delivery.ts_ms
             )
+        except ValueError as exc:
+            self.dropped_messages += 1
+            log.warning("dropped a message on %s (seq %d): %s", delivery.channel, delivery.seq, exc)
             return None
-        return message_frame(delivery.channel, delivery.seq, data, delivery.sender, delivery.ts_ms)
 
 
 def _log_failure(task: asyncio.Future[None]) -> None:

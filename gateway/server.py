@@ -373,8 +373,13 @@ class Gateway:
                     )
                     continue
                 try:
-                    frame = parse_frame(message)
+                    frame = parse_frame(message, self.settings.limits.max_data_depth)
                 except FrameError as exc:
+                    # Counted like a malformed frame after authentication.
+                    malformed = TrafficEvent(
+                        "malformed", _address(connection), size=len(message), detail=exc.code
+                    )
+                    self.node.events.emit(malformed)
                     await connection.send(
                         error_frame("unauthorized", "authenticate first", exc.request_id), text=True
                     )

@@ -257,7 +257,7 @@ class Session:
             self._refuse(refusal, _request_id(text))
             return
         try:
-            frame = parse_frame(text)
+            frame = parse_frame(text, self.node.settings.limits.max_data_depth)
             await self._dispatch(frame)
         except FrameError as exc:
             if exc.code in ("bad_request", "too_large"):
