@@ -19,7 +19,7 @@ from gateway.client_address import TrustedProxies
 from gateway.config import Settings
 from gateway.deadlines import Deadlines
 from gateway.events import EventBus
-from gateway.hub import Hub
+from gateway.hub import Hub, Route
 from gateway.limiter import Limiter
 from gateway.metrics import Metrics
 from gateway.outbox import CLOSE_SLOW_CONSUMER, fan_out
@@ -70,11 +70,11 @@ class Node:
         self.trusted_proxies = TrustedProxies(settings.trusted_proxies)
         # Every session's wake-up (token expiry, idle timeout) on one loop timer.
         self.deadlines = Deadlines()
-        # Latest seq seen per channel (what a subscribe ack reports).
-        self._latest_seq: dict[str, int] = {}
+        # Latest seq seen per route (exchange, channel): what a subscribe ack reports.
+        self._latest_seq: dict[Route, int] = {}
         self._following: dict[str, asyncio.Future[None]] = {}
-        # channel -> sessions reading its history, each with what arrived live meanwhile
-        self._recovering: dict[str, dict[Session, list[tuple[int, bytes]]]] = {}
+        # route -> sessions reading its history, each with what arrived live meanwhile
+        self._recovering: dict[Route, dict[Session, list[tuple[int, bytes]]]] = {}
         self._unfollow_timers: dict[str, asyncio.TimerHandle] = {}
         self.dropped_messages = 0
         self.shutting_down = False
@@ -145,18 +145,19 @@ class Node:
         ticket: Ticket | None,
     ) -> Subscribed:
         await self._ensure_following(exchange)
+        route = (exchange, channel)
         if since is None:
             self.hub.add(channel, exchange, session)
             # The channel's latest seq, or else where the exchange's stream is
             # now: either is a `since` from which nothing will be missed.
-            seq = self._latest_seq.get(channel)
+            seq = self._latest_seq.get(route)
             if seq is None:
                 seq = self.broker.position(exchange)
             return Subscribed(seq, None, [])
         # Buffer what arrives live while the history is read; the stream read
         # ends at a marker written after buffering began, so the two overlap
         # and together miss nothing.
-        waiting = self._recovering.setdefault(channel, {})
+        waiting = self._recovering.setdefault(route, {})
         buffered: list[tuple[int, bytes]] = []
         waiting[session] = buffered
         try:
@@ -173,7 +174,7 @@ class Node:
         finally:
             del waiting[session]
             if not waiting:
-                del self._recovering[channel]
+                del self._recovering[route]
         backlog: list[bytes] = []
         last = since
         if replay.recovered:
@@ -187,7 +188,7 @@ class Node:
                 backlog.append(frame)
                 last = seq
         # `since` itself counts only once the stream proved it is this channel's.
-        candidates = [self._latest_seq.get(channel)]
+        candidates = [self._latest_seq.get(route)]
         if replay.recovered or last != since:
             candidates.append(last)
         latest = max((seq for seq in candidates if seq is not None), default=None)
@@ -195,17 +196,18 @@ class Node:
         return Subscribed(latest, replay.recovered, backlog)
 
     def remove_subscriber(self, session: Session, channel: str) -> None:
+        exchange = self.hub.exchange_of(channel, session)
         emptied = self.hub.remove(channel, session)
-        if not self.hub.subscribers(channel):
-            self._latest_seq.pop(channel, None)
+        if exchange is not None and not self.hub.subscribers(channel, exchange):
+            self._latest_seq.pop((exchange, channel), None)
         if emptied is not None and emptied not in self._unfollow_timers:
             loop = asyncio.get_running_loop()
             self._unfollow_timers[emptied] = loop.call_later(
                 UNFOLLOW_GRACE_SECONDS, self._unfollow_if_idle, emptied
             )
 
-    def latest_seq(self, channel: str) -> int | None:
-        return self._latest_seq.get(channel)
+    def latest_seq(self, channel: str, exchange: str) -> int | None:
+        return self._latest_seq.get((exchange, channel))
 
     async def _ensure_following(self, exchange: str) -> None:
         timer = self._unfollow_timers.pop(exchange, None)
@@ -234,14 +236,16 @@ class Node:
     # --- delivery -----------------------------------------------------------
 
     def deliver(self, delivery: Delivery) -> None:
-        """Fan one broker message out to this process's subscribers of its channel."""
-        subscribers = self.hub.subscribers(delivery.channel)
-        recovering = self._recovering.get(delivery.channel)
+        """Fan one broker message out to this process's subscribers of its route:
+        its channel on the exchange it came from (gateway/hub.py)."""
+        route = (delivery.exchange, delivery.channel)
+        subscribers = self.hub.subscribers(delivery.channel, delivery.exchange)
+        recovering = self._recovering.get(route)
         if not subscribers and not recovering:
             # Not remembered: an ack for it reports the stream position instead,
             # so this map holds only channels with local subscribers.
             return
-        self._latest_seq[delivery.channel] = delivery.seq
+        self._latest_seq[route] = delivery.seq
         frame = self._frame(delivery)
         if frame is None:
             return

@@ -297,7 +297,8 @@ class Session:
                 raise FrameError(
                     "bad_request", f"already subscribed to {channel}; unsubscribe first", frame.id
                 )
-            self.send(ack_frame(frame.id, seq=self.node.latest_seq(channel)))
+            seq = self.node.latest_seq(channel, self.subscriptions[channel])
+            self.send(ack_frame(frame.id, seq=seq))
             return
         limit = self.node.settings.limits.max_channels_per_connection
         if len(self.subscriptions) + self._joining >= limit:
