@@ -49,6 +49,7 @@ WS_PATH = "/ws"
 CLOSE_POLICY = 1008
 CLOSE_AUTH_TIMEOUT = 4408
 CLOSE_RATE_LIMITED = 4429
+CLOSE_TIMEOUT_SECONDS = 5.0  # websockets' close_timeout, as passed to serve()
 # What a rejected handshake has to say: nothing a client could learn from.
 _UNAUTHORIZED_BODY = "invalid or missing token\n"
 
@@ -138,6 +139,9 @@ class Gateway:
             self._dropped_before_tls,
             ssl_context,
             tls_timeout=limits.handshake_timeout_seconds,
+            control_frames_per_second=limits.frames_per_second,
+            control_frames_burst=limits.frames_burst,
+            max_unread_bytes=limits.send_buffer_bytes + limits.max_frame_bytes,
         )
         self._server = await serve(
             self._handle,
@@ -152,7 +156,7 @@ class Gateway:
             open_timeout=limits.handshake_timeout_seconds,
             # Pings come from self.heartbeat, not a keepalive task per connection.
             ping_interval=None,
-            close_timeout=5,
+            close_timeout=CLOSE_TIMEOUT_SECONDS,
             max_size=limits.max_frame_bytes,
             max_queue=16,
             # A reconnect storm brings hundreds of handshakes at once; the
@@ -363,7 +367,9 @@ class Gateway:
                 if refusal is not None:
                     if guard.strike():
                         await self.node.limiter.record_strikeout(_address(connection))
-                        await connection.close(CLOSE_RATE_LIMITED, "rate limits broken too often")
+                        await _close_within(
+                            connection, CLOSE_RATE_LIMITED, "rate limits broken too often"
+                        )
                         return None
                     await connection.send(rate_limited_frame(refusal), text=True)
                     continue
@@ -403,11 +409,27 @@ class Gateway:
                 self.node.events.emit(accepted)
                 return principal
         except TimeoutError:
-            with contextlib.suppress(ConnectionClosed):
-                await connection.close(CLOSE_AUTH_TIMEOUT, "no auth frame in time")
+            await _close_within(connection, CLOSE_AUTH_TIMEOUT, "no auth frame in time")
             return None
         except ConnectionClosed:
             return None
+
+
+async def _close_within(connection: ServerConnection, code: int, reason: str) -> None:
+    """Close, and drop the TCP connection if that takes longer than the close timeout.
+
+    websockets' close() first waits for the send buffer to drain, without a
+    timeout: a peer that does not read (but pings, say) would keep the
+    connection past its auth timeout until the next heartbeat.
+    """
+    try:
+        async with asyncio.timeout(connection.close_timeout or CLOSE_TIMEOUT_SECONDS):
+            await connection.close(code, reason)
+    except TimeoutError:
+        if connection.transport is not None:
+            connection.transport.abort()
+    except ConnectionClosed:
+        pass
 
 
 def _release_slot(limiter: Limiter, slot: Slot, _: object) -> None:
