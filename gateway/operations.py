@@ -17,7 +17,7 @@ from aiohttp import web
 from gateway.admin import build_admin_app
 from gateway.audit import audit_sink
 from gateway.config import ConfigError
-from gateway.httplistener import HttpListener
+from gateway.httplistener import HandshakeLimits, HttpListener
 from gateway.sse_server import SSE_PATH, SseEndpoint
 
 log = logging.getLogger("rabbitgate.server")
@@ -30,6 +30,7 @@ class Operations:
         node.events.subscribe(audit_sink)
         node.metrics.watch(gateway)
         self._settings = gateway.settings
+        self._gateway = gateway
         self.admin_app: web.Application = build_admin_app(gateway)
         self.sse = SseEndpoint(gateway) if gateway.settings.sse_port is not None else None
         self._admin: HttpListener | None = None
@@ -51,8 +52,23 @@ class Operations:
         """
         s = self._settings
         if self.sse is not None and s.sse_port is not None:
+            node = self._gateway.node
+            proxies = node.trusted_proxies
+            # What /ws has: the handshake timeout and per-address caps before
+            # any request is parsed (slowloris, gateway/httplistener.py).
+            handshake = HandshakeLimits(
+                timeout=s.limits.handshake_timeout_seconds,
+                max_per_address=s.limits.max_connections_per_address,
+                drop=node.limiter.refusals.drop,
+                exempt=proxies.trusts,
+            )
             self._sse = HttpListener(
-                self.sse.app, s.host, s.sse_port, ssl_context=ssl_context, handler_cancellation=True
+                self.sse.app,
+                s.host,
+                s.sse_port,
+                ssl_context=ssl_context,
+                handler_cancellation=True,
+                handshake=handshake,
             )
             await _bind(self._sse, s.host, s.sse_port)
             scheme = "https" if ssl_context else "http"
