@@ -7,7 +7,7 @@ import ssl
 
 import aiohttp
 
-from gateway.server import Gateway
+from gateway.app import Gateway
 
 
 async def open_events(

@@ -20,9 +20,9 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.protocol import State
 
+from gateway.app import Gateway
 from gateway.config import Settings
-from gateway.policy import load_policy_set
-from gateway.server import Gateway
+from gateway.policy.rules import load_policy_set
 
 pytestmark = pytest.mark.integration
 

@@ -15,8 +15,8 @@ import pytest
 from sse_helpers import next_event, open_events
 from websockets.asyncio.client import connect
 
-from gateway.server import Gateway
-from gateway.sse import EventIds
+from gateway.app import Gateway
+from gateway.transports.sse import EventIds
 
 pytestmark = pytest.mark.integration
 

@@ -13,9 +13,9 @@ import aiohttp
 import pytest
 from sse_helpers import next_event, open_events
 
+from gateway.app import Gateway
 from gateway.config import Settings
-from gateway.policy import load_policy_set
-from gateway.server import Gateway
+from gateway.policy.rules import load_policy_set
 
 pytestmark = pytest.mark.integration
 

@@ -7,9 +7,9 @@ import asyncio
 
 import pytest
 
+from gateway.broker.history import HistoryScan
 from gateway.config import LimitSettings
-from gateway.history import HistoryScan
-from gateway.replays import ReplayGate, ReplayRefused
+from gateway.limits.replays import ReplayGate, ReplayRefused
 
 
 def scan(since: int = 10, tail: int = 100, history: int = 5, limit: int = 1000) -> HistoryScan:

@@ -1,4 +1,4 @@
-from gateway.httplistener import OpenConnections
+from gateway.transports.httplistener import OpenConnections
 
 
 def test_open_connections_are_capped_per_address() -> None:

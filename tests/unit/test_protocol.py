@@ -3,8 +3,8 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from gateway.channels import is_valid_channel
-from gateway.protocol import (
+from gateway.protocol.channels import is_valid_channel
+from gateway.protocol.frames import (
     Auth,
     FrameError,
     Ping,
@@ -121,7 +121,7 @@ def test_backend_bodies() -> None:
 
 
 def test_data_nesting_is_limited_before_serialization() -> None:
-    from gateway.protocol import nested_deeper_than
+    from gateway.protocol.frames import nested_deeper_than
 
     assert not nested_deeper_than(0, 0)
     assert not nested_deeper_than([[{}]], 3) and nested_deeper_than([[{}]], 2)
@@ -135,7 +135,7 @@ def test_data_nesting_is_limited_before_serialization() -> None:
 
 
 def test_a_message_frame_that_cannot_be_serialized_raises_value_error() -> None:
-    from gateway.protocol import message_frame
+    from gateway.protocol.frames import message_frame
 
     value: object = 0
     for _ in range(300):
