@@ -31,6 +31,8 @@ ASYMMETRIC_ALGORITHMS = frozenset(
 SYMMETRIC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
 # Longer than any orchestrator waits for a process to end after SIGTERM.
 MAX_SHUTDOWN_DELAY_SECONDS = 600.0
+# limits.max_data_depth at most: well inside what orjson can serialize (254).
+MAX_DATA_DEPTH = 128
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,8 @@ class LimitSettings:
     """Connection-level limits; per-rule publish limits live in the policies."""
 
     max_frame_bytes: int = 64 * 1024
+    # How deeply a publish's `data` may nest (arrays/objects); deeper: bad_request.
+    max_data_depth: int = 32
     send_buffer_bytes: int = 1024 * 1024
     send_buffer_messages: int = 1000
     auth_timeout_seconds: float = 5.0
@@ -96,6 +100,15 @@ class LimitSettings:
     rate_limited_strikes_before_close: int = 10
     rate_limited_strike_window_seconds: float = 10.0
     idle_timeout_seconds: float = 300.0  # no frame from the client this long: close 1000; 0 = off
+    # History replays (subscribe with `since`, SSE Last-Event-ID; gateway/replays.py).
+    # One read ends after this long or this many stream messages (recovered: false).
+    replay_timeout_seconds: float = 5.0
+    replay_scan_limit: int = 50_000
+    replays_per_user: int = 2  # reads of one user at once (more: rate_limited)
+    replays_in_flight: int = 4  # reads of this process at once (more wait, up to the timeout)
+    # Stream messages one user's reads may go through: a token bucket in messages.
+    replay_scan_per_second_per_user: float = 1000.0
+    replay_scan_burst: int = 100_000
     bucket_table_size: int = 50_000  # buckets kept in memory per kind of limit
     redis_timeout_seconds: float = 0.25  # each Redis call; slower means "Redis down"
 
@@ -318,6 +331,8 @@ def _check_limits(limits: LimitSettings) -> None:
         "send_buffer_messages",
         "auth_timeout_seconds",
         "handshake_timeout_seconds",
+        "replay_timeout_seconds",
+        "replay_scan_per_second_per_user",
     ]
     at_least_one = [
         "frames_burst",
@@ -330,6 +345,10 @@ def _check_limits(limits: LimitSettings) -> None:
         "rate_limited_strikes_before_close",
         "bucket_table_size",
         "max_channels_per_connection",
+        "replay_scan_limit",
+        "replays_per_user",
+        "replays_in_flight",
+        "replay_scan_burst",
     ]
     for name in positive:
         if not getattr(limits, name) > 0:
@@ -337,6 +356,9 @@ def _check_limits(limits: LimitSettings) -> None:
     for name in at_least_one:
         if getattr(limits, name) < 1:
             raise ConfigError(f"limits.{name} must be at least 1")
+    if not 1 <= limits.max_data_depth <= MAX_DATA_DEPTH:
+        # orjson frames at most 254 levels; a message frame adds its own.
+        raise ConfigError(f"limits.max_data_depth must be between 1 and {MAX_DATA_DEPTH}")
     if limits.handshake_refusals_before_drop < 0:
         raise ConfigError("limits.handshake_refusals_before_drop must not be negative (0: off)")
     if limits.idle_timeout_seconds < 0:

@@ -46,6 +46,7 @@ from gateway.transports.heartbeat import run as run_heartbeat
 from gateway.transports.outbox import Outbox
 
 log = logging.getLogger("rabbitgate.server")
+CLOSE_TIMEOUT_SECONDS = 5.0  # websockets' close_timeout, as passed to serve()
 
 SUBPROTOCOL = Subprotocol("rabbitgate.v1")
 WS_PATH = "/ws"
@@ -149,6 +150,9 @@ class WebSocketListener:
             self._dropped_before_tls,
             ssl_context,
             tls_timeout=limits.handshake_timeout_seconds,
+            control_frames_per_second=limits.frames_per_second,
+            control_frames_burst=limits.frames_burst,
+            max_unread_bytes=limits.send_buffer_bytes + limits.max_frame_bytes,
         )
         self.server = await serve(
             self._handle,
@@ -163,7 +167,7 @@ class WebSocketListener:
             open_timeout=limits.handshake_timeout_seconds,
             # Pings come from self.heartbeat, not a keepalive task per connection.
             ping_interval=None,
-            close_timeout=5,
+            close_timeout=CLOSE_TIMEOUT_SECONDS,
             max_size=limits.max_frame_bytes,
             max_queue=16,
             # A reconnect storm brings hundreds of handshakes at once; the
@@ -341,7 +345,9 @@ class WebSocketListener:
                 if refusal is not None:
                     if guard.strike():
                         await self._node.limiter.record_strikeout(_address(connection))
-                        await connection.close(CLOSE_RATE_LIMITED, "rate limits broken too often")
+                        await _close_within(
+                            connection, CLOSE_RATE_LIMITED, "rate limits broken too often"
+                        )
                         return None
                     await connection.send(rate_limited_frame(refusal), text=True)
                     continue
@@ -351,8 +357,13 @@ class WebSocketListener:
                     )
                     continue
                 try:
-                    frame = parse_frame(message)
+                    frame = parse_frame(message, self._settings.limits.max_data_depth)
                 except FrameError as exc:
+                    # Counted like a malformed frame after authentication.
+                    malformed = TrafficEvent(
+                        "malformed", _address(connection), size=len(message), detail=exc.code
+                    )
+                    self._node.events.emit(malformed)
                     await connection.send(
                         error_frame("unauthorized", "authenticate first", exc.request_id), text=True
                     )
@@ -371,11 +382,27 @@ class WebSocketListener:
                     return None
                 return principal
         except TimeoutError:
-            with contextlib.suppress(ConnectionClosed):
-                await connection.close(CLOSE_AUTH_TIMEOUT, "no auth frame in time")
+            await _close_within(connection, CLOSE_AUTH_TIMEOUT, "no auth frame in time")
             return None
         except ConnectionClosed:
             return None
+
+
+async def _close_within(connection: ServerConnection, code: int, reason: str) -> None:
+    """Close, and drop the TCP connection if that takes longer than the close timeout.
+
+    websockets' close() first waits for the send buffer to drain, without a
+    timeout: a peer that does not read (but pings, say) would keep the
+    connection past its auth timeout until the next heartbeat.
+    """
+    try:
+        async with asyncio.timeout(connection.close_timeout or CLOSE_TIMEOUT_SECONDS):
+            await connection.close(code, reason)
+    except TimeoutError:
+        if connection.transport is not None:
+            connection.transport.abort()
+    except ConnectionClosed:
+        pass
 
 
 def _release_slot(limiter: Limiter, slot: Slot, _: object) -> None:
