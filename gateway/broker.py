@@ -36,6 +36,9 @@ from aio_pika.abc import (
 from yarl import URL
 
 from gateway import amqpwire
+from gateway.brokerurls import connect_order, default_cluster_size
+from gateway.brokerurls import redacted as redacted
+from gateway.config import split_urls
 from gateway.envelope import sender_of, timestamp_ms_of
 from gateway.publisher import ConfirmedPublisher, Expired
 
@@ -52,6 +55,10 @@ STREAM_PREFETCH = 2000
 ACK_EVERY = STREAM_PREFETCH // 4
 RECONNECT_BASE_SECONDS = 0.25
 RECONNECT_CAP_SECONDS = 5.0
+# One cluster node that does not answer (a partition, a hung host) may hold a
+# reconnect this long before the next node is tried; a node that is down
+# refuses at once.
+NODE_CONNECT_TIMEOUT_SECONDS = 3.0
 DEFAULT_EXCHANGE = amqpwire.short_string("")
 
 
@@ -82,12 +89,6 @@ def stream_name(exchange: str) -> str:
     return STREAM_PREFIX + exchange
 
 
-def redacted(url: str) -> str:
-    """The AMQP URL without its password, for logs and errors."""
-    parsed = URL(url)
-    return str(parsed.with_password("***")) if parsed.password else str(parsed)
-
-
 class Broker:
     def __init__(
         self,
@@ -99,8 +100,11 @@ class Broker:
         confirm_timeout: float,
         connect_timeout: float,
         on_state_change: Callable[[bool], None] | None = None,
+        initial_cluster_size: int | None = None,
     ) -> None:
-        self._url = url
+        # `url` is one node or the comma-separated nodes of a cluster.
+        self._urls = split_urls(url) or (url,)
+        self._url = self._urls[0]  # the node of the current (or last) connection
         self._on_delivery = on_delivery
         self._on_state_change = on_state_change
         self._stream_arguments: dict[str, Any] = {
@@ -108,9 +112,14 @@ class Broker:
             "x-max-length-bytes": stream_max_bytes,
             "x-max-age": stream_max_age,
         }
+        replicas = default_cluster_size(self._urls, initial_cluster_size)
+        if replicas > 1:
+            # Leader and replicas on different nodes: a confirm means a majority
+            # of them wrote the message, so it outlives the loss of one node.
+            self._stream_arguments["x-initial-cluster-size"] = replicas
         self._confirm_timeout = confirm_timeout
         self._connect_timeout = connect_timeout
-        self.user: str = URL(url).user or "guest"
+        self.user: str = URL(self._url).user or "guest"
         # Recorded state, replayed after every reconnect.
         self._declared: set[str] = set()
         self._following: dict[str, int | None] = {}
@@ -152,8 +161,9 @@ class Broker:
                 raise
             except Exception as exc:
                 if time.monotonic() >= deadline:
+                    where = ", ".join(redacted(url) for url in self._urls)
                     raise BrokerUnavailable(
-                        f"cannot reach RabbitMQ at {redacted(self._url)}: {_describe(exc)}"
+                        f"cannot reach RabbitMQ at {where}: {_describe(exc)}"
                     ) from None
                 attempt += 1
                 await asyncio.sleep(min(1.0, 0.1 * attempt))
@@ -354,9 +364,35 @@ class Broker:
 
     # --- connection life cycle ---------------------------------------------
 
+    @property
+    def node(self) -> str:
+        """The node of the current (or last) connection, without its password."""
+        return redacted(self._url)
+
+    async def _open(self) -> AbstractConnection:
+        """A connection to one node that answers, tried in ``connect_order``.
+
+        Raises the last node's error when none answers.
+        """
+        if len(self._urls) == 1:
+            return await aio_pika.connect(self._url, timeout=self._connect_timeout)
+        timeout = min(self._connect_timeout, NODE_CONNECT_TIMEOUT_SECONDS)
+        failure: BaseException | None = None
+        for url in connect_order(self._urls, self._url):
+            try:
+                connection = await aio_pika.connect(url, timeout=timeout)
+            except Exception as exc:
+                log.warning("RabbitMQ node %s did not answer: %s", redacted(url), _describe(exc))
+                failure = exc
+                continue
+            self._url = url
+            return connection
+        assert failure is not None
+        raise failure
+
     async def _connect(self) -> None:
         async with self._lock:
-            connection = await aio_pika.connect(self._url, timeout=self._connect_timeout)
+            connection = await self._open()
             try:
                 self._publish_channel = await connection.channel(publisher_confirms=True)
                 # Only the publisher writes on this channel (it numbers the
