@@ -7,6 +7,7 @@ a token there (``?access_token=``), which must never reach a log.
 from __future__ import annotations
 
 import ssl
+from pathlib import Path
 
 from aiohttp import web
 
@@ -21,7 +22,11 @@ class HttpListener:
         ssl_context: ssl.SSLContext | None = None,
         handler_cancellation: bool = False,
         shutdown_timeout: float = 5.0,
+        reuse_port: bool = False,
+        unix_path: Path | None = None,
     ) -> None:
+        """``reuse_port``: share the port with other processes (SO_REUSEPORT);
+        ``unix_path``: listen on this Unix socket instead of ``host:port``."""
         self._runner = web.AppRunner(
             app,
             access_log=None,
@@ -29,18 +34,30 @@ class HttpListener:
             shutdown_timeout=shutdown_timeout,
         )
         self._host, self._port, self._ssl = host, port, ssl_context
-        self._site: web.TCPSite | None = None
+        self._reuse_port, self._unix_path = reuse_port, unix_path
+        self._site: web.BaseSite | None = None
 
     @property
     def port(self) -> int:
         """The bound port (the configured one, or the one picked for port 0)."""
         assert self._site is not None, "not started"
+        if self._unix_path is not None:
+            return 0
         return int(self._runner.addresses[0][1])
 
     async def start(self) -> None:
         """Bind and serve; the app's routes are frozen from here on. Raises OSError."""
         await self._runner.setup()
-        self._site = web.TCPSite(self._runner, self._host, self._port, ssl_context=self._ssl)
+        if self._unix_path is not None:
+            self._site = web.UnixSite(self._runner, str(self._unix_path), ssl_context=self._ssl)
+        else:
+            self._site = web.TCPSite(
+                self._runner,
+                self._host,
+                self._port,
+                ssl_context=self._ssl,
+                reuse_port=self._reuse_port or None,
+            )
         await self._site.start()
 
     async def stop(self) -> None:

@@ -25,7 +25,7 @@ from websockets.typing import Subprotocol
 from gateway import logs
 from gateway.admission import AdmittedConnection, connection_class
 from gateway.auth import AuthError, TokenVerifier
-from gateway.config import Settings
+from gateway.config import ConfigError, LimitSettings, Settings
 from gateway.devcerts import server_ssl_context
 from gateway.events import TrafficEvent
 from gateway.handshake_memory import forget_handshake
@@ -139,7 +139,23 @@ class Gateway:
             ssl_context,
             tls_timeout=limits.handshake_timeout_seconds,
         )
-        self._server = await serve(
+        try:
+            self._server = await self._listen(limits)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot listen on {self.settings.host}:{self.settings.port}: {exc.strerror or exc}"
+            ) from None
+        log.info(
+            "listening on %s://%s:%d%s",
+            "wss" if ssl_context else "ws",
+            self.settings.host,
+            self.port,
+            WS_PATH,
+        )
+        await self.ops.start(ssl_context)
+
+    async def _listen(self, limits: LimitSettings) -> Server:
+        return await serve(
             self._handle,
             self.settings.host,
             self.settings.port,
@@ -158,15 +174,9 @@ class Gateway:
             # A reconnect storm brings hundreds of handshakes at once; the
             # default listen backlog (100) overflows and costs clients seconds.
             backlog=1024,
+            # Workers of one supervisor share the port (gateway/supervisor.py).
+            reuse_port=self.settings.reuse_port or None,
         )
-        log.info(
-            "listening on %s://%s:%d%s",
-            "wss" if ssl_context else "ws",
-            self.settings.host,
-            self.port,
-            WS_PATH,
-        )
-        await self.ops.start(ssl_context)
 
     async def shut_down(self) -> None:
         """What SIGTERM does: report not ready, go on serving for
