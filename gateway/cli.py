@@ -155,7 +155,9 @@ def _serve(args: argparse.Namespace) -> int:
             {"workers": "1", "reuse_port": True, "admin_socket": args.worker_admin_socket}
         )
     settings = _settings(args, overrides)
-    configure_logging(settings.log_level, settings.log_format)
+    handler = configure_logging(settings.log_level, settings.log_format)
+    if worker:
+        handler.addFilter(_WorkerField(args.worker_index))
     from gateway.config import worker_count
 
     count = worker_count(settings.workers)
@@ -166,6 +168,18 @@ def _serve(args: argparse.Namespace) -> int:
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
         return asyncio.run(_run_gateway(settings))
     return uvloop.run(_run_gateway(settings))
+
+
+class _WorkerField(logging.Filter):
+    """Every log line of a worker says which one (a JSON field ``worker``)."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__()
+        self._index = index
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.worker = self._index
+        return True
 
 
 def _supervise(settings: Settings, argv: list[str], count: int) -> int:
