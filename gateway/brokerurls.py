@@ -25,8 +25,11 @@ def url_problem(url: str) -> str | None:
     try:
         parsed = URL(url)
         port = parsed.port
-    except (ValueError, TypeError):
-        return "not a URL"
+    except (ValueError, TypeError) as exc:
+        # yarl's reasons ("Port out of range 0-65535") never quote the URL;
+        # anything that might is left out.
+        reason = str(exc).splitlines()[0] if str(exc) else ""
+        return f"not a URL ({reason})" if reason and "@" not in reason else "not a URL"
     if parsed.scheme not in SCHEMES:
         return "must start with amqp:// or amqps://"
     if not parsed.host:
