@@ -455,9 +455,25 @@ class Broker:
             declaring = await self._connection_or_fail().channel(publisher_confirms=False)
             try:
                 await declaring.declare_exchange(name, aio_pika.ExchangeType.TOPIC, durable=True)
-                stream = await declaring.declare_queue(
-                    stream_name(name), durable=True, arguments=self._stream_arguments
-                )
+                try:
+                    stream = await declaring.declare_queue(
+                        stream_name(name), durable=True, arguments=self._stream_arguments
+                    )
+                except aiormq.exceptions.ChannelPreconditionFailed as exc:
+                    if "x-initial-cluster-size" not in str(exc):
+                        raise
+                    # Declared earlier with another replica count (before the
+                    # cluster, or with another setting): RabbitMQ cannot change
+                    # it, so the stream is used as it is.
+                    log.warning(
+                        "stream %s keeps the replica count it was declared with "
+                        "(x-initial-cluster-size cannot change)",
+                        stream_name(name),
+                    )
+                    with contextlib.suppress(Exception):
+                        await declaring.close()
+                    declaring = await self._connection_or_fail().channel(publisher_confirms=False)
+                    stream = await declaring.declare_queue(stream_name(name), passive=True)
                 await stream.bind(name, routing_key="#")
             except aiormq.exceptions.ChannelPreconditionFailed as exc:
                 raise BrokerUnavailable(
