@@ -227,11 +227,13 @@ async def test_a_rolling_restart_of_every_node_loses_no_acked_message(
             await asyncio.sleep(1.0)
             await asyncio.to_thread(cluster, "start_node", str(node))
         await asyncio.sleep(2.0)
+        moves.append(node_of(cluster_gateway.node.broker._url))
     finally:
         publishing.cancel()
         with pytest.raises(asyncio.CancelledError):
             await publishing
     assert len(bob.acked) > 100
+    assert len(set(moves)) >= 2, f"the gateway never moved: {moves}"
     received = await receive_all(alice, set(bob.acked))
     assert_every_acked_once_in_order(received, [bob])
     assert cluster_gateway.node.broker.connected
