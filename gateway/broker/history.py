@@ -28,9 +28,9 @@ from typing import Any
 
 import aiormq
 import aiormq.exceptions
+from aiormq.abc import AbstractChannel, AbstractConnection, DeliveredMessage
 
 from gateway.amqp_urls import connect_order
-from aiormq.abc import AbstractChannel, AbstractConnection, DeliveredMessage
 
 log = logging.getLogger("rabbitgate.history")
 
@@ -213,7 +213,6 @@ class HistoryReader:
                 connection = await self._connect()
                 self._connection = connection
         return await connection.channel(publisher_confirms=False)
-
 
     async def _connect(self) -> AbstractConnection:
         failure: BaseException | None = None
