@@ -1,4 +1,4 @@
-"""The ``rabbitgate`` command: serve, certs, token, policy.
+"""The ``rabbitgate`` command: serve, certs, token, policy, alerts, anomaly.
 
 Every failure an operator can cause (a bad config, a missing certificate, an
 invalid policy set, an unreachable broker) ends in a one-line message and a
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import gc
 import json
 import logging
@@ -33,20 +34,44 @@ class CliError(Exception):
     """A failure reported as one line on stderr."""
 
 
+EXIT_BROKEN_PIPE = 141  # what a shell reports for a process SIGPIPE ended
+# A failed bind: the port (or address) is the operator's to change.
+_BIND_ERRORS = (errno.EADDRINUSE, errno.EADDRNOTAVAIL)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.run(args) or 0)
+        code = int(args.run(args) or 0)
+        sys.stdout.flush()  # here, so that a closed pipe is met inside the try
+        return code
     except (CliError, ConfigError) as exc:
         print(f"rabbitgate: error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
+    except BrokenPipeError:
+        # `rabbitgate alerts list --json | head`: the reader has all it wants.
+        # Python would report the unflushed rest at exit; point stdout at
+        # /dev/null so that it has nowhere to fail (the Python docs' recipe).
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except KeyboardInterrupt:
         return 130
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("rabbitgate")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rabbitgate", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"rabbitgate {_version()}")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     serve = commands.add_parser("serve", help="run the gateway")
@@ -161,6 +186,13 @@ async def _run_gateway(settings: Settings) -> int:
     except BrokerUnavailable as exc:
         await gateway.stop()
         raise CliError(str(exc)) from None
+    except OSError as exc:
+        # The WebSocket listener's bind (the SSE and admin ones say so themselves).
+        if exc.errno not in _BIND_ERRORS:
+            raise
+        await gateway.stop()
+        where = f"{settings.host}:{settings.port}"
+        raise CliError(f"cannot listen on {where}: {os.strerror(exc.errno)}") from None
     # Everything alive now (modules, numpy/scikit-learn, settings, policies)
     # lives as long as the process: out of the collector's sight, a full
     # collection no longer walks it. Measured: a full collection of a
