@@ -92,7 +92,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--admin-port", type=int, help="admin port: /metrics, /healthz, /readyz (default 9090)"
     )
-    serve.add_argument("--sse-port", type=int, help="Server-Sent Events port (default 8444)")
+    serve.add_argument(
+        "--sse-port", type=_port_or_off, help="Server-Sent Events port, or off (default 8444)"
+    )
     serve.set_defaults(run=_serve)
 
     certs = commands.add_parser(
@@ -142,8 +144,38 @@ def _add_config_flag(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _settings(args: argparse.Namespace, overrides: dict[str, Any] | None = None) -> Settings:
-    return load_settings(Path(args.config) if args.config else None, overrides=overrides)
+def _settings(
+    args: argparse.Namespace,
+    overrides: dict[str, Any] | None = None,
+    *,
+    check_jwt: bool = True,
+) -> Settings:
+    """The settings a command works with; ``check_jwt=False`` for those that verify
+    no token, so that they do not fail on a JWT setting they never use."""
+    try:
+        return load_settings(
+            Path(args.config) if args.config else None, overrides=overrides, check_jwt=check_jwt
+        )
+    except ConfigError as exc:
+        hint = no_config_hint(args)
+        raise ConfigError(f"{exc} ({hint})" if hint else str(exc)) from None
+
+
+def no_config_hint(args: argparse.Namespace) -> str:
+    """What to add to an error about a setting when no config file was read."""
+    if getattr(args, "config", None):
+        return ""
+    return "no config file was read: give --config FILE or set RABBITGATE_CONFIG"
+
+
+def _port_or_off(text: str) -> int | str:
+    """``--sse-port off`` turns SSE off; anything else must be a port number."""
+    if text.strip().lower() == "off":
+        return "off"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number or off") from None
 
 
 # --- serve ------------------------------------------------------------------
