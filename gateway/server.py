@@ -346,7 +346,7 @@ class Gateway:
         )
         address = _address(connection)
         session = Session(self.node, self.verifier, outbox, principal, address)
-        logs.bind(session=session.id, user=principal.sub, address=address)
+        logs.bind_connection(connection, session=session.id, user=principal.sub, address=address)
         self.node.sessions.add(session)
         return session
 
