@@ -19,7 +19,7 @@ gateways (tests) can live in one process.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from datetime import datetime
 from typing import Any
 
@@ -31,7 +31,35 @@ from prometheus_client.core import (
     Metric,
 )
 
+from anomaly.settings import SEVERITIES
 from gateway.events import TrafficEvent
+from gateway.principal import AUTH_REASONS
+
+# The label values each labelled counter is created with, at 0, so that its
+# series exist before the first event (Prometheus' instrumentation guide:
+# rate() and alerts over a series that appears only on the first failure miss
+# that failure). tests/unit/test_metrics_coverage.py checks these lists against
+# the values the code emits.
+TRANSPORTS = ("websocket", "sse")
+# Close codes the gateway itself ends connections with, and 1006 (the client
+# vanished without a close frame). Contract section 9.
+CLOSE_CODES = ("1000", "1001", "1006", "1008", "4401", "4403", "4408", "4409", "4429")
+# Refusal.limit values (gateway/limiter.py, restrictions.py, server.py).
+RATE_LIMITS = (
+    "frames",
+    "subscribes",
+    "publish",
+    "connects",
+    "auth_failures",
+    "strikeouts",
+    "connections_per_address",
+    "connections_per_user",
+    "ignored_retry_after",
+    "anomaly_throttle",
+)
+MALFORMED_CODES = ("bad_request", "too_large")
+ACTIONS = ("subscribe", "publish")
+RELOAD_RESULTS = ("ok", "failed")
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 SEND_BUFFER_BUCKETS = (0, 1024, 16 * 1024, 64 * 1024, 256 * 1024, 512 * 1024, 1024 * 1024)
@@ -118,10 +146,36 @@ class Metrics:
         # Label children cached: the message path must not pay labels() each time.
         self._in: dict[str, Any] = {}
         self._out: dict[str, Any] = {}
+        self._initialise_labels()
+
+    def _initialise_labels(self) -> None:
+        known: list[tuple[Counter, tuple[str, ...]]] = [
+            (self.connections_opened, TRANSPORTS),
+            (self.connections_closed, CLOSE_CODES),
+            (self.auth_failures, tuple(sorted(AUTH_REASONS))),
+            (self.rate_limited, RATE_LIMITS),
+            (self.malformed, MALFORMED_CODES),
+            (self.alerts_total, SEVERITIES),
+        ]
+        for counter, values in known:
+            for value in values:
+                counter.labels(value)
+        for action in ACTIONS:  # no rule decided: the one rule label known in advance
+            self.denials.labels(action, "none")
 
     def watch(self, gateway: Any) -> None:
         """Report ``gateway``'s live state (sessions, broker, policies) at every scrape."""
         self.registry.register(_LiveCollector(gateway))
+        policies: Any = getattr(getattr(gateway, "node", None), "policies", None)
+        if hasattr(policies, "exchanges"):
+            self.known_exchanges(policies.exchanges())
+
+    def known_exchanges(self, exchanges: Iterable[str]) -> None:
+        """Series at 0 for the exchanges of a policy set (at start, and after a reload)."""
+        for exchange in sorted(exchanges):
+            self._in.setdefault(exchange, self.messages_in.labels(exchange))
+            self._out.setdefault(exchange, self.messages_out.labels(exchange))
+            self.publish_failures.labels(exchange)
 
     # --- event bus sink -------------------------------------------------------
 
@@ -266,8 +320,8 @@ def _policy(policies: Any, reloader: Any) -> Iterator[Metric]:
     reloads = CounterMetricFamily(
         "rabbitgate_policy_reloads", "Policy reloads, by result.", labels=["result"]
     )
-    reloads.add_metric(["ok"], float(getattr(reloader, "reloads_ok", 0) or 0))
-    reloads.add_metric(["failed"], float(getattr(reloader, "reloads_failed", 0) or 0))
+    for result in RELOAD_RESULTS:
+        reloads.add_metric([result], float(getattr(reloader, f"reloads_{result}", 0) or 0))
     yield reloads
     yield GaugeMetricFamily(
         "rabbitgate_policy_last_reload_failed",
