@@ -41,6 +41,9 @@ from gateway.protocol import Auth, FrameError, error_frame, parse_frame, welcome
 from gateway.reloader import PolicyReloader
 from gateway.restrictions import CLOSE_BANNED
 from gateway.session import CLOSE_AUTH, Session
+from gateway.stomp_mapping import SUBPROTOCOLS as STOMP_SUBPROTOCOLS
+from gateway.stomp_mapping import select_subprotocol as select_stomp
+from gateway.stomp_server import StompEndpoint
 
 log = logging.getLogger("rabbitgate.server")
 
@@ -56,12 +59,18 @@ _UNAUTHORIZED_BODY = "invalid or missing token\n"
 def select_subprotocol(
     connection: ServerConnection, offered: Sequence[Subprotocol]
 ) -> Subprotocol | None:
-    """``rabbitgate.v1`` when offered; no subprotocol when none is offered;
-    refuse a client that offers only subprotocols we do not speak."""
+    """``rabbitgate.v1`` when offered, else the highest STOMP version offered
+    (``v12.stomp``...: gateway/stomp_server.py); no subprotocol when none is
+    offered; refuse a client that offers only subprotocols we do not speak."""
     if SUBPROTOCOL in offered:
         return SUBPROTOCOL
+    stomp = select_stomp(offered)
+    if stomp is not None:
+        return Subprotocol(stomp)
     if offered:
-        raise NegotiationError("unsupported subprotocol; this server speaks rabbitgate.v1")
+        raise NegotiationError(
+            "unsupported subprotocol; this server speaks rabbitgate.v1 and v12.stomp"
+        )
     return None
 
 
@@ -75,6 +84,8 @@ class Gateway:
             self.node, settings.policies_dir, watch=settings.policy_watch
         )
         self.verifier = TokenVerifier(settings.jwt)
+        # STOMP conversations on the same /ws endpoint (contract section 10).
+        self.stomp = StompEndpoint(settings, self.node, self.verifier, self._admit)
         # Metrics, audit stream, admin and SSE listeners (gateway/operations.py).
         self.metrics = self.node.metrics
         self.draining = False  # shutting down: /readyz answers 503
@@ -146,7 +157,7 @@ class Gateway:
             create_connection=self._connection_class,
             process_request=self._process_request,
             select_subprotocol=select_subprotocol,
-            subprotocols=[SUBPROTOCOL],
+            subprotocols=[SUBPROTOCOL, *map(Subprotocol, STOMP_SUBPROTOCOLS)],
             compression="deflate" if self.settings.compression else None,
             server_header=None,
             open_timeout=limits.handshake_timeout_seconds,
@@ -291,6 +302,9 @@ class Gateway:
         # One coroutine frame for the connection's whole life (no nested
         # coroutine, no async iterator): it is held by every idle connection.
         try:
+            if connection.subprotocol in STOMP_SUBPROTOCOLS:
+                await self._converse_stomp(connection)
+                return
             session = await self._open_session(connection)
             if session is None:
                 return
@@ -312,6 +326,33 @@ class Gateway:
         finally:
             self.heartbeat.discard(connection)
 
+    async def _converse_stomp(self, connection: ServerConnection) -> None:
+        if connection in self._refused:
+            await connection.close(CLOSE_POLICY, "origin not allowed")
+            return
+        principal = self._header_principals.pop(connection, None)
+        await self.stomp.converse(connection, principal, _address(connection))
+
+    async def _admit(
+        self, connection: ServerConnection, principal: Principal, address: str | None
+    ) -> tuple[int, str] | None:
+        """Bans and the per-user cap, once authenticated: None, or (close code, reason).
+
+        Holds the user's connection slot until the socket goes.
+        """
+        if self.node.restrictions.banned("user", principal.sub):
+            self.node.events.emit(TrafficEvent("banned", address, principal.sub, detail="4403"))
+            return CLOSE_BANNED, "banned"
+        user_slot = await self.node.limiter.admit_user(principal.sub)
+        if isinstance(user_slot, Refusal):
+            refused = TrafficEvent("rate_limited", address, principal.sub, detail=user_slot.limit)
+            self.node.events.emit(refused)
+            return CLOSE_POLICY, "too many connections"
+        connection.connection_lost_waiter.add_done_callback(
+            partial(_release_slot, self.node.limiter, user_slot)
+        )
+        return None
+
     async def _open_session(self, connection: ServerConnection) -> Session | None:
         """Authenticate and admit the connection: its session, or None once it is closed."""
         if connection in self._refused:
@@ -322,22 +363,10 @@ class Gateway:
             principal = await self._authenticate(connection)
             if principal is None:
                 return None
-        if self.node.restrictions.banned("user", principal.sub):
-            banned = TrafficEvent("banned", _address(connection), principal.sub, detail="4403")
-            self.node.events.emit(banned)
-            await connection.close(CLOSE_BANNED, "banned")
+        refused = await self._admit(connection, principal, _address(connection))
+        if refused is not None:
+            await connection.close(*refused)
             return None
-        user_slot = await self.node.limiter.admit_user(principal.sub)
-        if isinstance(user_slot, Refusal):
-            refused = TrafficEvent(
-                "rate_limited", _address(connection), principal.sub, detail=user_slot.limit
-            )
-            self.node.events.emit(refused)
-            await connection.close(CLOSE_POLICY, "too many connections")
-            return None
-        connection.connection_lost_waiter.add_done_callback(
-            partial(_release_slot, self.node.limiter, user_slot)
-        )
         limits = self.settings.limits
         outbox = Outbox(
             connection,
