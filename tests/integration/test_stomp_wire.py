@@ -16,6 +16,7 @@ import orjson
 import pytest
 
 from gateway.server import Gateway
+
 from .stomp_wire import StompWire, frame, open_wire
 
 pytestmark = pytest.mark.integration
