@@ -200,17 +200,17 @@ class StompBridge:
         pending = self._pending.pop(parsed.get("id"), None)  # type: ignore[arg-type]
         if pending is None:
             return []
+        if pending.kind != "subscribe":
+            return [] if pending.receipt is None else [receipt_frame(pending.receipt, self.version)]
         recovered = parsed.get("recovered")
-        if pending.kind == "subscribe" and recovered is not None:
-            if pending.receipt is not None:
-                return [receipt_frame(pending.receipt, self.version, bool(recovered))]
+        seq = parsed.get("seq")
+        if pending.receipt is not None:
+            return [receipt_frame(pending.receipt, self.version, recovered, seq)]
+        if recovered is not None:
             assert pending.subscription is not None
             if pending.subscription in self.subscriptions:
                 self._recovered[pending.subscription] = bool(recovered)
-            return []
-        if pending.receipt is None:
-            return []
-        return [receipt_frame(pending.receipt, self.version)]
+        return []
 
     def _failed(self, parsed: dict[str, Any]) -> tuple[list[bytes], int | None]:
         code = str(parsed.get("code", "internal"))

@@ -268,8 +268,14 @@ def connected_frame(version: Version, heart_beat: tuple[int, int], session: str)
     return serialize("CONNECTED", headers, version=version)
 
 
-def receipt_frame(receipt: str, version: Version, recovered: bool | None = None) -> bytes:
+def receipt_frame(
+    receipt: str, version: Version, recovered: bool | None = None, seq: int | None = None
+) -> bytes:
+    """``RECEIPT``; a SUBSCRIBE's says ``x-seq`` (the channel's latest seq, where
+    an ``x-since`` may resume from later) and, with ``x-since``, ``x-recovered``."""
     headers = [("receipt-id", receipt)]
+    if seq is not None:
+        headers.append(("x-seq", str(seq)))
     if recovered is not None:
         headers.append(("x-recovered", _bool(recovered)))
     return serialize("RECEIPT", headers, version=version)

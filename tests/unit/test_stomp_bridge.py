@@ -39,7 +39,7 @@ def test_subscribe_becomes_a_subscribe_and_its_ack_a_receipt() -> None:
     assert request == {"type": "subscribe", "id": request["id"], "channel": "chat.a"}
     frames, close = b.answer(ack_frame(request["id"], seq=5))
     assert close is None
-    assert [stomp(x) for x in frames] == [("RECEIPT", {"receipt-id": "r1"}, b"")]
+    assert [stomp(x) for x in frames] == [("RECEIPT", {"receipt-id": "r1", "x-seq": "5"}, b"")]
 
 
 def test_without_receipt_an_ack_sends_nothing() -> None:
@@ -56,7 +56,7 @@ def test_x_since_goes_on_the_receipt_when_one_was_asked() -> None:
     assert request["since"] == 3
     frames, _ = b.answer(ack_frame(request["id"], seq=9, recovered=True))
     assert [stomp(x) for x in frames] == [
-        ("RECEIPT", {"receipt-id": "r", "x-recovered": "true"}, b"")
+        ("RECEIPT", {"receipt-id": "r", "x-seq": "9", "x-recovered": "true"}, b"")
     ]
 
 
