@@ -78,8 +78,11 @@ class StompWire:
 
     async def recv(self, timeout: float = 5) -> ServerFrame:
         """The next frame (heart-beats counted, not returned)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         while not self.frames:
-            data = await asyncio.wait_for(self.ws.recv(decode=False), timeout)
+            left = max(0.0, deadline - loop.time())
+            data = await asyncio.wait_for(self.ws.recv(decode=False), left)
             if not data.strip(b"\r\n"):
                 self.heartbeats += 1
                 continue

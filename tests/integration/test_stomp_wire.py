@@ -298,3 +298,68 @@ async def test_unsubscribe_stops_delivery(
     assert (await client.until("RECEIPT")).headers["receipt-id"] == "r2"
     await client.send(frame("SEND", "after", destination="/topic/chat.u", receipt="r3"))
     assert (await client.recv()).headers["receipt-id"] == "r3"  # and no MESSAGE before it
+
+
+async def test_a_stomp_conversation_makes_the_same_audit_events_and_metrics(
+    wire: Callable[..., Any], make_token: Callable[..., str], gateway: Gateway
+) -> None:
+    from prometheus_client import generate_latest
+
+    from gateway.events import TrafficEvent
+
+    events: list[TrafficEvent] = []
+    gateway.node.events.subscribe(events.append)
+    token = make_token("alice")
+    client = await connected(wire, token)
+    await client.send(frame("SUBSCRIBE", id="s", destination="/topic/chat.ev", receipt="r1"))
+    await client.until("RECEIPT")
+    await client.send(frame("SEND", "x", destination="/topic/chat.ev", receipt="r2"))
+    await client.until("RECEIPT")
+    metrics = generate_latest(gateway.metrics.registry).decode()
+    assert 'rabbitgate_connections_open{transport="stomp"} 1.0' in metrics
+    await client.send(frame("SEND", "x", destination="/topic/user.bob.inbox"))
+    await client.until("ERROR")
+    await client.closed()
+    seen = [(e.kind, e.user, e.channel, e.detail) for e in events if e.user == "alice"]
+    assert ("auth_ok", "alice", None, "passcode") in seen
+    assert ("subscribe", "alice", "chat.ev", None) in seen
+    assert ("publish", "alice", "chat.ev", None) in seen
+    assert ("denied", "alice", "user.bob.inbox", "publish") in seen
+    assert any(kind == "closed" for kind, *_ in seen)
+
+
+async def test_heart_beats_both_ways(
+    settings: Any, cleanup_broker: None, client_ssl: ssl.SSLContext, make_token: Callable[..., str]
+) -> None:
+    import dataclasses
+
+    from gateway.policy import load_policy_set
+
+    limits = dataclasses.replace(settings.limits, heartbeat_seconds=0.2)
+    beating = dataclasses.replace(settings, limits=limits)
+    gw = Gateway(beating, load_policy_set(beating.policies_dir))
+    await gw.start()
+    try:
+        client = await open_wire(gw.port, client_ssl)
+        answer = await client.connect(make_token("alice"), heart_beat="100,100")
+        assert answer.headers["heart-beat"] == "200,200"
+        for _ in range(5):
+            await client.send(b"\n")  # the client's heart-beats are no frames to refuse
+        await client.send(frame("DISCONNECT", receipt="bye"))
+        while (await client.recv()).command != "RECEIPT":
+            pass
+        await client.closed()
+        # The server's heart-beats: EOLs come every 200 ms while nothing else does.
+        quiet = await open_wire(gw.port, client_ssl)
+        await quiet.connect(make_token("bob"), heart_beat="0,200")
+        with pytest.raises(TimeoutError):
+            await quiet.recv(timeout=1.5)
+        assert quiet.heartbeats >= 2
+        # A client that wants none gets none.
+        none = await open_wire(gw.port, client_ssl)
+        assert (await none.connect(make_token("carol"), heart_beat="0,0")).command == "CONNECTED"
+        with pytest.raises(TimeoutError):
+            await none.recv(timeout=0.8)
+        assert none.heartbeats == 0
+    finally:
+        await gw.stop()
