@@ -1,6 +1,6 @@
 """A bare STOMP client over ``websockets`` for tests: frames written by hand.
 
-Its reader is written apart from gateway/stomp_frames.py on purpose (a test
+Its reader is written apart from gateway/transports/stomp/frames.py on purpose (a test
 that parsed the server's frames with the server's own parser would prove
 little): split on NUL, honour content-length, undo 1.2 escaping.
 """

@@ -15,7 +15,7 @@ from typing import Any
 import orjson
 import pytest
 
-from gateway.server import Gateway
+from gateway.app import Gateway
 
 from .stomp_wire import StompWire, frame, open_wire
 
@@ -305,7 +305,7 @@ async def test_a_stomp_conversation_makes_the_same_audit_events_and_metrics(
 ) -> None:
     from prometheus_client import generate_latest
 
-    from gateway.events import TrafficEvent
+    from gateway.telemetry.events import TrafficEvent
 
     events: list[TrafficEvent] = []
     gateway.node.events.subscribe(events.append)
@@ -333,7 +333,7 @@ async def test_heart_beats_both_ways(
 ) -> None:
     import dataclasses
 
-    from gateway.policy import load_policy_set
+    from gateway.policy.rules import load_policy_set
 
     limits = dataclasses.replace(settings.limits, heartbeat_seconds=0.2)
     beating = dataclasses.replace(settings, limits=limits)

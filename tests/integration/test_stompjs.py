@@ -20,7 +20,7 @@ from typing import Any
 import orjson
 import pytest
 
-from gateway.server import Gateway
+from gateway.app import Gateway
 
 pytestmark = pytest.mark.integration
 

@@ -7,9 +7,9 @@ from typing import Any
 
 import orjson
 
-from gateway.protocol import ack_frame, error_frame, message_frame
-from gateway.stomp_bridge import StompBridge
-from gateway.stomp_frames import Frame, FrameParser
+from gateway.protocol.frames import ack_frame, error_frame, message_frame
+from gateway.transports.stomp.bridge import StompBridge
+from gateway.transports.stomp.frames import Frame, FrameParser
 
 
 def bridge(max_subscriptions: int = 100) -> StompBridge:

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gateway.stomp_frames import (
+from gateway.transports.stomp.frames import (
     HEARTBEAT,
     Frame,
     FrameParser,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from gateway.stomp_frames import Frame, FrameParser
-from gateway.stomp_mapping import (
+from gateway.transports.stomp.frames import Frame, FrameParser
+from gateway.transports.stomp.mapping import (
     SERVER,
     Connect,
     Destination,
