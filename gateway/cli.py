@@ -22,16 +22,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from gateway.config import ConfigError, Settings, load_settings
-from gateway.logs import configure_logging
+from gateway.commands import CliError
+from gateway.commands import add_config_flag as _add_config_flag
+from gateway.commands import settings_from_args as _settings
+from gateway.config import ConfigError, Settings
+from gateway.telemetry.logs import configure_logging
 
 DEV_SECRET_FILE = "jwt-dev.secret"
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
-
-
-class CliError(Exception):
-    """A failure reported as one line on stderr."""
 
 
 EXIT_BROKEN_PIPE = 141  # what a shell reports for a process SIGPIPE ended
@@ -41,7 +40,9 @@ _BIND_ERRORS = (errno.EADDRINUSE, errno.EADDRNOTAVAIL)
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv  # `serve --workers N` runs each worker with the same command line
     try:
         code = int(args.run(args) or 0)
         sys.stdout.flush()  # here, so that a closed pipe is met inside the try
@@ -95,6 +96,13 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--sse-port", type=_port_or_off, help="Server-Sent Events port, or off (default 8444)"
     )
+    serve.add_argument(
+        "--workers",
+        help="worker processes sharing the ports: a number or auto (default 1; >1 needs redis_url)",
+    )
+    # Set by the supervisor for each of its workers (gateway/operations/supervisor.py).
+    serve.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
+    serve.add_argument("--worker-admin-socket", help=argparse.SUPPRESS)
     serve.set_defaults(run=_serve)
 
     certs = commands.add_parser(
@@ -125,7 +133,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     token.set_defaults(run=_token)
 
-    from gateway.policy_cli import add_policy_commands
+    from gateway.policy.cli import add_policy_commands
 
     add_policy_commands(commands, _add_config_flag)
 
@@ -134,38 +142,6 @@ def _parser() -> argparse.ArgumentParser:
 
     add_anomaly_commands(commands, _add_config_flag)
     return parser
-
-
-def _add_config_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--config",
-        default=os.environ.get("RABBITGATE_CONFIG"),
-        help="YAML config file (default: $RABBITGATE_CONFIG)",
-    )
-
-
-def _settings(
-    args: argparse.Namespace,
-    overrides: dict[str, Any] | None = None,
-    *,
-    check_jwt: bool = True,
-) -> Settings:
-    """The settings a command works with; ``check_jwt=False`` for those that verify
-    no token, so that they do not fail on a JWT setting they never use."""
-    try:
-        return load_settings(
-            Path(args.config) if args.config else None, overrides=overrides, check_jwt=check_jwt
-        )
-    except ConfigError as exc:
-        hint = no_config_hint(args)
-        raise ConfigError(f"{exc} ({hint})" if hint else str(exc)) from None
-
-
-def no_config_hint(args: argparse.Namespace) -> str:
-    """What to add to an error about a setting when no config file was read."""
-    if getattr(args, "config", None):
-        return ""
-    return "no config file was read: give --config FILE or set RABBITGATE_CONFIG"
 
 
 def _port_or_off(text: str) -> int | str:
@@ -191,11 +167,26 @@ def _serve(args: argparse.Namespace) -> int:
         "log_format": args.log_format,
         "admin_port": args.admin_port,
         "sse_port": args.sse_port,
+        "workers": args.workers,
     }
     if args.no_tls:
         overrides["tls.enabled"] = False
+    worker = args.worker_index is not None
+    if worker:
+        # One of a supervisor's workers: a single gateway on the shared ports,
+        # its admin app on the supervisor's socket for it.
+        overrides.update(
+            {"workers": "1", "reuse_port": True, "admin_socket": args.worker_admin_socket}
+        )
     settings = _settings(args, overrides)
-    configure_logging(settings.log_level, settings.log_format)
+    handler = configure_logging(settings.log_level, settings.log_format)
+    if worker:
+        handler.addFilter(_WorkerField(args.worker_index))
+    from gateway.config import worker_count
+
+    count = worker_count(settings.workers)
+    if count > 1:
+        return _supervise(settings, args.argv, count)
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
@@ -203,10 +194,37 @@ def _serve(args: argparse.Namespace) -> int:
     return uvloop.run(_run_gateway(settings))
 
 
+class _WorkerField(logging.Filter):
+    """Every log line of a worker says which one (a JSON field ``worker``)."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__()
+        self._index = index
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.worker = self._index
+        return True
+
+
+def _supervise(settings: Settings, argv: list[str], count: int) -> int:
+    from gateway.operations.supervisor import Supervisor, SupervisorError, fleet_problem
+
+    problem = fleet_problem(settings, count)
+    if problem is not None:
+        raise CliError(problem)
+    # Each worker is `serve` with the same arguments (the supervisor adds the
+    # ports it holds and the worker flags; the last --port wins).
+    supervisor = Supervisor(settings, argv, count)
+    try:
+        return asyncio.run(supervisor.run())
+    except SupervisorError as exc:
+        raise CliError(str(exc)) from None
+
+
 async def _run_gateway(settings: Settings) -> int:
-    from gateway.broker import BrokerUnavailable
-    from gateway.policy import PolicyError, load_policy_set
-    from gateway.server import Gateway
+    from gateway.app import Gateway
+    from gateway.broker.broker import BrokerUnavailable
+    from gateway.policy.rules import PolicyError, load_policy_set
 
     try:
         policies = load_policy_set(settings.policies_dir)
@@ -247,7 +265,7 @@ async def _run_gateway(settings: Settings) -> int:
 
 
 def _certs(args: argparse.Namespace) -> int:
-    from gateway.devcerts import make_dev_certificates
+    from gateway.devtools.devcerts import make_dev_certificates
 
     directory = Path(args.dir)
     hosts = tuple(args.hosts) if args.hosts else ("localhost", "127.0.0.1", "::1")
@@ -289,7 +307,7 @@ def parse_duration(text: str) -> float:
 
 
 def _token(args: argparse.Namespace) -> int:
-    from gateway.devtokens import mint_token
+    from gateway.devtools.devtokens import mint_token
 
     settings = _settings(args)
     extra: dict[str, Any] = {}

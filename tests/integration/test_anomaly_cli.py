@@ -21,7 +21,7 @@ from anomaly.features import FEATURES, SubjectWindow
 from anomaly.model import MODEL_FILE, AnomalyModel, Reason
 from anomaly.passwords import set_reviewer
 from anomaly.traffic import write_events
-from gateway.events import TrafficEvent
+from gateway.telemetry.events import TrafficEvent
 
 from .anomaly_helpers import next_alert
 

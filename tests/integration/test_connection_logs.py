@@ -1,5 +1,5 @@
 """websockets' own lines about a connection name it by user, session and address,
-not by ``<gateway.admission.AdmittedConnection object at 0x...>``."""
+not by ``<gateway.transports.admission.AdmittedConnection object at 0x...>``."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from typing import Any
 import orjson
 import pytest
 
-from gateway import logs
-from gateway.logs import configure_logging
-from gateway.server import Gateway
+from gateway.app import Gateway
+from gateway.telemetry import logs
+from gateway.telemetry.logs import configure_logging
 
 pytestmark = pytest.mark.integration
 

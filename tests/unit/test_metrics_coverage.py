@@ -11,9 +11,10 @@ from types import SimpleNamespace
 from prometheus_client import Counter
 
 from anomaly.settings import SEVERITIES
-from gateway import metrics as gateway_metrics
-from gateway.metrics import Metrics
-from gateway.principal import AUTH_REASONS
+from gateway.auth.principal import AUTH_REASONS
+from gateway.telemetry import metrics as gateway_metrics
+from gateway.telemetry.events import TRANSPORT_KINDS
+from gateway.telemetry.metrics import Metrics
 
 ROOT = Path(__file__).parents[2]
 DASHBOARD = ROOT / "deploy" / "grafana-dashboard.json"
@@ -81,10 +82,9 @@ def label_values(metrics: Metrics, name: str, label: str) -> set[str]:
 
 def test_labelled_counters_start_with_their_known_series_at_zero() -> None:
     metrics = everything_on()
-    assert label_values(metrics, "rabbitgate_connections_opened_total", "transport") == {
-        "websocket",
-        "sse",
-    }
+    assert label_values(metrics, "rabbitgate_connections_opened_total", "transport") == set(
+        TRANSPORT_KINDS
+    )
     assert label_values(metrics, "rabbitgate_auth_failures_total", "reason") == AUTH_REASONS
     assert label_values(metrics, "rabbitgate_alerts_total", "severity") == set(SEVERITIES)
     assert "4409" in label_values(metrics, "rabbitgate_connections_closed_total", "code")
@@ -125,6 +125,6 @@ def test_the_known_label_values_are_the_ones_the_code_emits() -> None:
     limits |= set(re.findall(r"\"rate_limited\"[^)]*detail=\"([a-z_]+)\"", text))
     assert limits <= set(gateway_metrics.RATE_LIMITS), limits - set(gateway_metrics.RATE_LIMITS)
     assert {"frames", "publish", "connects"} <= limits
-    codes = set(re.findall(r"^CLOSE_[A-Z_]+ = (\d{4})$", text, re.MULTILINE))
+    codes = set(re.findall(r"^CLOSE_[A-Z_]+(?:: Final)? = (\d{4})\b", text, re.MULTILINE))
     assert codes <= set(gateway_metrics.CLOSE_CODES), codes - set(gateway_metrics.CLOSE_CODES)
     assert len(codes) >= 6
