@@ -25,7 +25,7 @@ import yaml
 from cryptography import x509
 
 from gateway.config import load_settings
-from gateway.metrics import Metrics
+from gateway.telemetry.metrics import Metrics
 
 pytestmark = pytest.mark.integration
 
@@ -437,3 +437,32 @@ def test_the_image_config_serves_and_the_healthcheck_passes(
         _, stderr = gateway.communicate(timeout=30)
     assert gateway.returncode == 0, stderr
     assert f"SSE on https://127.0.0.1:{sse}/events" in stderr
+
+
+# --- scripts/setup's install stamp ------------------------------------------------------------
+
+
+def test_setup_recorded_what_it_installed_so_that_run_skips_pip() -> None:
+    """scripts/setup (run before the suite) left the hash of the package set it
+    installed; the next setup compares it and runs pip only when it differs."""
+    import hashlib
+
+    setup = (ROOT / "scripts" / "setup").read_text()
+    assert ".venv/.rabbitgate-install-stamp" in setup
+    venv_python = ROOT / ".venv" / "bin" / "python"
+    version = subprocess.run(
+        [str(venv_python), "--version"], capture_output=True, text=True, check=True
+    ).stdout
+    files = (ROOT / "pyproject.toml").read_bytes()
+    files += (ROOT / "clients" / "python" / "pyproject.toml").read_bytes()
+    wanted = hashlib.sha256(files + version.encode()).hexdigest()
+    stamp = ROOT / ".venv" / ".rabbitgate-install-stamp"
+    assert stamp.read_text().strip() == wanted
+    # A second setup with nothing changed keeps the stamp and does not reinstall.
+    before = stamp.stat().st_mtime_ns
+    result = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "setup")], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    assert stamp.stat().st_mtime_ns == before
+    assert "pip" not in result.stderr.lower()
