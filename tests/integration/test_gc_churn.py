@@ -1,8 +1,8 @@
 """Connections frozen out of the collector's sight are still freed when they end.
 
-``gateway/collector.py`` freezes every object that survives a collection, so a
+``gateway/operations/collector.py`` freezes every object that survives a collection, so a
 connection that lives a second is frozen; if it were left in a reference
-cycle when it closes, nothing would ever free it. ``ws_internals.release``
+cycle when it closes, nothing would ever free it. ``ws_adapter.release``
 breaks those cycles. These tests churn real connections (TLS, tokens,
 subscribe, publish through RabbitMQ, a refused handshake, a client that
 leaves without a close frame) on uvloop, as ``rabbitgate serve`` runs,
@@ -23,12 +23,13 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import InvalidStatus
 from websockets.server import ServerProtocol
 
-from gateway import collector, ws_internals
+from gateway.app import Gateway
 from gateway.config import Settings
-from gateway.outbox import Outbox
-from gateway.policy import load_policy_set
-from gateway.server import Gateway
-from gateway.session import Session
+from gateway.core.session import Session
+from gateway.operations import collector
+from gateway.policy.rules import load_policy_set
+from gateway.transports import ws_adapter
+from gateway.transports.outbox import Outbox
 from tests.gateway_fixtures import Client
 
 pytestmark = pytest.mark.integration
@@ -179,7 +180,7 @@ def test_without_release_frozen_connections_are_never_freed(
 ) -> None:
     """The control: the same churn with ``release`` a no-op leaves every
     connection behind, so the test above can fail."""
-    monkeypatch.setattr(ws_internals, "release", lambda connection: None)
+    monkeypatch.setattr(ws_adapter, "release", lambda connection: None)
 
     async def scenario(churn: Churn) -> dict[str, int]:
         await churn.round(0)

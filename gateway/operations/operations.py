@@ -1,0 +1,79 @@
+"""The gateway's operational side, wired in one place: metrics, the audit
+stream, the admin listener and the SSE listener.
+
+``Gateway`` makes one ``Operations`` in its constructor (the sinks are on the
+event bus from then on, and ``admin_app`` takes extra routes until start),
+starts it once the WebSocket listener is up and stops it first thing.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from typing import Any
+
+from aiohttp import web
+
+from gateway.config import ConfigError
+from gateway.operations.admin import build_admin_app
+from gateway.telemetry.audit import audit_sink
+from gateway.transports.httplistener import HttpListener
+from gateway.transports.sse_server import SSE_PATH, SseEndpoint
+
+log = logging.getLogger("rabbitgate.server")
+
+
+class Operations:
+    def __init__(self, gateway: Any) -> None:
+        node = gateway.node
+        node.events.subscribe(node.metrics.sink)
+        node.events.subscribe(audit_sink)
+        node.metrics.watch(gateway)
+        self._settings = gateway.settings
+        self.admin_app: web.Application = build_admin_app(gateway)
+        self.sse = SseEndpoint(gateway) if gateway.settings.sse_port is not None else None
+        self._admin: HttpListener | None = None
+        self._sse: HttpListener | None = None
+
+    @property
+    def admin_port(self) -> int:
+        assert self._admin is not None, "not started"
+        return self._admin.port
+
+    @property
+    def sse_port(self) -> int | None:
+        return self._sse.port if self._sse is not None else None
+
+    async def start(self, ssl_context: ssl.SSLContext | None) -> None:
+        """Listen for SSE (with the public TLS context) and for admin requests.
+
+        Raises ConfigError when a port cannot be bound.
+        """
+        s = self._settings
+        if self.sse is not None and s.sse_port is not None:
+            self._sse = HttpListener(
+                self.sse.app, s.host, s.sse_port, ssl_context=ssl_context, handler_cancellation=True
+            )
+            await _bind(self._sse, s.host, s.sse_port)
+            scheme = "https" if ssl_context else "http"
+            log.info("SSE on %s://%s:%d%s", scheme, s.host, self._sse.port, SSE_PATH)
+        self._admin = HttpListener(self.admin_app, s.admin_host, s.admin_port)
+        await _bind(self._admin, s.admin_host, s.admin_port)
+        log.info("admin on http://%s:%d (/metrics /healthz /readyz)", s.admin_host, self.admin_port)
+
+    async def stop(self) -> None:
+        """End every SSE stream (1001), then close both listeners."""
+        if self.sse is not None:
+            self.sse.close_all()
+        for listener in (self._sse, self._admin):
+            if listener is not None:
+                await listener.stop()
+        self._sse = self._admin = None
+
+
+async def _bind(listener: HttpListener, host: str, port: int) -> None:
+    try:
+        await listener.start()
+    except OSError as exc:
+        await listener.stop()
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
