@@ -85,6 +85,8 @@ class Probe:
             "gc_pause_max_ms": max((s for _, s, _ in self.gc_pauses), default=0.0) * 1e3,
             "gc_pause_total_ms": sum(s for _, s, _ in self.gc_pauses) * 1e3,
             "gc_by_generation": by_generation,
+            "gc_pauses_top_ms": sorted((s * 1e3 for _, s, _ in self.gc_pauses), reverse=True)[:5],
+            "lag_top_ms": [x * 1e3 for x in lags[-5:][::-1]],
             "gc_tracked_objects": len(gc.get_objects()),
             "gc_frozen_objects": gc.get_freeze_count(),
             "gc_threshold": list(gc.get_threshold()),

@@ -37,10 +37,10 @@ from gateway.protocol.frames import Auth, FrameError, error_frame, parse_frame, 
 from gateway.telemetry import logs
 from gateway.telemetry.events import TrafficEvent
 from gateway.transports.admission import AdmittedConnection, connection_class
-from gateway.transports.handshake_memory import forget_handshake
-from gateway.transports.heartbeat import Heartbeat, WebSocketLink
+from gateway.transports.heartbeat import Heartbeat
 from gateway.transports.heartbeat import run as run_heartbeat
 from gateway.transports.outbox import Outbox
+from gateway.transports.ws_adapter import WebSocketLink, forget_handshake
 
 log = logging.getLogger("rabbitgate.server")
 

@@ -31,8 +31,7 @@ from typing import Any, cast
 from websockets.asyncio.server import ServerConnection
 from websockets.server import ServerProtocol
 
-from gateway.transports.handshake_memory import forget_request_in_parser
-from gateway.transports.ws_adapter import release, start_handler
+from gateway.transports.ws_adapter import forget_request_in_parser, release, start_handler
 
 Clock = Callable[[], float]
 # How long a TLS close_notify exchange may take (websockets' close timeout).
