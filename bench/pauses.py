@@ -337,6 +337,8 @@ ROWS = [
         "longest gen2 GC ms",
         lambda r: f"{r['loop']['gc_by_generation'].get('2', {}).get('max_ms', 0.0):.1f}",
     ),
+    ("top 5 lags ms", lambda r: "/".join(f"{x:.0f}" for x in r["loop"]["lag_top_ms"])),
+    ("top 5 GC ms", lambda r: "/".join(f"{x:.0f}" for x in r["loop"]["gc_pauses_top_ms"])),
     (
         "tracked objects (frozen)",
         lambda r: f"{r['loop']['gc_tracked_objects']} ({r['loop']['gc_frozen_objects']})",
