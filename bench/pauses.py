@@ -18,6 +18,12 @@ reached and the gateway's RSS and CPU.
 measured alternately with this one in each of ``--rounds`` rounds.
 ``--python EXE`` runs the gateway with another interpreter (one that has
 the gateway's dependencies), ``--env NAME=VALUE`` adds to its environment.
+``--variant NAME,python=EXE,VAR=VALUE`` adds this code run that way as one
+more target, interleaved with the others in each round:
+
+    .venv/bin/python -m bench.pauses --base-src /tmp/rg-base \
+        --variant nofreeze,RABBITGATE_GC_FREEZE_SECONDS=0 \
+        --variant py313,python=/path/to/py313-venv/bin/python
 """
 
 from __future__ import annotations
@@ -78,8 +84,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="NAME=VALUE",
         help="added to the gateway's environment (repeatable)",
     )
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME[,python=EXE][,VAR=VALUE...]",
+        help="one more target, this code run with another interpreter and/or environment "
+        "(e.g. nofreeze,RABBITGATE_GC_FREEZE_SECONDS=0); repeatable, interleaved per round",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
     args = parser.parse_args(argv)
+    args.variants = []
+    for spec in args.variant:
+        name, *pairs = spec.split(",")
+        if not name or name in ("gateway", "base") or any("=" not in p for p in pairs):
+            parser.error(f"--variant wants NAME[,python=EXE][,VAR=VALUE...], got {spec!r}")
+        settings = dict(pair.split("=", 1) for pair in pairs)
+        python = settings.pop("python", None)
+        args.variants.append((name, python, settings))
     if not 1 <= args.connections <= 50_000:
         parser.error("--connections must be between 1 and 50000")
     if not 0 <= args.subscribers <= args.connections:
@@ -211,13 +233,21 @@ def _probe(gateway: Any, probe_file: Path) -> dict[str, Any]:
     return found
 
 
-def run_target(name: str, source: Path | None, args: argparse.Namespace, log: Any) -> dict:
+def run_target(
+    name: str,
+    source: Path | None,
+    args: argparse.Namespace,
+    log: Any,
+    python: str | None = None,
+    extra_env: dict[str, str] | None = None,
+) -> dict:
     tls = not args.no_tls
     workdir = Path(tempfile.mkdtemp(prefix="rabbitgate-pauses-"))
     probe_file = workdir / "probe.json"
     env = dict(item.split("=", 1) for item in args.env)
+    env.update(extra_env or {})
     gateway = start_gateway(
-        tls=tls, source=source, probe_file=probe_file, python=args.python, env_extra=env
+        tls=tls, source=source, probe_file=probe_file, python=python or args.python, env_extra=env
     )
     pool = publisher = None
     try:
@@ -397,15 +427,23 @@ def main(argv: list[str] | None = None) -> int:
     def log(text: str) -> None:
         print(text, file=sys.stderr, flush=True)
 
-    targets: list[tuple[str, Path | None]] = [("gateway", args.gateway_src)]
+    targets: list[tuple[str, Path | None, str | None, dict[str, str]]] = [
+        ("gateway", args.gateway_src, None, {})
+    ]
     if args.base_src is not None:
-        targets.append(("base", args.base_src))
+        targets.append(("base", args.base_src, None, {}))
+    targets += [(name, args.gateway_src, python, env) for name, python, env in args.variants]
     rounds: list[dict[str, dict[str, Any]]] = []
     try:
         for number in range(args.rounds):
             if args.rounds > 1:
                 log(f"round {number + 1} of {args.rounds}")
-            rounds.append({name: run_target(name, src, args, log) for name, src in targets})
+            rounds.append(
+                {
+                    name: run_target(name, src, args, log, python, env)
+                    for name, src, python, env in targets
+                }
+            )
     except (RuntimeError, OSError) as exc:
         print(f"bench.pauses: error: {exc}", file=sys.stderr)
         return 1
