@@ -2,15 +2,16 @@
 
 Precedence, lowest first: the defaults below, the YAML file given with
 ``--config``, ``RABBITGATE_*`` environment variables, command-line flags.
-Every limit of the wire contract (``../shared/spec/protocol.md`` section 1) is
+Every limit of the wire protocol (``docs/protocol.md``, "Connecting") is
 set here, with its default, so an operator finds them all in one place.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,6 @@ from typing import Any
 import yaml
 
 from anomaly.settings import AnomalySettings
-from gateway.core.client_address import TrustedProxies
 
 
 class ConfigError(Exception):
@@ -31,6 +31,8 @@ ASYMMETRIC_ALGORITHMS = frozenset(
 SYMMETRIC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
 # Longer than any orchestrator waits for a process to end after SIGTERM.
 MAX_SHUTDOWN_DELAY_SECONDS = 600.0
+# limits.max_data_depth at most: well inside what orjson can serialize (254).
+MAX_DATA_DEPTH = 128
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,8 @@ class LimitSettings:
     """Connection-level limits; per-rule publish limits live in the policies."""
 
     max_frame_bytes: int = 64 * 1024
+    # How deeply a publish's `data` may nest (arrays/objects); deeper: bad_request.
+    max_data_depth: int = 32
     send_buffer_bytes: int = 1024 * 1024
     send_buffer_messages: int = 1000
     auth_timeout_seconds: float = 5.0
@@ -75,7 +79,7 @@ class LimitSettings:
     heartbeat_timeout_seconds: float = 20.0
     max_channels_per_connection: int = 100
     # Token buckets (rate per second, burst) and caps; see gateway/limits/limiter.py
-    # and the README's "Rate limits and defenses" for what each one guards.
+    # and docs/security.md "Rate limits and defenses" for what each one guards.
     frames_per_second: float = 100.0  # every frame of one connection
     frames_burst: int = 500
     subscribes_per_second: float = 10.0  # subscribe requests of one connection
@@ -96,6 +100,15 @@ class LimitSettings:
     rate_limited_strikes_before_close: int = 10
     rate_limited_strike_window_seconds: float = 10.0
     idle_timeout_seconds: float = 300.0  # no frame from the client this long: close 1000; 0 = off
+    # History replays (subscribe with `since`, SSE Last-Event-ID; gateway/replays.py).
+    # One read ends after this long or this many stream messages (recovered: false).
+    replay_timeout_seconds: float = 5.0
+    replay_scan_limit: int = 50_000
+    replays_per_user: int = 2  # reads of one user at once (more: rate_limited)
+    replays_in_flight: int = 4  # reads of this process at once (more wait, up to the timeout)
+    # Stream messages one user's reads may go through: a token bucket in messages.
+    replay_scan_per_second_per_user: float = 1000.0
+    replay_scan_burst: int = 100_000
     bucket_table_size: int = 50_000  # buckets kept in memory per kind of limit
     redis_timeout_seconds: float = 0.25  # each Redis call; slower means "Redis down"
 
@@ -285,7 +298,7 @@ def _check(settings: Settings) -> Settings:
             "jwt.max_token_bytes must be positive and jwt.leeway_seconds not negative"
         )
     try:
-        TrustedProxies(settings.trusted_proxies)
+        parse_networks(settings.trusted_proxies)
     except ValueError as exc:
         raise ConfigError(f"trusted_proxies: {exc}") from None
     if not 0 <= settings.shutdown_delay_seconds <= MAX_SHUTDOWN_DELAY_SECONDS:
@@ -322,6 +335,8 @@ def _check_limits(limits: LimitSettings) -> None:
         "send_buffer_messages",
         "auth_timeout_seconds",
         "handshake_timeout_seconds",
+        "replay_timeout_seconds",
+        "replay_scan_per_second_per_user",
     ]
     at_least_one = [
         "frames_burst",
@@ -334,6 +349,10 @@ def _check_limits(limits: LimitSettings) -> None:
         "rate_limited_strikes_before_close",
         "bucket_table_size",
         "max_channels_per_connection",
+        "replay_scan_limit",
+        "replays_per_user",
+        "replays_in_flight",
+        "replay_scan_burst",
     ]
     for name in positive:
         if not getattr(limits, name) > 0:
@@ -341,7 +360,25 @@ def _check_limits(limits: LimitSettings) -> None:
     for name in at_least_one:
         if getattr(limits, name) < 1:
             raise ConfigError(f"limits.{name} must be at least 1")
+    if not 1 <= limits.max_data_depth <= MAX_DATA_DEPTH:
+        # orjson frames at most 254 levels; a message frame adds its own.
+        raise ConfigError(f"limits.max_data_depth must be between 1 and {MAX_DATA_DEPTH}")
     if limits.handshake_refusals_before_drop < 0:
         raise ConfigError("limits.handshake_refusals_before_drop must not be negative (0: off)")
     if limits.idle_timeout_seconds < 0:
         raise ConfigError("limits.idle_timeout_seconds must not be negative (0 turns it off)")
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_networks(entries: Iterable[str]) -> tuple[Network, ...]:
+    """``trusted_proxies`` as networks (core/client_address.py uses them);
+    raises ValueError naming the first entry that is not an address or network."""
+    parsed: list[Network] = []
+    for entry in entries:
+        try:
+            parsed.append(ipaddress.ip_network(entry.strip(), strict=False))
+        except ValueError:
+            raise ValueError(f"{entry!r} is not an IP address or network") from None
+    return tuple(parsed)

@@ -33,10 +33,12 @@ from aio_pika.abc import (
     AbstractIncomingMessage,
     AbstractQueue,
 )
+from aiormq.abc import DeliveredMessage
 from yarl import URL
 
 from gateway.broker import amqpwire
 from gateway.broker.envelope import sender_of, timestamp_ms_of
+from gateway.broker.history import HistoryReader, HistoryScan, ReadFailed
 from gateway.broker.publisher import ConfirmedPublisher, Expired
 
 log = logging.getLogger("rabbitgate.broker")
@@ -76,6 +78,7 @@ class Replay:
     recovered: bool
     deliveries: list[Delivery]
     tail: int  # offset of the marker that ended the read
+    scanned: int = 0  # stream messages the read went through (what it cost)
 
 
 def stream_name(exchange: str) -> str:
@@ -129,6 +132,8 @@ class Broker:
         self._lock = asyncio.Lock()
         self._supervisor: asyncio.Task[None] | None = None
         self._closing = False
+        # Replays read on a connection of their own (gateway/history.py).
+        self.history = HistoryReader(url, connect_timeout)
 
     @property
     def connected(self) -> bool:
@@ -165,6 +170,7 @@ class Broker:
             self._supervisor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._supervisor
+        await self.history.close()
         if self._connection is not None:
             with contextlib.suppress(Exception):
                 await self._connection.close()
@@ -262,8 +268,11 @@ class Broker:
         the message at ``since`` is still in the stream and belongs to
         ``channel`` (so nothing after it can have been dropped) and at most
         ``history`` messages of the channel followed it. A ``since`` at or
-        beyond the marker means the history was reset: not recovered.
-        Raises BrokerUnavailable on outage or timeout.
+        beyond the marker means the history was reset: not recovered. The
+        read stops as soon as the answer is known, and after ``scan_limit``
+        stream messages or ``timeout`` (then: not recovered); it runs on the
+        history reader's own connection (gateway/history.py).
+        Raises BrokerUnavailable on outage, or when the read could not start.
         """
         tail = await self._mark(exchange, timeout)
         if since >= tail:
@@ -280,48 +289,30 @@ class Broker:
         scan_limit: int,
         timeout: float,
     ) -> Replay:
-        connection = self._connection_or_fail()
+        # On the history reader's own connection (gateway/history.py): a read
+        # never touches the connection that publishes and fans out.
         found: list[Delivery] = []
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        scan = _Scan()
+        scan = HistoryScan(channel, since, tail, history, scan_limit)
 
-        async def on_message(message: AbstractIncomingMessage) -> None:
-            scan.received += 1
-            if scan.received % ACK_EVERY == 0:  # keep the credit flowing
-                await message.ack(multiple=True)
-            headers = message.headers or {}
-            offset = headers.get("x-stream-offset")
-            # A consumer starts at a chunk boundary: skip what lies before `since`.
-            if done.done() or not isinstance(offset, int) or offset < since:
-                return
-            if offset >= tail:
-                done.set_result(None)
-                return
-            if scan.first is None:
-                # Retention only ever drops a stream's oldest messages: if the one
-                # at `since` is still there, so is everything after it.
-                scan.continuous = offset == since
-                scan.first = offset
-            scan.scanned += 1
-            if scan.scanned > scan_limit:
-                scan.continuous = False  # too far behind: as good as lost
-                done.set_result(None)
-            elif offset > since and message.routing_key == channel and not _is_marker(message):
-                found.append(self._delivery(exchange, offset, message))
+        def keep(offset: int, message: DeliveredMessage) -> None:
+            properties = message.header.properties
+            headers = properties.headers
+            found.append(
+                Delivery(
+                    exchange=exchange,
+                    channel=message.routing_key or "",
+                    seq=offset,
+                    body=message.body,
+                    sender=sender_of(headers, properties.user_id, properties.app_id, self.user),
+                    ts_ms=timestamp_ms_of(headers, properties.timestamp, int(time.time() * 1000)),
+                )
+            )
 
-        reader = await connection.channel(publisher_confirms=False)
         try:
-            await reader.set_qos(prefetch_count=STREAM_PREFETCH)
-            queue = await reader.get_queue(stream_name(exchange), ensure=False)
-            await queue.consume(on_message, arguments={"x-stream-offset": since})
-            await asyncio.wait_for(done, timeout)
-        except (TimeoutError, aio_pika.exceptions.AMQPError, aiormq.AMQPError, ConnectionError):
+            result = await self.history.read(stream_name(exchange), scan, keep, timeout)
+        except ReadFailed:
             raise BrokerUnavailable("could not read the channel's history") from None
-        finally:
-            with contextlib.suppress(Exception):
-                await reader.close()
-        recovered = scan.continuous and len(found) <= history
-        return Replay(recovered, found if recovered else [], tail)
+        return Replay(result.recovered, found if result.recovered else [], tail, result.received)
 
     async def _mark(self, exchange: str, timeout: float) -> int:
         """Write a marker into a followed stream; its offset once the live consumer sees it."""
@@ -488,14 +479,6 @@ class Broker:
         if self._connection is None:
             raise BrokerUnavailable("broker unavailable")
         return self._connection
-
-
-@dataclass
-class _Scan:
-    received: int = 0
-    scanned: int = 0
-    first: int | None = None
-    continuous: bool = False
 
 
 def publish_error(future: asyncio.Future[object]) -> BrokerUnavailable | None:

@@ -19,9 +19,8 @@ from typing import Protocol
 from websockets.asyncio.server import ServerConnection, broadcast
 from websockets.protocol import State
 
+from gateway.protocol.codes import CLOSE_SLOW_CONSUMER
 from gateway.transports.ws_adapter import extensions_of, transport_of
-
-CLOSE_SLOW_CONSUMER = 4409
 
 
 def text_frame(payload: bytes) -> bytes:
