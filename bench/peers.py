@@ -74,9 +74,9 @@ class PeerProcess:
     def pid(self) -> int:
         return self.process.pid
 
-    @property
     def pids(self) -> list[int]:
-        return [self.process.pid, *self.extra_pids]
+        """Its own process (the backend's, Redis, are ``extra_pids``)."""
+        return [self.process.pid]
 
     def endpoint(self) -> dict[str, object]:
         return {

@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from anomaly.settings import AnomalySettings
+from gateway.amqp_urls import redacted, url_problem
 
 
 class ConfigError(Exception):
@@ -118,11 +119,18 @@ class Settings:
     host: str = "0.0.0.0"
     port: int = 8443
     tls: TlsSettings = field(default_factory=TlsSettings)
+    # One URL, or the nodes of a RabbitMQ cluster: a YAML list, or the URLs
+    # separated by commas (env, flag). Kept as one comma-separated string;
+    # ``amqp_urls`` splits it. The gateway connects to one node that answers,
+    # picked at random, and moves to another when it is lost (gateway/broker.py).
     amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
     broker_connect_timeout_seconds: float = 15.0
     # Retention of each exchange's history stream (see gateway/broker/broker.py).
     stream_max_bytes: int = 256 * 1024 * 1024
     stream_max_age: str = "7D"
+    # Replicas of each history stream on a cluster (x-initial-cluster-size).
+    # None: the smaller of 3 and the number of nodes in amqp_url.
+    stream_initial_cluster_size: int | None = None
     publish_confirm_timeout_seconds: float = 5.0
     # On SIGTERM, how long to go on serving with /readyz answering 503 before
     # the listeners close, so a load balancer stops sending new clients first.
@@ -150,6 +158,16 @@ class Settings:
     # Share the rate limits between gateway processes (redis://, rediss://,
     # unix://). None: each process limits on its own, in memory.
     redis_url: str | None = None
+    # Worker processes of `rabbitgate serve` (gateway/operations/supervisor.py): a number,
+    # or "auto" for the CPUs this process may run on. More than one needs
+    # redis_url, so that the caps and rate limits hold across workers.
+    workers: str = "1"
+    # Bind the public ports with SO_REUSEPORT, so several processes share them
+    # and the kernel spreads connections (the supervisor sets it for its workers).
+    reuse_port: bool = False
+    # Serve the admin app on this Unix socket instead of admin_host:admin_port
+    # (the supervisor gives each worker one and serves the fleet's admin port).
+    admin_socket: Path | None = None
     # Traffic anomaly detection and alert review (anomaly/settings.py); off by default.
     anomaly: AnomalySettings = field(default_factory=AnomalySettings)
     # Every this many seconds, collect the objects not frozen yet and freeze the
@@ -264,6 +282,9 @@ def _coerce(f: dataclasses.Field[Any], value: Any, name: str) -> Any:
             if not isinstance(value, list | tuple):
                 raise ValueError(value)
             return tuple(str(item) for item in value)
+        if kind.startswith("str") and name == "amqp_url" and isinstance(value, list | tuple):
+            # A YAML list of cluster nodes; kept comma-separated like the env form.
+            return ",".join(str(item).strip() for item in value)
         if kind.startswith("str"):
             if not isinstance(value, str | int | float):
                 raise ValueError(value)
@@ -314,10 +335,74 @@ def _check(settings: Settings) -> Settings:
         if value is not None and not 0 <= value < 65536:
             raise ConfigError(f"{name} {value} is out of range")
     _check_limits(settings.limits)
+    _check_fleet(settings)
     anomaly_problem = settings.anomaly.problem()
     if anomaly_problem is not None:
         raise ConfigError(anomaly_problem)
     return settings
+
+
+def amqp_urls(settings: Settings) -> tuple[str, ...]:
+    """The broker nodes of ``amqp_url``, in the order given."""
+    return split_urls(settings.amqp_url)
+
+
+def split_urls(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def worker_count(value: str, cpus: int | None = None) -> int:
+    """``workers`` as a number: "auto" is the CPUs this process may run on.
+
+    Raises ValueError for anything but a positive integer or "auto".
+    """
+    text = str(value).strip().lower()
+    if text == "auto":
+        return max(1, cpus if cpus is not None else len(os.sched_getaffinity(0)))
+    count = int(text)
+    if count < 1:
+        raise ValueError(text)
+    return count
+
+
+# More workers than this on one host is a typo, not a plan (each one holds a
+# broker connection and a Redis pool).
+MAX_WORKERS = 512
+
+
+def _check_fleet(settings: Settings) -> None:
+    """Workers, the broker URL list and stream replication."""
+    try:
+        workers = worker_count(settings.workers)
+    except ValueError:
+        raise ConfigError(
+            f"workers {settings.workers!r} must be a positive number or auto"
+        ) from None
+    if workers > MAX_WORKERS:
+        raise ConfigError(f"workers {workers} is more than {MAX_WORKERS}")
+    if workers > 1 and not settings.redis_url:
+        raise ConfigError(
+            f"workers {workers} needs redis_url: without the shared store each worker "
+            f"would enforce the connection caps and rate limits on its own ({workers} times higher)"
+        )
+    urls = amqp_urls(settings)
+    if not urls:
+        raise ConfigError("amqp_url is empty")
+    for index, url in enumerate(urls):
+        problem = url_problem(url)
+        if problem is not None:
+            where = f"amqp_url entry {index + 1}" if len(urls) > 1 else "amqp_url"
+            raise ConfigError(f"{where} ({redact_url(url)}): {problem}")
+    size = settings.stream_initial_cluster_size
+    if size is not None and size < 1:
+        raise ConfigError("stream_initial_cluster_size must be at least 1")
+
+
+def redact_url(url: str) -> str:
+    try:
+        return redacted(url)
+    except ValueError:
+        return "<unparseable URL>"
 
 
 def _check_limits(limits: LimitSettings) -> None:

@@ -63,6 +63,7 @@ class Node:
             stream_max_age=settings.stream_max_age,
             confirm_timeout=settings.publish_confirm_timeout_seconds,
             connect_timeout=settings.broker_connect_timeout_seconds,
+            initial_cluster_size=settings.stream_initial_cluster_size,
         )
         self.sessions: set[Subscriber] = set()
         self.events = EventBus()

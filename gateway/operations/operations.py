@@ -98,10 +98,16 @@ class Operations:
                 ssl_context=ssl_context,
                 handler_cancellation=True,
                 handshake=handshake,
+                reuse_port=s.reuse_port,
             )
             await _bind(self._sse, s.host, s.sse_port)
             scheme = "https" if ssl_context else "http"
             log.info("SSE on %s://%s:%d%s", scheme, s.host, self._sse.port, SSE_PATH)
+        if s.admin_socket is not None:
+            # A supervisor's worker: the supervisor serves the admin port.
+            self._admin = HttpListener(self.admin_app, "", 0, unix_path=s.admin_socket)
+            await _bind(self._admin, str(s.admin_socket), 0)
+            return
         self._admin = HttpListener(self.admin_app, s.admin_host, s.admin_port)
         await _bind(self._admin, s.admin_host, s.admin_port)
         log.info("admin on http://%s:%d (/metrics /healthz /readyz)", s.admin_host, self.admin_port)

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # Bottom to top; a module may import from its own layer or a lower one.
 LAYERS = [
-    ("gateway.config",),
+    ("gateway.config", "gateway.amqp_urls"),
     ("gateway.commands",),
     ("gateway.protocol",),
     ("gateway.telemetry",),
