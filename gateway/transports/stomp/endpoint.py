@@ -104,7 +104,7 @@ class StompTransport:
 
     @property
     def open(self) -> bool:
-        return self.connection.protocol.state is State.OPEN and not self.bridge.closed
+        return self.connection.state is State.OPEN and not self.bridge.closed
 
     def send(self, frame: bytes) -> bool:
         frames, close = self.bridge.answer(frame)
