@@ -273,7 +273,7 @@ def _train(args: argparse.Namespace) -> int:
         )
     except (OSError, ValueError) as exc:
         raise CliError(f"cannot read {args.traffic}: {exc}") from None
-    model = AnomalyModel.fit(rows, a.contamination)
+    model = AnomalyModel.fit(rows, a.budget(), a.lengths)
     if not model.keys:
         raise CliError(f"{args.traffic} holds too few windows of {a.window_seconds:g} s to train")
     out = Path(args.out) if args.out else a.data_dir / MODEL_FILE

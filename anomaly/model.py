@@ -17,8 +17,10 @@ detector: keep ``anomaly.data_dir`` writable by the gateway user only.
 
 Scores are the forest's anomaly score in (0, 1] (Liu et al.: about 0.5 for
 nothing special, towards 1 for isolated points); a window is flagged when its
-score is above its model's threshold, the (1 - contamination) quantile of the
-baseline's own scores.
+score is above its model's thresholds, calibrated from the baseline's own
+scores to the operator's alert budget (``anomaly/budget.py``): ``threshold``
+(one window is enough) and ``persist_threshold`` (enough for ``k`` of ``n``
+windows of the subject, ``anomaly/incidents.py``).
 """
 
 from __future__ import annotations
@@ -36,15 +38,17 @@ from typing import Any
 
 import numpy as np
 
+from anomaly.budget import thresholds
 from anomaly.features import FEATURES
+from anomaly.settings import Budget
 
 MODEL_FORMAT = "rabbitgate-anomaly-model"
-MODEL_VERSION = 1
+MODEL_VERSION = 2  # 2: budget thresholds (single and persistence)
 MODEL_FILE = "model.npz"
 # Fewer baseline windows than this and a model key is not scored.
 MIN_ROWS = 32
 # Baseline rows kept in the file (for retraining after a restart), per key.
-MAX_KEPT_ROWS = 20_000
+MAX_KEPT_ROWS = 50_000
 TREES = 100
 
 # How each feature reads in a reason's text: (label, unit, format).
@@ -259,27 +263,55 @@ class Reason:
         }
 
 
+def key_seconds(key: str) -> float:
+    """The window length of a model key: ``"user@60s"`` -> 60.0."""
+    try:
+        return float(key.rsplit("@", 1)[1].rstrip("s"))
+    except (IndexError, ValueError):
+        raise ValueError(f"not a model key: {key!r}") from None
+
+
 @dataclass
 class KeyModel:
     """The forest of one model key with its baseline."""
 
     forest: Forest
-    threshold: float  # flag above this score
+    threshold: float  # above this score one window is enough for an alert
     quantiles: np.ndarray  # (101, len(FEATURES)): percentiles 0..100 of raw features
     rows: np.ndarray  # the baseline (raw features), at most MAX_KEPT_ROWS
     trained_at: float
     transformed_quantiles: np.ndarray  # the same of the transformed features
+    persist_threshold: float = 1.0  # above this: a window that counts towards k of n
 
     @classmethod
-    def fit(cls, rows: np.ndarray, contamination: float, seed: int = 0) -> KeyModel:
+    def fit(
+        cls,
+        rows: np.ndarray,
+        window_seconds: float,
+        budget: Budget | None = None,
+        *,
+        lengths: int = 1,
+        seed: int = 0,
+    ) -> KeyModel:
+        budget = budget or Budget()
         rows = np.asarray(rows, dtype=np.float64)
         forest = Forest.fit(transform(rows), seed)
-        scores = forest.score(transform(rows))
-        threshold = float(np.quantile(scores, 1.0 - contamination))
         quantiles = np.percentile(rows, np.arange(101), axis=0)
         transformed = np.percentile(transform(rows), np.arange(101), axis=0)
         kept = rows[-MAX_KEPT_ROWS:]
-        return cls(forest, threshold, quantiles, kept, time.time(), transformed)
+        model = cls(forest, 1.0, quantiles, kept, time.time(), transformed)
+        # The forest's own scores (not the guard's: it is defined relative to the
+        # threshold, and inside the baseline's range it is 0 anyway).
+        scores = forest.score(transform(rows))
+        model.threshold, model.persist_threshold = thresholds(
+            scores,
+            budget.false_alerts_per_10k_subject_hours,
+            window_seconds,
+            lengths=lengths,
+            k=budget.persist_k,
+            n=budget.persist_n,
+        )
+        return model
 
     def exceedance(self, rows: np.ndarray) -> np.ndarray:
         """(n, features): how many baseline spreads each value lies beyond the
@@ -379,14 +411,23 @@ class AnomalyModel:
 
     @classmethod
     def fit(
-        cls, rows_by_key: Mapping[str, Sequence[Sequence[float]] | np.ndarray], contamination: float
+        cls,
+        rows_by_key: Mapping[str, Sequence[Sequence[float]] | np.ndarray],
+        budget: Budget | None = None,
+        lengths: int | None = None,
     ) -> AnomalyModel:
-        """Fit one forest per key that has at least MIN_ROWS rows (the others are skipped)."""
+        """Fit one forest per key that has at least MIN_ROWS rows (the others are skipped).
+
+        ``lengths``: how many window lengths share the budget (default: those of the keys)."""
+        if lengths is None:
+            lengths = len({key_seconds(key) for key in rows_by_key}) or 1
         keys = {}
         for seed, (key, rows) in enumerate(sorted(rows_by_key.items())):
             array = np.asarray(rows, dtype=np.float64).reshape(-1, len(FEATURES))
             if len(array) >= MIN_ROWS:
-                keys[key] = KeyModel.fit(array, contamination, seed)
+                keys[key] = KeyModel.fit(
+                    array, key_seconds(key), budget, lengths=lengths, seed=seed
+                )
         return cls(keys)
 
     def score(self, key: str, rows: np.ndarray) -> np.ndarray | None:
@@ -408,6 +449,7 @@ class AnomalyModel:
             meta["keys"][key] = {
                 "prefix": prefix,
                 "threshold": model.threshold,
+                "persist_threshold": model.persist_threshold,
                 "trained_at": model.trained_at,
                 "max_depth": model.forest.max_depth,
                 "max_samples": model.forest.max_samples,
@@ -470,6 +512,7 @@ class AnomalyModel:
                     rows,
                     float(info["trained_at"]),
                     tquantiles,
+                    float(info["persist_threshold"]),
                 )
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelError(f"{path} is damaged ({exc!r})") from None

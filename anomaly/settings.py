@@ -15,6 +15,15 @@ RESPONSES = ("record", "throttle", "ban")
 
 
 @dataclass(frozen=True)
+class Budget:
+    """What a model's thresholds are calibrated to (``anomaly/budget.py``)."""
+
+    false_alerts_per_10k_subject_hours: float = 1.0
+    persist_k: int = 2
+    persist_n: int = 3
+
+
+@dataclass(frozen=True)
 class AnomalySettings:
     enabled: bool = False
     # Model file, alert database, recorded traffic: writable by the gateway user only.
@@ -29,8 +38,20 @@ class AnomalySettings:
     # Record the live traffic events to this file (for `rabbitgate anomaly train`).
     record_file: Path | None = None
     retrain_interval_seconds: float = 86400.0  # 0: never retrain
-    # Share of normal windows expected above the alert threshold.
-    contamination: float = 0.005
+    # The alert budget: false alerts expected per 10,000 subject-hours (a subject-hour
+    # is 3600 / window_seconds scored windows of one user or address); the model's
+    # thresholds are calibrated to it from the baseline (anomaly/budget.py).
+    false_alerts_per_10k_subject_hours: float = 1.0
+    # Persistence: this many anomalous windows among a subject's last persist_windows
+    # make an alert too (each one below the single-window threshold).
+    persist_min: int = 2
+    persist_windows: int = 3
+    # An incident (one alert, updated) ends after this many windows without an
+    # anomalous one of its subject; the next one starts a new alert.
+    incident_quiet_windows: int = 5
+    # After a reviewer closed an alert as benign or false positive, the same subject
+    # flagged for the same reasons raises no new alert for this long (counted on it).
+    suppress_seconds: float = 86400.0
     max_subjects: int = 10_000  # per kind per window; the rest count as one overflow subject
     # Highest scores first; the rest of a window's flagged subjects are counted in one
     # log line (an alert storm must not take the gateway down: each alert is a write,
@@ -60,8 +81,12 @@ class AnomalySettings:
             return "anomaly.window_seconds must be positive"
         if self.long_window_windows < 0 or self.warmup_windows < 1:
             return "anomaly.long_window_windows must be >= 0 and anomaly.warmup_windows >= 1"
-        if not 0 < self.contamination < 0.5:
-            return "anomaly.contamination must be between 0 and 0.5"
+        if not 0 < self.false_alerts_per_10k_subject_hours <= 10_000:
+            return "anomaly.false_alerts_per_10k_subject_hours must be above 0 (and at most 10000)"
+        if not 1 <= self.persist_min <= self.persist_windows <= 20:
+            return "anomaly.persist_min and persist_windows: 1 <= persist_min <= persist_windows <= 20"
+        if self.incident_quiet_windows < 1 or self.suppress_seconds < 0:
+            return "anomaly.incident_quiet_windows must be >= 1, suppress_seconds >= 0"
         if self.max_subjects < 1 or self.max_alerts_per_window < 1:
             return "anomaly.max_subjects and anomaly.max_alerts_per_window must be at least 1"
         if not 0 < self.severity_medium <= self.severity_high <= self.severity_critical <= 1:
@@ -77,6 +102,16 @@ class AnomalySettings:
         if not self.exchange:
             return "anomaly.exchange must not be empty"
         return None
+
+    @property
+    def lengths(self) -> int:
+        """How many window lengths are scored (they share the alert budget)."""
+        return 2 if self.long_window_windows else 1
+
+    def budget(self) -> Budget:
+        return Budget(
+            self.false_alerts_per_10k_subject_hours, self.persist_min, self.persist_windows
+        )
 
     def response(self, severity: str) -> str:
         return str(getattr(self, f"response_{severity}"))

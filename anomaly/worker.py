@@ -29,10 +29,10 @@ import logging
 import operator
 import os
 import queue
+import random
 import signal
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -40,12 +40,14 @@ from pathlib import Path
 import numpy as np
 
 from anomaly.features import (
+    OVERFLOW,
     SubjectWindow,
     WindowAggregator,
     WindowState,
     merge_states,
     subject_windows,
 )
+from anomaly.incidents import Finding
 from anomaly.model import MAX_KEPT_ROWS, MIN_ROWS, MODEL_FILE, AnomalyModel, ModelError, Reason
 from anomaly.settings import AnomalySettings
 from anomaly.traffic import baseline_rows, model_key, read_events, write_events
@@ -62,6 +64,35 @@ event_tuple = operator.attrgetter(*EVENT_FIELDS)
 MAX_RECORDED_EVENTS = 1_000_000
 
 
+class Reservoir:
+    """A uniform sample of at most MAX_KEPT_ROWS baseline rows (Vitter's algorithm R).
+
+    Not the last rows: a baseline of 10,000 users' windows holds that many rows
+    in two windows, and the thresholds and the range guard need the rare
+    windows of the whole baseline, not of its last minutes."""
+
+    def __init__(self, rows: list[list[float]] | None = None, seed: int = 0) -> None:
+        self.rows: list[list[float]] = list(rows or [])[-MAX_KEPT_ROWS:]
+        self.seen = len(self.rows)
+        self._random = random.Random(seed)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def append(self, row: list[float]) -> None:
+        self.seen += 1
+        if len(self.rows) < MAX_KEPT_ROWS:
+            self.rows.append(row)
+            return
+        slot = self._random.randrange(self.seen)
+        if slot < MAX_KEPT_ROWS:
+            self.rows[slot] = row
+
+    def extend(self, rows: list[list[float]]) -> None:
+        for row in rows:
+            self.append(row)
+
+
 @dataclass(frozen=True)
 class Scored:
     """The detector's decision about one subject-window."""
@@ -69,10 +100,20 @@ class Scored:
     window: SubjectWindow
     key: str
     score: float
-    threshold: float
-    flagged: bool
+    threshold: float  # the single-window threshold
+    flagged: bool  # above the persistence threshold: anomalous (an incident may follow)
     severity: str | None = None
     reasons: list[Reason] = field(default_factory=list)
+    strong: bool = False  # above the single-window threshold: an alert by itself
+
+    def finding(self) -> Finding:
+        """This decision as the incident book sees it."""
+        w = self.window
+        key = OVERFLOW if w.overflow else w.key
+        reasons = tuple(reason.feature for reason in self.reasons)
+        return Finding(
+            (w.subject_kind, key), w.end, self.score, self.strong, reasons, self.severity or "low", self
+        )
 
 
 @dataclass
@@ -94,7 +135,7 @@ class Worker:
         self.model_path = settings.data_dir / MODEL_FILE
         self.model: AnomalyModel | None = None
         self._warmup_windows = 0
-        self._baseline: dict[str, deque[list[float]]] = {}
+        self._baseline: dict[str, Reservoir] = {}
         self._long: WindowState | None = None
         self._long_count = 0
         self._model_changed = False
@@ -132,12 +173,12 @@ class Worker:
             else:
                 log.info("anomaly model loaded from %s", self.model_path)
                 for key, keyed in model.keys.items():
-                    self._baseline[key] = deque(keyed.rows.tolist(), maxlen=MAX_KEPT_ROWS)
+                    self._baseline[key] = Reservoir(keyed.rows.tolist())
         if model is None and s.traffic_file is not None:
             rows = baseline_rows(
                 read_events(s.traffic_file), s.window_seconds, s.long_window_windows, s.max_subjects
             )
-            fitted = AnomalyModel.fit(rows, s.contamination)
+            fitted = AnomalyModel.fit(rows, s.budget(), s.lengths)
             if fitted.keys:
                 fitted.save(self.model_path)
                 log.info("anomaly model trained from %s", s.traffic_file)
@@ -196,7 +237,9 @@ class Worker:
 
     def _score(self, key: str, windows: list[SubjectWindow], keep_all: bool = True) -> list[Scored]:
         rows = np.array([w.vector() for w in windows], dtype=np.float64)
-        baseline = self._baseline.setdefault(key, deque(maxlen=MAX_KEPT_ROWS))
+        baseline = self._baseline.get(key)
+        if baseline is None:
+            baseline = self._baseline[key] = Reservoir()
         keyed = self.model.keys.get(key) if self.model is not None else None
         if keyed is None:  # warming up, or this key's first windows: learn only
             baseline.extend(rows.tolist())
@@ -205,10 +248,13 @@ class Worker:
         found = []
         for window, row, score in zip(windows, rows, scores, strict=True):
             score = float(score)
-            if score > keyed.threshold:
+            if score > keyed.persist_threshold:
                 severity = self.settings.severity(score)
                 reasons = keyed.explain(window.features)
-                found.append(Scored(window, key, score, keyed.threshold, True, severity, reasons))
+                strong = score > keyed.threshold
+                found.append(
+                    Scored(window, key, score, keyed.threshold, True, severity, reasons, strong)
+                )
             else:
                 baseline.append(row.tolist())
                 if keep_all:
@@ -223,10 +269,10 @@ class Worker:
             " counted together (address cycling?)"
         )
         reason = Reason(f"distinct_{plural}", float(limit), 0.0, text, 100.0)
-        return Scored(window, key, 1.0, 0.0, True, "high", [reason])
+        return Scored(window, key, 1.0, 0.0, True, "high", [reason], True)
 
     def _baseline_rows(self, keys: list[str] | None = None) -> dict[str, list[list[float]]]:
-        return {k: list(v) for k, v in self._baseline.items() if keys is None or k in keys}
+        return {k: v.rows for k, v in self._baseline.items() if keys is None or k in keys}
 
     def _due_for_retraining(self) -> bool:
         assert self.model is not None
@@ -234,7 +280,7 @@ class Worker:
         return time.time() - trained >= self.settings.retrain_interval_seconds
 
     def _fit(self, rows: dict[str, list[list[float]]], why: str) -> None:
-        model = AnomalyModel.fit(rows, self.settings.contamination)
+        model = AnomalyModel.fit(rows, self.settings.budget(), self.settings.lengths)
         if not model.keys:
             log.warning("anomaly %s: too few windows to train on yet", why)
             return
@@ -245,7 +291,7 @@ class Worker:
         self.model = model
         self._model_changed = True
         for key, keyed in model.keys.items():
-            self._baseline[key] = deque(keyed.rows.tolist(), maxlen=MAX_KEPT_ROWS)
+            self._baseline[key] = Reservoir(keyed.rows.tolist())
         counts = ", ".join(f"{k}: {len(v.rows)}" for k, v in sorted(model.keys.items()))
         log.info(
             "anomaly model trained (%s) on %s windows; saved to %s", why, counts, self.model_path
