@@ -63,6 +63,11 @@ def iso(ts: float) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def from_iso(text: str) -> float:
+    """Epoch seconds of an ``iso`` string."""
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
 def new_alert_id(now: float) -> str:
     """Sortable by creation time, unguessable: ``a-<ms hex>-<random>``."""
     return f"a-{int(now * 1000):011x}-{secrets.token_hex(4)}"
@@ -74,8 +79,15 @@ def make_alert(
     severity: str,
     reasons: Sequence[Reason] | Sequence[dict[str, Any]],
     now: float | None = None,
+    *,
+    alert_id: str | None = None,
+    windows: int = 1,
+    first_seen: float | None = None,
 ) -> dict[str, Any]:
-    """A new open alert about ``window`` (its actions are filled in by the response)."""
+    """A new open alert about ``window`` (its actions are filled in by the response).
+
+    The incident fields (``windows``, ``first_seen``, ``last_seen``,
+    ``suppressed``, ``ended_at``) start here; ``incident_update`` moves them on."""
     now = time.time() if now is None else now
     subject: dict[str, Any] = {"kind": window.subject_kind}
     if window.user is not None or window.subject_kind == "user":
@@ -87,7 +99,7 @@ def make_alert(
     if window.session is not None:
         subject["session"] = window.session
     return {
-        "id": new_alert_id(now),
+        "id": alert_id or new_alert_id(now),
         "created_at": iso(now),
         "severity": severity,
         "score": round(float(score), 4),
@@ -103,7 +115,49 @@ def make_alert(
         "version": 1,
         "updated_at": iso(now),
         "history": [],
+        "windows": windows,
+        "first_seen": iso(window.start if first_seen is None else first_seen),
+        "last_seen": iso(window.end),
+        "suppressed": 0,
+        "ended_at": None,
     }
+
+
+def incident_update(
+    alert: dict[str, Any],
+    *,
+    windows: int,
+    last_seen: float,
+    suppressed: int,
+    window: SubjectWindow | None = None,
+    score: float | None = None,
+    severity: str | None = None,
+    new_reasons: Sequence[Reason] = (),
+    ended_at: float | None = None,
+) -> dict[str, Any]:
+    """The alert with its incident moved on (pure; the store bumps ``version``).
+
+    ``window``/``features`` become the latest anomalous window's; ``score`` and
+    ``severity`` the highest so far; reasons not yet on the alert are added."""
+    changed = json.loads(json.dumps(alert))
+    changed["windows"] = windows
+    changed["last_seen"] = iso(last_seen)
+    changed["suppressed"] = suppressed
+    if window is not None:
+        changed["window"] = {"start": iso(window.start), "end": iso(window.end)}
+        changed["features"] = {name: _number(value) for name, value in window.features.items()}
+    if score is not None:
+        changed["score"] = max(float(changed["score"]), round(float(score), 4))
+    if severity is not None and _RANK.get(severity, 0) > _RANK.get(changed["severity"], 0):
+        changed["severity"] = severity
+    known = {r["feature"] for r in changed["reasons"]}
+    changed["reasons"] += [r.to_json() for r in new_reasons if r.feature not in known]
+    if ended_at is not None:
+        changed["ended_at"] = iso(ended_at)
+    return changed
+
+
+_RANK = {"low": 0, "medium": 1, "high": 2, "critical": 3}
 
 
 def _number(value: float) -> float | int:
@@ -324,6 +378,46 @@ class AlertStore:
                     changed["actions"].append(f"restrictions lifted by {changed['reviewer']}")
                     self._write(db, changed)
         return changed
+
+    def update(self, alerts: Sequence[dict[str, Any]]) -> None:
+        """Write changed alerts (incident updates) in one transaction; each gets
+        the next ``version`` and so goes out again through the outbox. The
+        review fields are the stored ones: a review since the read wins."""
+        with self._transaction() as db:
+            for alert in alerts:
+                stored = self._read(db, alert["id"])
+                for name in ("status", "resolution", "reviewer", "note", "history", "actions"):
+                    alert[name] = stored.get(name, alert.get(name))
+                alert["version"] = stored.get("version", 1)
+                self._write(db, alert)
+
+    def reviews(self, alert_ids: Sequence[str]) -> dict[str, tuple[str, str | None]]:
+        """(status, resolution) of these alerts."""
+        found: dict[str, tuple[str, str | None]] = {}
+        ids = list(alert_ids)
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            with self._lock:
+                rows = self._db.execute(
+                    f"SELECT id, status, json_extract(body, '$.resolution') FROM alerts"
+                    f" WHERE id IN ({','.join('?' * len(chunk))})",
+                    chunk,
+                ).fetchall()
+            found.update({row[0]: (row[1], row[2]) for row in rows})
+        return found
+
+    def running_incidents(self, closed_since: float) -> list[dict[str, Any]]:
+        """Alerts whose episode has not ended, and those closed as benign or false
+        positive after ``closed_since`` (the incident book is rebuilt from them)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT body FROM alerts WHERE (json_extract(body, '$.ended_at') IS NULL"
+                " AND json_extract(body, '$.windows') IS NOT NULL AND status != 'closed')"
+                " OR (status = 'closed' AND json_extract(body, '$.resolution')"
+                " IN ('benign', 'false_positive') AND created_ts >= ?)",
+                (closed_since,),
+            ).fetchall()
+        return [json.loads(row["body"]) for row in rows]
 
     def add_actions(self, alert_id: str, actions: Sequence[str]) -> dict[str, Any]:
         with self._transaction() as db:

@@ -89,6 +89,9 @@ def thresholds(
 ) -> tuple[float, float]:
     """(single-window threshold, persistence threshold) of one model key."""
     b = per_window(false_alerts_per_10k, window_seconds, lengths)
+    if k <= 1:  # no persistence tier: the whole budget is the single window's
+        single = tail_quantile(scores, b)
+        return single, single
     p1 = b / 2.0
     single = tail_quantile(scores, p1)
     persist = tail_quantile(scores, persistence_rate(b / 2.0, k, n))

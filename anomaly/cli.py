@@ -90,7 +90,9 @@ def add_anomaly_commands(commands: Any, add_config_flag: AddConfigFlag) -> None:
     evaluate.add_argument("--attack-windows", type=int, default=12)
     evaluate.add_argument("--users", type=int, default=50, help="normal users (50)")
     evaluate.add_argument("--attackers", type=int, default=3, help="attackers per kind (3)")
-    evaluate.add_argument("--contamination", type=float, default=0.005)
+    evaluate.add_argument(
+        "--budget", type=float, default=1.0, help="false alerts per 10k subject-hours (1)"
+    )
     evaluate.add_argument("--seed", type=int, default=7)
     evaluate.add_argument("--amqp-url", default="amqp://guest:guest@127.0.0.1:5672/")
     evaluate.set_defaults(run=_evaluate)
@@ -288,7 +290,7 @@ def _train(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     import logging
 
-    from anomaly.scenarios import ScenarioConfig, report, run_scenario
+    from evaluation.live import ScenarioConfig, report, run_scenario
 
     logging.basicConfig(level=logging.ERROR)
     config = ScenarioConfig(
@@ -298,7 +300,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         attack_windows=args.attack_windows,
         normal_users=args.users,
         attackers_per_kind=args.attackers,
-        contamination=args.contamination,
+        false_alerts_per_10k_subject_hours=args.budget,
         seed=args.seed,
         amqp_url=args.amqp_url,
     )

@@ -176,9 +176,7 @@ class IncidentBook:
         self._closed = {s: c for s, c in self._closed.items() if c.until > now}
         return [Change("ended", incident) for incident in ended]
 
-    def reviewed(
-        self, subject: Subject, alert_id: str, resolution: str | None, now: float
-    ) -> None:
+    def reviewed(self, subject: Subject, alert_id: str, resolution: str | None, now: float) -> None:
         """A reviewer closed ``alert_id``. Benign or false positive: the subject's
         re-raises for the same reasons are suppressed for ``suppress_seconds``;
         true positive: the episode ends (a new window is a new alert)."""
@@ -189,9 +187,7 @@ class IncidentBook:
         if resolution in ("benign", "false_positive"):
             self.remember_closed(subject, incident, now)
 
-    def remember_closed(
-        self, subject: Subject, incident: Incident, closed_at: float
-    ) -> None:
+    def remember_closed(self, subject: Subject, incident: Incident, closed_at: float) -> None:
         """A benign close the book did not see happen (after a restart)."""
         until = closed_at + self.policy.suppress_seconds
         self._closed[subject] = _Closed(incident.alert_id, until, set(incident.reasons), incident)

@@ -49,6 +49,7 @@ from anomaly.features import (
 )
 from anomaly.incidents import Finding
 from anomaly.model import MAX_KEPT_ROWS, MIN_ROWS, MODEL_FILE, AnomalyModel, ModelError, Reason
+from anomaly.population import MassReconnect, clip_session_start
 from anomaly.settings import AnomalySettings
 from anomaly.traffic import baseline_rows, model_key, read_events, write_events
 from gateway.events import TrafficEvent
@@ -112,7 +113,13 @@ class Scored:
         key = OVERFLOW if w.overflow else w.key
         reasons = tuple(reason.feature for reason in self.reasons)
         return Finding(
-            (w.subject_kind, key), w.end, self.score, self.strong, reasons, self.severity or "low", self
+            (w.subject_kind, key),
+            w.end,
+            self.score,
+            self.strong,
+            reasons,
+            self.severity or "low",
+            self,
         )
 
 
@@ -139,6 +146,8 @@ class Worker:
         self._long: WindowState | None = None
         self._long_count = 0
         self._model_changed = False
+        self._mass = MassReconnect()
+        self._long_mass = False
 
     @property
     def short_key_seconds(self) -> float:
@@ -191,7 +200,10 @@ class Worker:
     def process(self, state: WindowState, keep_all: bool) -> Outcome:
         """Vectors, long window, scores, explanations, warm-up, retraining."""
         s = self.settings
-        groups = [(self.short_key_seconds, subject_windows(state, self.short_key_seconds))]
+        short = subject_windows(state, self.short_key_seconds)
+        mass = self._mass.observe(short)
+        self._long_mass = self._long_mass or mass
+        groups = [(self.short_key_seconds, short, mass)]
         long_window = False
         if s.long_window_windows:
             if self._long is None:
@@ -199,13 +211,12 @@ class Worker:
             merge_states(self._long, state, s.max_subjects)
             self._long_count += 1
             if self._long_count >= s.long_window_windows:
-                groups.append(
-                    (self.long_key_seconds, subject_windows(self._long, self.long_key_seconds))
-                )
-                self._long, self._long_count = None, 0
+                long = subject_windows(self._long, self.long_key_seconds)
+                groups.append((self.long_key_seconds, long, self._long_mass))
+                self._long, self._long_count, self._long_mass = None, 0, False
                 long_window = True
         scored: list[Scored] = []
-        for seconds, windows in groups:
+        for seconds, windows, fleet_event in groups:
             by_key: dict[str, list[SubjectWindow]] = {}
             for window in windows:
                 if window.overflow:
@@ -213,7 +224,7 @@ class Worker:
                     continue
                 by_key.setdefault(model_key(window.subject_kind, seconds), []).append(window)
             for key, members in by_key.items():
-                scored.extend(self._score(key, members, keep_all))
+                scored.extend(self._score(key, members, keep_all, fleet_event))
         self._train_if_due()
         changed, self._model_changed = self._model_changed, False
         return Outcome(scored, self.model if changed else None, self.model is None, long_window)
@@ -235,7 +246,13 @@ class Worker:
         elif s.retrain_interval_seconds and self._due_for_retraining():
             self._fit(self._baseline_rows(), "scheduled retraining")
 
-    def _score(self, key: str, windows: list[SubjectWindow], keep_all: bool = True) -> list[Scored]:
+    def _score(
+        self,
+        key: str,
+        windows: list[SubjectWindow],
+        keep_all: bool = True,
+        fleet_event: bool = False,
+    ) -> list[Scored]:
         rows = np.array([w.vector() for w in windows], dtype=np.float64)
         baseline = self._baseline.get(key)
         if baseline is None:
@@ -244,7 +261,10 @@ class Worker:
         if keyed is None:  # warming up, or this key's first windows: learn only
             baseline.extend(rows.tolist())
             return [Scored(w, key, 0.0, 1.0, False) for w in windows] if keep_all else []
-        scores = keyed.score(rows)
+        if fleet_event:  # most subjects reconnected at once (anomaly/population.py)
+            scores = keyed.score(clip_session_start(rows, keyed.quantiles[100]))
+        else:
+            scores = keyed.score(rows)
         found = []
         for window, row, score in zip(windows, rows, scores, strict=True):
             score = float(score)
@@ -256,7 +276,8 @@ class Worker:
                     Scored(window, key, score, keyed.threshold, True, severity, reasons, strong)
                 )
             else:
-                baseline.append(row.tolist())
+                if not fleet_event:  # a restart's windows are not what normal looks like
+                    baseline.append(row.tolist())
                 if keep_all:
                     found.append(Scored(window, key, score, keyed.threshold, False))
         return found

@@ -73,6 +73,8 @@ class OfflineConfig:
     seed: int = 1
     false_alerts_per_10k_subject_hours: float = 1.0
     restart_at: float = 0.5  # share of the second phase at which the gateway restarts
+    persist_min: int = AnomalySettings.persist_min
+    persist_windows: int = AnomalySettings.persist_windows
 
 
 # --- normal users -------------------------------------------------------------
@@ -163,7 +165,9 @@ class Population:
             self._extras(user, t0, t1, phase, out)
             if user.session_end < t1:
                 self._end(user, user.session_end, out)
-                user.next_start = user.session_end + rng.expovariate(1 / (60 * phase.offline_minutes))
+                user.next_start = user.session_end + rng.expovariate(
+                    1 / (60 * phase.offline_minutes)
+                )
                 if user.next_start < t1:  # a quick reconnect within the window
                     self._start(user, user.next_start, phase, out)
                     self._publishes(user, t1, phase, out)
@@ -196,7 +200,9 @@ class Population:
         user.online = False
         user.next_publish = math.inf
 
-    def _publishes(self, user: NormalUser, t1: float, phase: Phase, out: list[TrafficEvent]) -> None:
+    def _publishes(
+        self, user: NormalUser, t1: float, phase: Phase, out: list[TrafficEvent]
+    ) -> None:
         rng = self.rng
         end = min(t1, user.session_end)
         while user.next_publish < end:
@@ -231,7 +237,9 @@ class Population:
             new = f"chat.room{rng.randrange(40)}"
             old = rng.choice(user.rooms)
             out.append(TrafficEvent("unsubscribe", address, user.name, user.session, old, at=at))
-            out.append(TrafficEvent("subscribe", address, user.name, user.session, new, at=at + 0.2))
+            out.append(
+                TrafficEvent("subscribe", address, user.name, user.session, new, at=at + 0.2)
+            )
             user.rooms[user.rooms.index(old)] = new
         elif draw < hop + 0.004:
             channel = rng.choice(["tenant.acme.feed", f"user.{user.name}x.inbox"])
@@ -242,7 +250,9 @@ class Population:
             )
         elif draw < hop + 0.006:
             out.append(
-                TrafficEvent("malformed", address, user.name, user.session, detail="bad_request", at=at)
+                TrafficEvent(
+                    "malformed", address, user.name, user.session, detail="bad_request", at=at
+                )
             )
         elif draw < hop + 0.03:
             out.append(
@@ -306,7 +316,9 @@ class Attacker:
         assert self.name is not None
         out.append(TrafficEvent("connect", address, at=at))
         out.append(TrafficEvent("auth_ok", address, self.name, f"{self.name}.s", at=at + 0.05))
-        out.append(TrafficEvent("subscribe", address, self.name, f"{self.name}.s", room, at=at + 0.1))
+        out.append(
+            TrafficEvent("subscribe", address, self.name, f"{self.name}.s", room, at=at + 0.1)
+        )
 
     def _channel_scanning(self, lo: float, hi: float, out: list[TrafficEvent]) -> None:
         address, name = self.addresses[0], self.name
@@ -337,7 +349,9 @@ class Attacker:
             size = 58 + self.rng.randint(0, 8)  # a template, prices varying its size a little
             jitter = self.rng.gauss(0, 0.005)  # the gateway's clock: a few ms
             out.append(
-                TrafficEvent("publish", address, name, f"{name}.s", "chat.room0", size, at=at + jitter)
+                TrafficEvent(
+                    "publish", address, name, f"{name}.s", "chat.room0", size, at=at + jitter
+                )
             )
             at += self.pace
         self.next_at = at
@@ -438,6 +452,7 @@ class Result:
     seconds: float
     events: int
     misses: list[str]
+    thresholds: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     @property
     def subject_hours(self) -> float:
@@ -473,6 +488,8 @@ def run(config: OfflineConfig, progress: Callable[[str], None] | None = None) ->
             warmup_windows=baseline_windows,
             retrain_interval_seconds=0,
             false_alerts_per_10k_subject_hours=config.false_alerts_per_10k_subject_hours,
+            persist_min=config.persist_min,
+            persist_windows=max(config.persist_min, config.persist_windows),
         )
         worker = Worker(settings)
         worker.load()
@@ -502,6 +519,10 @@ def run(config: OfflineConfig, progress: Callable[[str], None] | None = None) ->
         if worker.model is None:
             raise RuntimeError("the baseline was too small to train on")
         t_eval = t
+        thresholds = {
+            key: (keyed.threshold, keyed.persist_threshold)
+            for key, keyed in worker.model.keys.items()
+        }
         attackers = plan_attackers(config, random.Random(rng.random()), t_eval)
         by_subject = {a.subject: a for a in attackers}
         touched = set().union(*(a.touched() for a in attackers)) if attackers else set()
@@ -538,10 +559,10 @@ def run(config: OfflineConfig, progress: Callable[[str], None] | None = None) ->
                 if change.kind != "new":
                     continue
                 subject = change.incident.subject
-                attacker = by_subject.get(subject)
-                if attacker is not None:
-                    if subject not in detected and attacker.start < t + w <= attacker.end + w:
-                        detected[subject] = index - int((attacker.start - t_eval) // w) + 1
+                found = by_subject.get(subject)
+                if found is not None:
+                    if subject not in detected and found.start < t + w <= found.end + w:
+                        detected[subject] = index - int((found.start - t_eval) // w) + 1
                 elif subject not in touched:
                     false_alerts.append(change)
             t += w
@@ -554,7 +575,9 @@ def run(config: OfflineConfig, progress: Callable[[str], None] | None = None) ->
     for a in attackers:
         windows = detected.get(a.subject)
         if windows is None:
-            misses.append(f"{a.kind} {a.subject[0]} {a.subject[1]} (pace {a.pace:.2f}) not detected")
+            misses.append(
+                f"{a.kind} {a.subject[0]} {a.subject[1]} (pace {a.pace:.2f}) not detected"
+            )
         else:
             kinds[a.kind].detected += 1
             kinds[a.kind].detect_windows.append(windows)
@@ -569,6 +592,7 @@ def run(config: OfflineConfig, progress: Callable[[str], None] | None = None) ->
         time.monotonic() - began,
         events_total,
         misses,
+        thresholds,
     )
 
 
@@ -594,14 +618,18 @@ def report(result: Result) -> str:
         )
     lines += [
         "",
-        f"normal subject-windows {result.normal_windows} ({result.subject_hours:.0f} subject-hours);"
+        f"normal subject-windows {result.normal_windows}"
+        f" ({result.subject_hours:.0f} subject-hours);"
         f" false alerts {len(result.false_alerts)}; alerts {result.alerts},"
         f" updates {result.updates}, suppressed {result.suppressed}",
     ]
+    for key, (single, persist) in sorted(result.thresholds.items()):
+        lines.append(f"  {key}: single-window threshold {single:.3f}, persistence {persist:.3f}")
     for change in result.false_alerts[:20]:
         incident = change.incident
+        how = "one window" if change.finding is not None and change.finding.strong else "k of n"
         lines.append(
-            f"  false alert: {incident.subject[0]} {incident.subject[1]}"
+            f"  false alert ({how}): {incident.subject[0]} {incident.subject[1]}"
             f" score {incident.score:.3f} ({', '.join(incident.reasons)})"
         )
     for miss in result.misses:
@@ -622,10 +650,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--window", type=float, default=defaults.window_seconds)
     parser.add_argument("--long-windows", type=int, default=defaults.long_window_windows)
     parser.add_argument("--attackers", type=int, default=defaults.attackers_per_kind)
-    parser.add_argument(
-        "--budget", type=float, default=defaults.false_alerts_per_10k_subject_hours
-    )
+    parser.add_argument("--budget", type=float, default=defaults.false_alerts_per_10k_subject_hours)
     parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument(
+        "--persist",
+        nargs=2,
+        type=int,
+        metavar=("K", "N"),
+        default=(defaults.persist_min, defaults.persist_windows),
+        help="an alert from K anomalous windows of the last N (1 1: single windows only)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     args = parser.parse_args(argv)
     config = OfflineConfig(
@@ -637,6 +671,8 @@ def main(argv: list[str] | None = None) -> int:
         attackers_per_kind=args.attackers,
         seed=args.seed,
         false_alerts_per_10k_subject_hours=args.budget,
+        persist_min=args.persist[0],
+        persist_windows=args.persist[1],
     )
     progress = None if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
     print(report(run(config, progress)))

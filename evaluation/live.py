@@ -54,7 +54,7 @@ from websockets.exceptions import InvalidStatus, WebSocketException
 from anomaly.detector import Scored
 from anomaly.settings import AnomalySettings
 
-log = logging.getLogger("rabbitgate.scenarios")
+log = logging.getLogger("rabbitgate.evaluation")
 
 ATTACK_KINDS = (
     "credential_stuffing",
@@ -95,7 +95,7 @@ class ScenarioConfig:
     normal_users: int = 50
     attackers_per_kind: int = 3
     kinds: tuple[str, ...] = ATTACK_KINDS
-    contamination: float = 0.005
+    false_alerts_per_10k_subject_hours: float = 1.0
     seed: int = 7
     amqp_url: str = AMQP_URL
 
@@ -320,7 +320,7 @@ class Environment:
             window_seconds=c.window_seconds,
             long_window_windows=c.long_window_windows,
             warmup_windows=c.warmup_windows,
-            contamination=c.contamination,
+            false_alerts_per_10k_subject_hours=c.false_alerts_per_10k_subject_hours,
             retrain_interval_seconds=0,
             exchange=f"{self.prefix}.alerts",
         )
@@ -792,7 +792,7 @@ def report(result: ScenarioResult) -> str:
         "",
         f"{c.normal_users} normal users, {c.attackers_per_kind} attackers per kind, "
         f"{c.warmup_windows} warm-up + {c.attack_windows} attack windows, "
-        f"contamination {c.contamination}, seed {c.seed}; {len(result.alerts)} alerts raised; "
+        f"budget {c.false_alerts_per_10k_subject_hours:g}/10k subject-hours, seed {c.seed}; {len(result.alerts)} alerts raised; "
         f"{result.seconds:.0f} s wall time.",
     ]
     if result.loop_lag:
