@@ -52,8 +52,8 @@ from anomaly.incidents import Change, Incident, IncidentBook, IncidentPolicy
 from anomaly.model import MODEL_FILE, AnomalyModel
 from anomaly.settings import AnomalySettings
 from anomaly.worker import Outcome, Scored, event_tuple
-from gateway.events import TrafficEvent
-from gateway.restrictions import CLOSE_BANNED, Rule
+from gateway.limits.restrictions import CLOSE_BANNED, Rule
+from gateway.telemetry.events import TrafficEvent
 
 __all__ = ["Detector", "Scored"]
 

@@ -52,8 +52,8 @@ from anomaly.model import MAX_KEPT_ROWS, MIN_ROWS, MODEL_FILE, AnomalyModel, Mod
 from anomaly.population import MassReconnect, clip_session_start
 from anomaly.settings import AnomalySettings
 from anomaly.traffic import baseline_rows, model_key, read_events, write_events
-from gateway.events import TrafficEvent
-from gateway.logs import configure_logging
+from gateway.telemetry.events import TrafficEvent
+from gateway.telemetry.logs import configure_logging
 
 log = logging.getLogger("rabbitgate.anomaly")
 

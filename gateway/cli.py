@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.config import ConfigError, Settings, load_settings
-from gateway.logs import configure_logging
+from gateway.telemetry.logs import configure_logging
 
 DEV_SECRET_FILE = "jwt-dev.secret"
 EXIT_USAGE = 2
@@ -98,7 +98,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     token.set_defaults(run=_token)
 
-    from gateway.policy_cli import add_policy_commands
+    from gateway.policy.cli import add_policy_commands
 
     add_policy_commands(commands, _add_config_flag)
 
@@ -147,9 +147,9 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 async def _run_gateway(settings: Settings) -> int:
-    from gateway.broker import BrokerUnavailable
-    from gateway.policy import PolicyError, load_policy_set
-    from gateway.server import Gateway
+    from gateway.app import Gateway
+    from gateway.broker.broker import BrokerUnavailable
+    from gateway.policy.rules import PolicyError, load_policy_set
 
     try:
         policies = load_policy_set(settings.policies_dir)
@@ -183,7 +183,7 @@ async def _run_gateway(settings: Settings) -> int:
 
 
 def _certs(args: argparse.Namespace) -> int:
-    from gateway.devcerts import make_dev_certificates
+    from gateway.devtools.devcerts import make_dev_certificates
 
     directory = Path(args.dir)
     hosts = tuple(args.hosts) if args.hosts else ("localhost", "127.0.0.1", "::1")
@@ -225,7 +225,7 @@ def parse_duration(text: str) -> float:
 
 
 def _token(args: argparse.Namespace) -> int:
-    from gateway.devtokens import mint_token
+    from gateway.devtools.devtokens import mint_token
 
     settings = _settings(args)
     extra: dict[str, Any] = {}

@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from anomaly.settings import AnomalySettings
-from gateway.client_address import TrustedProxies
+from gateway.core.client_address import TrustedProxies
 
 
 class ConfigError(Exception):
@@ -74,7 +74,7 @@ class LimitSettings:
     heartbeat_seconds: float = 20.0
     heartbeat_timeout_seconds: float = 20.0
     max_channels_per_connection: int = 100
-    # Token buckets (rate per second, burst) and caps; see gateway/limiter.py
+    # Token buckets (rate per second, burst) and caps; see gateway/limits/limiter.py
     # and the README's "Rate limits and defenses" for what each one guards.
     frames_per_second: float = 100.0  # every frame of one connection
     frames_burst: int = 500
@@ -107,7 +107,7 @@ class Settings:
     tls: TlsSettings = field(default_factory=TlsSettings)
     amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
     broker_connect_timeout_seconds: float = 15.0
-    # Retention of each exchange's history stream (see gateway/broker.py).
+    # Retention of each exchange's history stream (see gateway/broker/broker.py).
     stream_max_bytes: int = 256 * 1024 * 1024
     stream_max_age: str = "7D"
     publish_confirm_timeout_seconds: float = 5.0
@@ -122,16 +122,16 @@ class Settings:
     compression: bool = False
     allowed_origins: tuple[str, ...] = ()
     # Proxies (addresses or networks) whose X-Forwarded-For names the client
-    # (gateway/client_address.py). Empty: the TCP peer is the client.
+    # (gateway/core/client_address.py). Empty: the TCP peer is the client.
     trusted_proxies: tuple[str, ...] = ()
     log_level: str = "INFO"
-    # "json": one JSON object a line (gateway/logs.py); "text": plain lines.
+    # "json": one JSON object a line (gateway/telemetry/logs.py); "text": plain lines.
     log_format: str = "json"
-    # Admin listener: /metrics, /healthz, /readyz (gateway/admin.py). It has no
+    # Admin listener: /metrics, /healthz, /readyz (gateway/operations/admin.py). It has no
     # authentication: keep it on loopback or a monitoring network. 0: any free port.
     admin_host: str = "127.0.0.1"
     admin_port: int = 9090
-    # Server-Sent Events, GET /events (gateway/sse_server.py): a second public
+    # Server-Sent Events, GET /events (gateway/transports/sse_server.py): a second public
     # port on `host`, with the same TLS as the WebSocket one. null: off.
     sse_port: int | None = 8444
     # Share the rate limits between gateway processes (redis://, rediss://,

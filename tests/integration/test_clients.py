@@ -16,11 +16,11 @@ import orjson
 import pytest
 from websockets.asyncio.server import ServerConnection, serve
 
+from gateway.app import Gateway
 from gateway.client import ClientClosed, Message, QueueFull, RabbitgateClient, RabbitgateError
 from gateway.config import Settings
-from gateway.policy import load_policy_set
-from gateway.restrictions import Rule
-from gateway.server import Gateway
+from gateway.limits.restrictions import Rule
+from gateway.policy.rules import load_policy_set
 
 pytestmark = pytest.mark.integration
 

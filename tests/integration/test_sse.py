@@ -23,11 +23,11 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
+from gateway.app import Gateway
 from gateway.config import Settings, TlsSettings
-from gateway.policy import load_policy_set, parse_policy_files
-from gateway.restrictions import Rule as Restriction
-from gateway.server import Gateway
-from gateway.sse import EventIds
+from gateway.limits.restrictions import Rule as Restriction
+from gateway.policy.rules import load_policy_set, parse_policy_files
+from gateway.transports.sse import EventIds
 
 pytestmark = pytest.mark.integration
 

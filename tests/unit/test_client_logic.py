@@ -17,7 +17,7 @@ from gateway.client import (
     token_expiry,
 )
 from gateway.config import JwtSettings
-from gateway.devtokens import mint_token
+from gateway.devtools.devtokens import mint_token
 
 
 def _upper(low: float, high: float) -> float:

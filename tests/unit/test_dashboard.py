@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 from types import SimpleNamespace
 
-from gateway.metrics import Metrics
+from gateway.telemetry.metrics import Metrics
 
 DASHBOARD = Path(__file__).parents[2] / "deploy" / "grafana-dashboard.json"
 SUFFIXES = {

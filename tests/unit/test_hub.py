@@ -1,4 +1,4 @@
-from gateway.hub import Hub
+from gateway.core.hub import Hub
 
 
 def test_hub_tracks_subscribers_and_exchanges() -> None:

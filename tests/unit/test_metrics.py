@@ -6,8 +6,8 @@ from types import SimpleNamespace
 
 from prometheus_client import generate_latest
 
-from gateway.events import TrafficEvent
-from gateway.metrics import Metrics
+from gateway.telemetry.events import TrafficEvent
+from gateway.telemetry.metrics import Metrics
 
 
 def value(metrics: Metrics, name: str, **labels: str) -> float | None:

@@ -3,8 +3,8 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from gateway.channels import is_valid_channel
-from gateway.protocol import (
+from gateway.protocol.channels import is_valid_channel
+from gateway.protocol.frames import (
     Auth,
     FrameError,
     Ping,

@@ -14,21 +14,21 @@ import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from gateway.broker import Broker, Delivery
-from gateway.client_address import TrustedProxies
+from gateway.broker.broker import Broker, Delivery
 from gateway.config import Settings
-from gateway.deadlines import Deadlines
-from gateway.events import EventBus
-from gateway.hub import Hub
-from gateway.limiter import Limiter
-from gateway.metrics import Metrics
-from gateway.outbox import CLOSE_SLOW_CONSUMER, fan_out
-from gateway.policy import PolicySet
-from gateway.protocol import data_from_body, message_frame
-from gateway.restrictions import Restrictions
+from gateway.core.client_address import TrustedProxies
+from gateway.core.deadlines import Deadlines
+from gateway.core.hub import Hub
+from gateway.limits.limiter import Limiter
+from gateway.limits.restrictions import Restrictions
+from gateway.policy.rules import PolicySet
+from gateway.protocol.frames import data_from_body, message_frame
+from gateway.telemetry.events import EventBus
+from gateway.telemetry.metrics import Metrics
+from gateway.transports.outbox import CLOSE_SLOW_CONSUMER, fan_out
 
 if TYPE_CHECKING:
-    from gateway.session import Session
+    from gateway.core.session import Session
 
 log = logging.getLogger("rabbitgate.node")
 
@@ -66,7 +66,7 @@ class Node:
         self.limiter = Limiter(settings)  # rate limits and connection caps
         # Bans and throttles put on subjects by the anomaly detector's responses.
         self.restrictions = Restrictions()
-        # Whose X-Forwarded-For names the client (gateway/client_address.py).
+        # Whose X-Forwarded-For names the client (gateway/core/client_address.py).
         self.trusted_proxies = TrustedProxies(settings.trusted_proxies)
         # Every session's wake-up (token expiry, idle timeout) on one loop timer.
         self.deadlines = Deadlines()

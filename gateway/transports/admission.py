@@ -1,7 +1,7 @@
 """Refusing, before TLS, an address that ignores ``Retry-After``.
 
 A handshake over a per-address limit is answered HTTP 429 with
-``Retry-After`` (``gateway/limiter.py``). That answer can only be given after
+``Retry-After`` (``gateway/limits/limiter.py``). That answer can only be given after
 the TLS handshake, so a client that ignores it and reconnects at once makes
 the gateway pay a full TLS handshake per attempt, on the event loop that
 serves everyone else (in the flood benchmark, a flooder's 70-90 refused
@@ -31,7 +31,7 @@ from typing import Any, cast
 from websockets.asyncio.server import ServerConnection
 from websockets.server import ServerProtocol
 
-from gateway.handshake_memory import forget_request_in_parser
+from gateway.transports.handshake_memory import forget_request_in_parser
 
 Clock = Callable[[], float]
 # How long a TLS close_notify exchange may take (websockets' close timeout).

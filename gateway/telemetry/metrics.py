@@ -31,7 +31,7 @@ from prometheus_client.core import (
     Metric,
 )
 
-from gateway.events import TrafficEvent
+from gateway.telemetry.events import TrafficEvent
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 SEND_BUFFER_BUCKETS = (0, 1024, 16 * 1024, 64 * 1024, 256 * 1024, 512 * 1024, 1024 * 1024)
@@ -210,7 +210,7 @@ class _LiveCollector:
 
 
 def _limits(limiter: Any) -> Iterator[Metric]:
-    """Whether the rate limits are shared through Redis (gateway/limiter.py)."""
+    """Whether the rate limits are shared through Redis (gateway/limits/limiter.py)."""
     if limiter is None or limiter.redis_url is None:
         return  # not configured: limits are local by design, nothing to watch
     yield GaugeMetricFamily(

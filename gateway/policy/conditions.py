@@ -5,7 +5,7 @@ condition is a small frozen value with ``evaluate(principal, bindings)``, where
 ``bindings`` are the placeholders the rule's channel pattern bound (``room``,
 ``user`` ...). ``parse_condition`` turns the operator's YAML text into one, and
 ``trace`` records why it held or not, for ``rabbitgate policy explain``.
-``Principal`` (gateway/principal.py) is what they are evaluated against.
+``Principal`` (gateway/auth/principal.py) is what they are evaluated against.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from gateway.principal import Principal
+from gateway.auth.principal import Principal
 
 Bindings = Mapping[str, str]
 

@@ -2,7 +2,7 @@
 
 ``ConfirmedPublisher`` owns an aiormq channel in confirm mode (aiormq is
 aio-pika's transport; nothing else may publish on the channel). A publish is
-pre-encoded bytes (gateway/amqpwire.py) appended to a batch; once per event
+pre-encoded bytes (gateway/broker/amqpwire.py) appended to a batch; once per event
 loop iteration the batch gets its delivery tags and goes to the connection's
 writer as one write. Each publish returns a future that aiormq resolves with
 the broker's confirm (or fails on a nack or when the channel closes).
@@ -30,7 +30,7 @@ from typing import Any
 import aiormq
 from aiormq.abc import ChannelFrame
 
-from gateway import amqpwire
+from gateway.broker import amqpwire
 
 log = logging.getLogger("rabbitgate.publisher")
 
@@ -83,7 +83,7 @@ class ConfirmedPublisher:
         """Queue one publish; the future ends with RabbitMQ's confirm.
 
         ``exchange`` and ``routing_key`` are AMQP shortstrs, ``props`` encoded
-        properties (gateway/amqpwire.py). Publishes are written in call order.
+        properties (gateway/broker/amqpwire.py). Publishes are written in call order.
         The future is cancelled when RabbitMQ did not confirm in time, fails
         with aiormq's ``DeliveryError`` on a nack, or with a ConnectionError
         when the channel closes. A publish that

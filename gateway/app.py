@@ -22,25 +22,25 @@ from websockets.exceptions import ConnectionClosed, NegotiationError
 from websockets.http11 import Request, Response
 from websockets.typing import Subprotocol
 
-from gateway import logs
-from gateway.admission import AdmittedConnection, connection_class
-from gateway.auth import AuthError, TokenVerifier
+from gateway.auth.tokens import AuthError, TokenVerifier
 from gateway.config import Settings
-from gateway.devcerts import server_ssl_context
-from gateway.events import TrafficEvent
-from gateway.handshake_memory import forget_handshake
-from gateway.heartbeat import Heartbeat, WebSocketLink
-from gateway.heartbeat import run as run_heartbeat
-from gateway.limiter import Limiter, Refusal, Slot, rate_limited_frame, retry_after_header
-from gateway.malloc import fix_mmap_threshold
-from gateway.node import Node
-from gateway.operations import Operations
-from gateway.outbox import Outbox
-from gateway.policy import PolicySet, Principal
-from gateway.protocol import Auth, FrameError, error_frame, parse_frame, welcome_frame
-from gateway.reloader import PolicyReloader
-from gateway.restrictions import CLOSE_BANNED
-from gateway.session import CLOSE_AUTH, Session
+from gateway.core.node import Node
+from gateway.core.reloader import PolicyReloader
+from gateway.core.session import CLOSE_AUTH, Session
+from gateway.devtools.devcerts import server_ssl_context
+from gateway.limits.limiter import Limiter, Refusal, Slot, rate_limited_frame, retry_after_header
+from gateway.limits.restrictions import CLOSE_BANNED
+from gateway.operations.malloc import fix_mmap_threshold
+from gateway.operations.operations import Operations
+from gateway.policy.rules import PolicySet, Principal
+from gateway.protocol.frames import Auth, FrameError, error_frame, parse_frame, welcome_frame
+from gateway.telemetry import logs
+from gateway.telemetry.events import TrafficEvent
+from gateway.transports.admission import AdmittedConnection, connection_class
+from gateway.transports.handshake_memory import forget_handshake
+from gateway.transports.heartbeat import Heartbeat, WebSocketLink
+from gateway.transports.heartbeat import run as run_heartbeat
+from gateway.transports.outbox import Outbox
 
 log = logging.getLogger("rabbitgate.server")
 
@@ -75,7 +75,7 @@ class Gateway:
             self.node, settings.policies_dir, watch=settings.policy_watch
         )
         self.verifier = TokenVerifier(settings.jwt)
-        # Metrics, audit stream, admin and SSE listeners (gateway/operations.py).
+        # Metrics, audit stream, admin and SSE listeners (gateway/operations/operations.py).
         self.metrics = self.node.metrics
         self.draining = False  # shutting down: /readyz answers 503
         self.ops = Operations(self)
@@ -93,7 +93,7 @@ class Gateway:
             weakref.WeakKeyDictionary()
         )
         self._refused: weakref.WeakSet[ServerConnection] = weakref.WeakSet()
-        # Every connection's WebSocket pings, from one task (gateway/heartbeat.py).
+        # Every connection's WebSocket pings, from one task (gateway/transports/heartbeat.py).
         self.heartbeat: Heartbeat[ServerConnection] | None = None
         self._heartbeat_task: asyncio.Task[None] | None = None
 
@@ -124,7 +124,7 @@ class Gateway:
         await self.reloader.start()  # watches policies_dir; SIGHUP calls reload_soon
         limits = self.settings.limits
         # Before the first connection: keeps uvloop's per-connection TLS read
-        # buffers out of the heap (gateway/malloc.py).
+        # buffers out of the heap (gateway/operations/malloc.py).
         fix_mmap_threshold()
         loop = asyncio.get_running_loop()
         self.heartbeat = Heartbeat(
@@ -132,7 +132,7 @@ class Gateway:
         )
         self._heartbeat_task = loop.create_task(run_heartbeat(self.heartbeat))
         # TLS is started per connection by the connection class, after the
-        # address was let in (gateway/admission.py), not by the listener.
+        # address was let in (gateway/transports/admission.py), not by the listener.
         self._connection_class = connection_class(
             self._drop_before_tls,
             self._dropped_before_tls,

@@ -14,11 +14,11 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway.admin import build_admin_app
-from gateway.audit import audit_sink
 from gateway.config import ConfigError
-from gateway.httplistener import HttpListener
-from gateway.sse_server import SSE_PATH, SseEndpoint
+from gateway.operations.admin import build_admin_app
+from gateway.telemetry.audit import audit_sink
+from gateway.transports.httplistener import HttpListener
+from gateway.transports.sse_server import SSE_PATH, SseEndpoint
 
 log = logging.getLogger("rabbitgate.server")
 

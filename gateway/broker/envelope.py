@@ -11,7 +11,7 @@ import time
 from random import getrandbits
 from typing import Any
 
-from gateway import amqpwire
+from gateway.broker import amqpwire
 
 SUB_HEADER = "x-rabbitgate-sub"
 SESSION_HEADER = "x-rabbitgate-session"

@@ -24,13 +24,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from gateway.auth import AuthError, TokenVerifier
-from gateway.channels import is_valid_channel
+from gateway.auth.principal import Principal
+from gateway.auth.tokens import AuthError, TokenVerifier
 from gateway.cli import CliError
-from gateway.conditions import shown
 from gateway.config import ConfigError, Settings, load_settings
-from gateway.policy import PolicyError, PolicySet, load_policy_set
-from gateway.principal import Principal
+from gateway.policy.conditions import shown
+from gateway.policy.rules import PolicyError, PolicySet, load_policy_set
+from gateway.protocol.channels import is_valid_channel
 
 EXIT_OK = 0
 EXIT_WARNINGS = 3

@@ -11,7 +11,7 @@ what lets ``BucketTable`` drop it without changing any answer.
 
 Nothing here reads a clock or touches asyncio: callers pass ``now`` (seconds,
 any monotonic origin), so tests drive a known rate and burst with an injected
-clock and check exact admitted counts. ``gateway/limiter.py`` runs the same
+clock and check exact admitted counts. ``gateway/limits/limiter.py`` runs the same
 algorithm in Redis (milliseconds) when the limits are shared between gateway
 processes.
 

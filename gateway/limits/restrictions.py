@@ -19,8 +19,8 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from gateway.buckets import TokenBucket
-from gateway.limiter import Refusal
+from gateway.limits.buckets import TokenBucket
+from gateway.limits.limiter import Refusal
 
 CLOSE_BANNED = 4403
 

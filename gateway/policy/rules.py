@@ -22,8 +22,8 @@ from typing import Literal, TypeVar
 
 import yaml
 
-from gateway.channels import MAX_CHANNEL_BYTES, is_valid_channel
-from gateway.conditions import (
+from gateway.auth.principal import Principal
+from gateway.policy.conditions import (
     Anyone,
     Check,
     Condition,
@@ -34,7 +34,7 @@ from gateway.conditions import (
     shown,
     trace,
 )
-from gateway.principal import Principal
+from gateway.protocol.channels import MAX_CHANNEL_BYTES, is_valid_channel
 
 __all__ = [
     "Decision",

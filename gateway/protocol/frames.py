@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 
-from gateway.channels import is_valid_channel
+from gateway.protocol.channels import is_valid_channel
 
 RequestId = str | int
 

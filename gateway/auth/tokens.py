@@ -33,8 +33,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from jwt.algorithms import ECAlgorithm, HMACAlgorithm, OKPAlgorithm, RSAAlgorithm
 
+from gateway.auth.principal import AuthError, AuthReason, Principal, is_finite_number
 from gateway.config import ASYMMETRIC_ALGORITHMS, SYMMETRIC_ALGORITHMS, ConfigError, JwtSettings
-from gateway.principal import AuthError, AuthReason, Principal, is_finite_number
 
 __all__ = ["AuthError", "Principal", "TokenVerifier", "load_hmac_secret", "parse_jwks"]
 

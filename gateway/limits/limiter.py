@@ -37,12 +37,12 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from gateway.admission import RefusalMemory
-from gateway.buckets import BucketTable, TokenBucket
 from gateway.config import LimitSettings, Settings
-from gateway.policy import Rule
-from gateway.protocol import RequestId, error_frame
-from gateway.redis_limits import LEASE_MS, REDIS_ERRORS, RedisLimits
+from gateway.limits.buckets import BucketTable, TokenBucket
+from gateway.limits.redis_limits import LEASE_MS, REDIS_ERRORS, RedisLimits
+from gateway.policy.rules import Rule
+from gateway.protocol.frames import RequestId, error_frame
+from gateway.transports.admission import RefusalMemory
 
 log = logging.getLogger("rabbitgate.limits")
 

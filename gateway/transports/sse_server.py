@@ -39,20 +39,20 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from gateway import logs
-from gateway.auth import AuthError
-from gateway.broker import BrokerUnavailable
-from gateway.channels import is_valid_channel
-from gateway.deadlines import Deadline, loop_time_of
-from gateway.events import EventKind, TrafficEvent
-from gateway.limiter import Refusal
-from gateway.node import Node
-from gateway.outbox import CLOSE_SLOW_CONSUMER
-from gateway.policy import Principal, Rule
-from gateway.protocol import error_frame
-from gateway.restrictions import CLOSE_BANNED
-from gateway.session import CLOSE_AUTH
-from gateway.sse import HEARTBEAT, EventIds, SseOutbox, format_event
+from gateway.auth.tokens import AuthError
+from gateway.broker.broker import BrokerUnavailable
+from gateway.core.deadlines import Deadline, loop_time_of
+from gateway.core.node import Node
+from gateway.core.session import CLOSE_AUTH
+from gateway.limits.limiter import Refusal
+from gateway.limits.restrictions import CLOSE_BANNED
+from gateway.policy.rules import Principal, Rule
+from gateway.protocol.channels import is_valid_channel
+from gateway.protocol.frames import error_frame
+from gateway.telemetry import logs
+from gateway.telemetry.events import EventKind, TrafficEvent
+from gateway.transports.outbox import CLOSE_SLOW_CONSUMER
+from gateway.transports.sse import HEARTBEAT, EventIds, SseOutbox, format_event
 
 log = logging.getLogger("rabbitgate.sse")
 

@@ -4,7 +4,7 @@ A sink on the traffic event bus. It writes refused tokens, policy denials,
 rate-limit refusals and bans; the policy reloader writes its reloads to the
 same logger. Records carry the event's fields (``event``, ``user``,
 ``address``, ``session``, ``channel``, ``rule``, ``detail``) as ``extra``, so
-the JSON formatter (``gateway.logs``) puts each in its own key. Events carry no
+the JSON formatter (``gateway.telemetry.logs``) puts each in its own key. Events carry no
 token and no message body, so neither can reach this stream.
 """
 
@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import logging
 
-from gateway.events import TrafficEvent
-from gateway.logs import AUDIT_LOGGER
+from gateway.telemetry.events import TrafficEvent
+from gateway.telemetry.logs import AUDIT_LOGGER
 
 AUDITED = frozenset({"auth_failed", "denied", "rate_limited", "banned"})
 

@@ -17,15 +17,13 @@ from typing import TYPE_CHECKING, Any
 
 from websockets.protocol import State
 
-from gateway.auth import AuthError, TokenVerifier
-from gateway.broker import BrokerUnavailable, publish_error
-from gateway.deadlines import CLOCK_SLACK_SECONDS, Deadline, loop_time_of
-from gateway.envelope import ClientStamp
-from gateway.events import EventKind, TrafficEvent
-from gateway.limiter import Refusal, rate_limited_frame
-from gateway.outbox import Outbox
-from gateway.policy import Principal
-from gateway.protocol import (
+from gateway.auth.tokens import AuthError, TokenVerifier
+from gateway.broker.broker import BrokerUnavailable, publish_error
+from gateway.broker.envelope import ClientStamp
+from gateway.core.deadlines import CLOCK_SLACK_SECONDS, Deadline, loop_time_of
+from gateway.limits.limiter import Refusal, rate_limited_frame
+from gateway.policy.rules import Principal
+from gateway.protocol.frames import (
     Auth,
     ClientFrame,
     FrameError,
@@ -39,9 +37,11 @@ from gateway.protocol import (
     parse_frame,
     pong_frame,
 )
+from gateway.telemetry.events import EventKind, TrafficEvent
+from gateway.transports.outbox import Outbox
 
 if TYPE_CHECKING:
-    from gateway.node import Node
+    from gateway.core.node import Node
 
 log = logging.getLogger("rabbitgate.session")
 
@@ -106,7 +106,7 @@ class Session:
         self._answers: list[bytes] = []  # publish answers of this loop iteration
         self._tasks: set[asyncio.Task[None]] = set()
         self._publishing = False  # a publish frame is between read and its confirm task
-        # This connection's rate limits and idle timeout (gateway/limiter.py).
+        # This connection's rate limits and idle timeout (gateway/limits/limiter.py).
         self.guard = node.limiter.connection_guard()
         self._closing: asyncio.Task[None] | None = None
         # The token's expiry, on the loop's clock; the wake-up comes then or at
@@ -277,7 +277,7 @@ class Session:
                 await self._refresh(frame)
 
     async def _subscribe(self, frame: Subscribe) -> None:
-        # A subject the anomaly detector throttled (gateway/restrictions.py) counts too.
+        # A subject the anomaly detector throttled (gateway/limits/restrictions.py) counts too.
         refusal = self.guard.subscribe() or self.node.restrictions.throttle(
             self.principal.sub, self.address
         )

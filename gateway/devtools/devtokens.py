@@ -18,7 +18,7 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from gateway.auth import load_hmac_secret
+from gateway.auth.tokens import load_hmac_secret
 from gateway.config import SYMMETRIC_ALGORITHMS, ConfigError, JwtSettings
 
 PRIVATE_KEY_NAME = "jwt-private.pem"

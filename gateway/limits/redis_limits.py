@@ -3,7 +3,7 @@
 Each operation is one Lua script, run atomically by Redis (EVALSHA through
 redis.asyncio, loaded again by redis-py when Redis forgot it):
 
-* ``take``: the GCRA token bucket of ``gateway/buckets.py`` in milliseconds,
+* ``take``: the GCRA token bucket of ``gateway/limits/buckets.py`` in milliseconds,
   the same admissions as the in-memory bucket (a test drives both with the
   same table). The time is Redis's own clock (``TIME``), so gateway processes
   on different hosts agree; tests may pass it in. The key expires once the

@@ -30,7 +30,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import orjson
 
-from gateway.channels import is_valid_channel
+from gateway.protocol.channels import is_valid_channel
 
 # Browsers and aiohttp refuse header lines much longer than this anyway.
 MAX_EVENT_ID_CHARS = 8 * 1024

@@ -21,8 +21,8 @@ from pathlib import Path
 
 from watchfiles import Change, awatch
 
-from gateway.node import Node
-from gateway.policy import PolicyError, load_policy_set
+from gateway.core.node import Node
+from gateway.policy.rules import PolicyError, load_policy_set
 
 log = logging.getLogger("rabbitgate.audit")
 

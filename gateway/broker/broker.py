@@ -35,9 +35,9 @@ from aio_pika.abc import (
 )
 from yarl import URL
 
-from gateway import amqpwire
-from gateway.envelope import sender_of, timestamp_ms_of
-from gateway.publisher import ConfirmedPublisher, Expired
+from gateway.broker import amqpwire
+from gateway.broker.envelope import sender_of, timestamp_ms_of
+from gateway.broker.publisher import ConfirmedPublisher, Expired
 
 log = logging.getLogger("rabbitgate.broker")
 
