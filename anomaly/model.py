@@ -102,6 +102,11 @@ _GUARD_MASK = np.array([name in GUARDED for name in FEATURES])
 MIN_SPREAD = math.log(2.0)
 # A feature this many spreads beyond the largest baseline value flags the window by itself.
 RANGE_MARGIN = 1.0
+# Plain rules for small counts, where a doubling is too coarse a unit: a user seen
+# from two more addresses in one window than any baseline window had (one token
+# in several hands) is out of range by itself, whatever the log scale says.
+STEPS = {"distinct_addresses": 1.0}
+_STEPS = {FEATURES.index(name): step for name, step in STEPS.items()}
 
 
 # --- forests as arrays ------------------------------------------------------
@@ -319,7 +324,11 @@ class KeyModel:
         Only the GUARDED features count for the score."""
         tq = self.transformed_quantiles
         spread = np.maximum(tq[99] - tq[50], MIN_SPREAD)
-        return np.asarray((transform(rows) - tq[100]) / spread)
+        out = np.asarray((transform(rows) - tq[100]) / spread)
+        for index, step in _STEPS.items():
+            raw = (np.asarray(rows, dtype=np.float64)[:, index] - self.quantiles[100, index]) / step
+            out[:, index] = np.maximum(out[:, index], raw)
+        return out
 
     def score(self, rows: np.ndarray) -> np.ndarray:
         """The forest's score, raised by the range guard.

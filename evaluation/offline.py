@@ -49,7 +49,7 @@ from anomaly.features import WindowAggregator
 from anomaly.incidents import Change, IncidentBook, IncidentPolicy
 from anomaly.settings import AnomalySettings
 from anomaly.worker import Worker
-from gateway.events import TrafficEvent
+from gateway.telemetry.events import TrafficEvent
 
 ATTACK_KINDS = (
     "credential_stuffing",
@@ -374,6 +374,8 @@ class Attacker:
         self.next_at = at
 
     def _token_many_addresses(self, lo: float, hi: float, out: list[TrafficEvent]) -> None:
+        """One stolen token used from every address at once, as people would use it:
+        sessions of a minute or two, a message every ten seconds or so."""
         name = self.name
         rng = self.rng
         for k, address in enumerate(self.addresses):
@@ -381,16 +383,16 @@ class Attacker:
             at = max(self.state.get(key, lo + rng.uniform(0, 20)), lo)
             while at < hi:
                 self._session(address, at, out, f"chat.room{rng.randrange(40)}")
-                stay = at + rng.uniform(30, 180)
-                t = at + rng.expovariate(0.05)
+                stay = at + rng.uniform(20, 120)
+                t = at + rng.expovariate(self.pace)
                 while t < min(stay, hi):
                     out.append(
                         TrafficEvent(
                             "publish", address, name, f"{name}.s", "chat.room2", _size(rng), at=t
                         )
                     )
-                    t += rng.expovariate(0.05)
-                at = stay + rng.uniform(1, 20)
+                    t += rng.expovariate(self.pace)
+                at = stay + rng.uniform(1, 10)
             self.state[key] = at
 
 
@@ -421,7 +423,8 @@ def plan_attackers(config: OfflineConfig, rng: random.Random, t_start: float) ->
                 found.append(Attacker(kind, base, [f"10.9.4.{i}"], start, end, 1.0, r))
             else:
                 addresses = [f"10.9.{10 + i}.{j}" for j in range(rng.randint(4, 12))]
-                found.append(Attacker(kind, base, addresses, start, end, 1.0, r))
+                pace = rng.uniform(0.05, 0.2)  # publishes a second, per address
+                found.append(Attacker(kind, base, addresses, start, end, pace, r))
     return found
 
 

@@ -15,7 +15,7 @@ from anomaly.population import MassReconnect
 from anomaly.settings import AnomalySettings
 from anomaly.worker import Worker
 from evaluation.offline import BASELINE, START, OfflineConfig, Population, report, run
-from gateway.events import TrafficEvent
+from gateway.telemetry.events import TrafficEvent
 
 
 def test_the_budget_per_window_follows_windows_an_hour_and_lengths() -> None:
