@@ -73,6 +73,12 @@ def add_anomaly_commands(commands: Any, add_config_flag: AddConfigFlag) -> None:
         "--password-stdin", action="store_true", help="read the password from stdin"
     )
 
+    detector = commands.add_parser(
+        "detector", help="run the fleet's anomaly detector (gateways with anomaly.fleet: true)"
+    )
+    add_config_flag(detector)
+    detector.set_defaults(run=_detector)
+
     anomaly = commands.add_parser("anomaly", help="train and evaluate the anomaly detector")
     asub = anomaly.add_subparsers(required=True, metavar="ACTION")
     train = asub.add_parser("train", help="train the model from recorded traffic")
@@ -258,6 +264,29 @@ def _add_reviewer(args: argparse.Namespace) -> int:
         raise CliError(str(exc)) from None
     print(f"reviewer {args.name} saved in {target}")
     return 0
+
+
+# --- detector ---------------------------------------------------------------
+
+
+def _detector(args: argparse.Namespace) -> int:
+    """The fleet's detector; a store or model it cannot use is one line, not a loop."""
+    import sqlite3
+
+    from anomaly.fleet import run_detector
+    from gateway.telemetry.logs import configure_logging
+
+    settings = _settings(args)
+    configure_logging(settings.log_level, settings.log_format)
+    store = settings.anomaly.data_dir / STORE_FILE
+    try:
+        AlertStore(store).close()  # opens, checks the schema; a damaged file fails here
+    except (sqlite3.DatabaseError, OSError) as exc:
+        raise CliError(f"alert store {store} cannot be used: {exc}") from None
+    try:
+        return asyncio.run(run_detector(settings))
+    except OSError as exc:  # RabbitMQ unreachable at start
+        raise CliError(f"detector cannot start: {exc}") from None
 
 
 # --- anomaly ----------------------------------------------------------------

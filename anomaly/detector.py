@@ -32,7 +32,7 @@ import logging
 import math
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from anomaly.alerts import (
@@ -89,6 +89,9 @@ class Detector:
         self.publisher = AlertPublisher(gateway.settings.amqp_url, s.exchange)
         self.model: AnomalyModel | None = None  # the worker's, as of its last answer
         self.listeners: list[Listener] = []  # told every window's decisions (evaluation)
+        # The fleet detector (anomaly/fleet.py) passes responses on to every gateway.
+        self.on_restrict: Callable[[Rule], Awaitable[None]] | None = None
+        self.on_restrictions: Callable[[list[Rule]], Awaitable[None]] | None = None
         self.windows_closed = 0
         self.long_windows_closed = 0
         self.windows_lost = 0  # windows whose worker died (or hung) before answering
@@ -366,7 +369,7 @@ class Detector:
         await self._alerts(scored)
         if self.outbox is not None:
             await self.outbox.flush()
-        if self.windows_closed % 5 == 0:
+        if self.windows_closed % 5 == 0 or self.on_restrictions is not None:
             await self.sync_restrictions()
         return scored
 
@@ -513,7 +516,10 @@ class Detector:
         restriction = Restriction(alert["id"], kind, key, response, now + seconds)
         assert self.store is not None
         await asyncio.to_thread(self.store.restrict, restriction)
-        self.node.restrictions.add(Rule(kind, key, response, now + seconds))
+        rule = Rule(kind, key, response, now + seconds)
+        self.node.restrictions.add(rule)
+        if self.on_restrict is not None:
+            await self.on_restrict(rule)
         if response == "throttle":
             actions.append(
                 f"throttled {kind} {key} to {s.throttle_per_second:g} requests/s for {seconds:g} s"
@@ -549,7 +555,10 @@ class Detector:
         if self.store is None:
             return
         found = await asyncio.to_thread(self.store.restrictions)
-        self.node.restrictions.replace(Rule(r.kind, r.key, r.mode, r.until) for r in found)
+        rules = [Rule(r.kind, r.key, r.mode, r.until) for r in found]
+        self.node.restrictions.replace(rules)
+        if self.on_restrictions is not None:
+            await self.on_restrictions(rules)
 
 
 def incident_of(body: dict[str, Any]) -> Incident | None:

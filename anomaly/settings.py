@@ -73,6 +73,13 @@ class AnomalySettings:
     throttle_seconds: float = 600.0
     throttle_per_second: float = 1.0  # publishes and subscribes of a throttled subject
     exchange: str = "rabbitgate.alerts"
+    # One detector for the fleet (anomaly/fleet.py): this gateway publishes its traffic
+    # events to traffic_exchange instead of running a detector, and applies the bans
+    # and throttles `rabbitgate detector` publishes to responses_exchange.
+    fleet: bool = False
+    traffic_exchange: str = "rabbitgate.traffic"
+    responses_exchange: str = "rabbitgate.responses"
+    detector_queue: str = "rabbitgate.detector.traffic"
     # Reviewers of the admin review page: lines "name:scrypt$..." (see
     # `rabbitgate alerts add-reviewer`). No file: the review page is not served.
     reviewers_file: Path | None = None
@@ -102,8 +109,8 @@ class AnomalySettings:
             return "anomaly.ban_seconds, throttle_seconds and throttle_per_second must be positive"
         if self.retrain_interval_seconds < 0:
             return "anomaly.retrain_interval_seconds must not be negative (0: never)"
-        if not self.exchange:
-            return "anomaly.exchange must not be empty"
+        if not self.exchange or not self.traffic_exchange or not self.responses_exchange:
+            return "anomaly.exchange, traffic_exchange and responses_exchange must not be empty"
         return None
 
     @property
