@@ -271,18 +271,13 @@ def _add_reviewer(args: argparse.Namespace) -> int:
 
 def _detector(args: argparse.Namespace) -> int:
     """The fleet's detector; a store or model it cannot use is one line, not a loop."""
-    import sqlite3
-
     from anomaly.fleet import run_detector
+    from anomaly.service import check_store
     from gateway.telemetry.logs import configure_logging
 
     settings = _settings(args)
     configure_logging(settings.log_level, settings.log_format)
-    store = settings.anomaly.data_dir / STORE_FILE
-    try:
-        AlertStore(store).close()  # opens, checks the schema; a damaged file fails here
-    except (sqlite3.DatabaseError, OSError) as exc:
-        raise CliError(f"alert store {store} cannot be used: {exc}") from None
+    check_store(settings.anomaly.data_dir / STORE_FILE)  # ConfigError: one line
     try:
         return asyncio.run(run_detector(settings))
     except OSError as exc:  # RabbitMQ unreachable at start

@@ -31,6 +31,7 @@ import math
 import os
 import tempfile
 import time
+import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -487,11 +488,13 @@ class AnomalyModel:
     def load(cls, path: Path) -> AnomalyModel:
         """Read a model file; raises ModelError for anything not a model of this version."""
         try:
-            with np.load(path, allow_pickle=False) as data:
+            # Read first: np.load leaks its file handle when the zip is damaged.
+            with np.load(io.BytesIO(path.read_bytes()), allow_pickle=False) as data:
                 arrays = {name: data[name] for name in data.files}
         except FileNotFoundError:
             raise
-        except (OSError, ValueError, EOFError) as exc:
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+            # BadZipFile: a damaged file (it was a crash loop of the worker before).
             raise ModelError(f"{path} is not a rabbitgate anomaly model ({exc})") from None
         try:
             meta = json.loads(bytes(arrays["meta"].astype(np.uint8)).decode())

@@ -8,9 +8,13 @@ router still takes routes), and starts and stops it with itself.
 from __future__ import annotations
 
 import logging
+import sqlite3
+from pathlib import Path
 from typing import Any
 
+from anomaly.alerts import STORE_FILE, AlertStore
 from anomaly.detector import Detector
+from gateway.config import ConfigError
 
 log = logging.getLogger("rabbitgate.anomaly")
 
@@ -29,6 +33,7 @@ class AnomalyService:
 
             self.shipper = TrafficShipper(gateway)
             return
+        check_store(settings.data_dir / STORE_FILE)
         self.detector = Detector(gateway)
         admin_app = getattr(gateway, "admin_app", None)
         if settings.reviewers_file is not None and admin_app is not None:
@@ -50,3 +55,15 @@ class AnomalyService:
             await self.shipper.stop()
             return
         await self.detector.stop()
+
+
+def check_store(path: Path) -> None:
+    """Refuse to start on an alert store SQLite cannot use, in one line (a
+    supervisor restarting the gateway then shows the same line, not a traceback)."""
+    try:
+        AlertStore(path).close()
+    except (sqlite3.DatabaseError, OSError) as exc:
+        raise ConfigError(
+            f"anomaly alert store {path} cannot be used ({exc}); move it away to start"
+            " with an empty one"
+        ) from None

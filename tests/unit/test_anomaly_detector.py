@@ -306,3 +306,29 @@ async def test_a_benign_close_suppresses_the_same_reason_and_counts_it(tmp_path:
         assert alert["status"] == "closed" and alert["suppressed"] == 1
     finally:
         await detector.stop()
+
+
+def test_a_damaged_alert_store_is_one_line_at_start_not_a_crash(tmp_path: Path) -> None:
+    from anomaly.service import AnomalyService
+    from gateway.config import ConfigError
+
+    gateway = stub_gateway(tmp_path)
+    store = tmp_path / "anomaly" / "alerts.sqlite3"
+    store.parent.mkdir(parents=True)
+    store.write_bytes(b"this is not a database" * 100)
+    gateway.admin_app = None
+    with pytest.raises(ConfigError) as caught:
+        AnomalyService(gateway)
+    assert "cannot be used" in str(caught.value) and "\n" not in str(caught.value)
+
+
+async def test_a_damaged_model_is_logged_and_learnt_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "anomaly").mkdir()
+    (tmp_path / "anomaly" / MODEL_FILE).write_bytes(b"PK\x03\x04 garbage")
+    from anomaly.worker import Worker
+
+    worker = Worker(stub_gateway(tmp_path).settings.anomaly)
+    assert worker.load() is None  # learns again, no exception
+    assert any("anomaly model not loaded" in r.getMessage() for r in caplog.records)
