@@ -41,6 +41,17 @@ TRANSITIONS = {
     ("open", "acknowledge"): "acknowledged",
     ("open", "close"): "closed",
     ("acknowledged", "close"): "closed",
+    # A closed alert can be opened again (a dismissal was wrong); its resolution goes.
+    ("closed", "reopen"): "open",
+    ("acknowledged", "reopen"): "open",
+}
+# How the review page may sort: name -> ORDER BY (newest first unless said).
+SORTS = {
+    "newest": "created_ts DESC, id DESC",
+    "oldest": "created_ts ASC, id ASC",
+    "score": "CAST(json_extract(body, '$.score') AS REAL) DESC, created_ts DESC",
+    "last_seen": "json_extract(body, '$.last_seen') DESC, created_ts DESC",
+    "windows": "CAST(json_extract(body, '$.windows') AS INTEGER) DESC, created_ts DESC",
 }
 MAX_REVIEWER = 100
 MAX_NOTE = 4000
@@ -196,7 +207,13 @@ def review(
         raise ReviewError(f"alert {alert['id']} is {status}: cannot {action} it")
     changed = json.loads(json.dumps(alert))
     now = time.time() if now is None else now
-    if action == "close":
+    if action == "reopen":
+        if note is None:
+            raise ReviewError("reopening an alert needs a note saying why")
+        changed["resolution"] = None
+        changed["reviewer"] = reviewer
+        changed["note"] = note
+    elif action == "close":
         if resolution not in RESOLUTIONS:
             raise ReviewError(f"resolution must be one of {', '.join(RESOLUTIONS)}")
         if note is None:
@@ -328,10 +345,54 @@ class AlertStore:
         status: str | Sequence[str] | None = None,
         severity: str | None = None,
         subject: str | None = None,
+        search: str | None = None,
+        sort: str = "newest",
         limit: int = 200,
+        offset: int = 0,
     ) -> list[dict[str, Any]]:
-        """Newest first; ``status`` one or several; ``subject`` matches the user or
-        the address exactly."""
+        """Newest first (or ``sort``, one of SORTS); ``status`` one or several;
+        ``subject`` matches the user or the address exactly; ``search`` is a
+        case-insensitive substring of the user, the address, a reason or any
+        other text of the alert (a channel, an action, a note)."""
+        where, params = self._where(status, severity, subject, search)
+        order = SORTS.get(sort, SORTS["newest"])
+        params += [max(1, min(limit, 10_000)), max(0, offset)]
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT body FROM alerts {where} ORDER BY {order} LIMIT ? OFFSET ?", params
+            ).fetchall()
+        return [json.loads(row["body"]) for row in rows]
+
+    def count(
+        self,
+        *,
+        status: str | Sequence[str] | None = None,
+        severity: str | None = None,
+        subject: str | None = None,
+        search: str | None = None,
+    ) -> int:
+        where, params = self._where(status, severity, subject, search)
+        with self._lock:
+            row = self._db.execute(f"SELECT COUNT(*) FROM alerts {where}", params).fetchone()
+        return int(row[0])
+
+    def created_since(self, since: float) -> list[tuple[float, str]]:
+        """(created, severity) of the alerts created after ``since`` (the chart)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT created_ts, severity FROM alerts WHERE created_ts >= ?"
+                " ORDER BY created_ts LIMIT 200000",
+                (since,),
+            ).fetchall()
+        return [(float(row[0]), str(row[1])) for row in rows]
+
+    @staticmethod
+    def _where(
+        status: str | Sequence[str] | None,
+        severity: str | None,
+        subject: str | None,
+        search: str | None,
+    ) -> tuple[str, list[Any]]:
         clauses: list[str] = []
         params: list[Any] = []
         if status:
@@ -344,14 +405,17 @@ class AlertStore:
         if subject:
             clauses.append("(subject_user = ? OR subject_address = ?)")
             params.extend([subject, subject])
-        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
-        params.append(max(1, min(limit, 10_000)))
-        with self._lock:
-            rows = self._db.execute(
-                f"SELECT body FROM alerts {where} ORDER BY created_ts DESC, id DESC LIMIT ?",
-                params,
-            ).fetchall()
-        return [json.loads(row["body"]) for row in rows]
+        if search:
+            # The body is JSON: non-ASCII is escaped there, so search the columns too.
+            pattern = (
+                "%" + search.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+            )
+            clauses.append(
+                "(subject_user LIKE ? ESCAPE '\\' OR subject_address LIKE ? ESCAPE '\\'"
+                " OR body LIKE ? ESCAPE '\\')"
+            )
+            params.extend([pattern, pattern, pattern])
+        return (f"WHERE {' AND '.join(clauses)}" if clauses else ""), params
 
     def review(
         self,
@@ -475,6 +539,28 @@ class AlertStore:
                     restriction.until,
                 ),
             )
+
+    def lift(self, kind: str, key: str, now: float | None = None) -> int:
+        """Lift every ban and throttle in force on the subject; returns how many."""
+        now = time.time() if now is None else now
+        with self._transaction() as db:
+            return int(
+                db.execute(
+                    "UPDATE restrictions SET lifted = 1 WHERE kind = ? AND key = ? AND lifted = 0"
+                    " AND until > ?",
+                    (kind, key, now),
+                ).rowcount
+            )
+
+    def note_step(self, alert_id: str, by: str, action: str, note: str) -> dict[str, Any]:
+        """Record a reviewer's action (a manual ban, an unban) on the alert."""
+        with self._transaction() as db:
+            alert = self._read(db, alert_id)
+            alert["actions"] = [*alert["actions"], action]
+            step = {"at": iso(time.time()), "by": by, "status": alert["status"], "note": note}
+            alert["history"] = [*alert.get("history", []), {**step, "action": action}]
+            self._write(db, alert)
+        return alert
 
     def restrictions(self, now: float | None = None) -> list[Restriction]:
         """Bans and throttles in force at ``now`` (not expired, not lifted)."""

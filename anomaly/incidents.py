@@ -49,6 +49,7 @@ class Finding:
     reasons: tuple[str, ...]  # the features the explanation names, most unusual first
     severity: str = "low"
     ref: object = None  # the caller's own (the decision), handed back in the change
+    start: float | None = None  # the window's start (default: one window before ``at``)
 
 
 @dataclass
@@ -149,7 +150,8 @@ class IncidentBook:
             first = seen[0]
             del self._candidates[f.subject]
         else:
-            windows, first = 1, f.at - self.policy.window_seconds
+            windows = 1
+            first = f.at - self.policy.window_seconds if f.start is None else f.start
             self._candidates.pop(f.subject, None)
         incident = Incident(
             self._next_id(f.at),

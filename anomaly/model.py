@@ -350,6 +350,21 @@ class KeyModel:
         )
         return np.maximum(forest, guard)
 
+    def spread_limit(self) -> float:
+        """Addresses of one user (over a few windows) that are out of range by
+        themselves: two more than any baseline window had (the plain rule)."""
+        index = FEATURES.index("distinct_addresses")
+        return float(self.quantiles[100, index]) + 2 * STEPS["distinct_addresses"]
+
+    def spread_reason(self, count: int, windows: int) -> Reason:
+        index = FEATURES.index("distinct_addresses")
+        p99, high = float(self.quantiles[99, index]), float(self.quantiles[100, index])
+        text = (
+            f"{count} distinct addresses in the last {windows} windows;"
+            f" at most {high:.0f} in any baseline window"
+        )
+        return Reason("distinct_addresses", float(count), p99, text, 100.0)
+
     def percentile(self, index: int, value: float) -> float:
         """Share (0-100) of baseline windows whose feature ``index`` is below ``value``."""
         column = self.quantiles[:, index]

@@ -51,6 +51,7 @@ from anomaly.incidents import Finding
 from anomaly.model import MAX_KEPT_ROWS, MIN_ROWS, MODEL_FILE, AnomalyModel, ModelError, Reason
 from anomaly.population import MassReconnect, clip_session_start
 from anomaly.settings import AnomalySettings
+from anomaly.spread import AddressSpread
 from anomaly.traffic import baseline_rows, model_key, read_events, write_events
 from gateway.telemetry.events import TrafficEvent
 from gateway.telemetry.logs import configure_logging
@@ -63,6 +64,8 @@ EVENT_FIELDS = ("kind", "address", "user", "session", "channel", "size", "detail
 event_tuple = operator.attrgetter(*EVENT_FIELDS)
 # Events buffered for the recording between two window boundaries.
 MAX_RECORDED_EVENTS = 1_000_000
+# A user's addresses are counted over this many short windows (anomaly/spread.py).
+SPREAD_WINDOWS = 3
 
 
 class Reservoir:
@@ -120,6 +123,7 @@ class Scored:
             reasons,
             self.severity or "low",
             self,
+            w.start,
         )
 
 
@@ -147,6 +151,8 @@ class Worker:
         self._long_count = 0
         self._model_changed = False
         self._mass = MassReconnect()
+        self._spread = AddressSpread(SPREAD_WINDOWS)
+        self._spread_now: dict[str, int] = {}
         self._long_mass = False
 
     @property
@@ -202,6 +208,7 @@ class Worker:
         s = self.settings
         short = subject_windows(state, self.short_key_seconds)
         mass = self._mass.observe(short)
+        self._spread_now = self._spread.observe(state.users)
         self._long_mass = self._long_mass or mass
         groups = [(self.short_key_seconds, short, mass)]
         long_window = False
@@ -265,12 +272,24 @@ class Worker:
             scores = keyed.score(clip_session_start(rows, keyed.quantiles[100]))
         else:
             scores = keyed.score(rows)
+        spread: dict[str, int] = {}
+        if key == self._key("user"):
+            spread = self._spread_now
         found = []
+        limit = keyed.spread_limit()
         for window, row, score in zip(windows, rows, scores, strict=True):
             score = float(score)
+            many = spread.get(window.key, 0)
+            if many >= limit and score <= keyed.threshold:
+                # One token in several hands over the last windows (anomaly/spread.py).
+                score = keyed.threshold + (1.0 - keyed.threshold) * (
+                    1.0 - 2.0 ** -(many - limit + 1)
+                )
             if score > keyed.persist_threshold:
                 severity = self.settings.severity(score)
                 reasons = keyed.explain(window.features)
+                if many >= limit:
+                    reasons = [keyed.spread_reason(many, SPREAD_WINDOWS), *reasons]
                 strong = score > keyed.threshold
                 found.append(
                     Scored(window, key, score, keyed.threshold, True, severity, reasons, strong)

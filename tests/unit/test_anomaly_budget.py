@@ -142,3 +142,22 @@ def test_a_small_offline_evaluation_finds_every_attack_without_false_alerts() ->
     assert result.min_recall >= 0.9
     assert result.max_detect_windows <= 3
     assert len(result.false_alerts) <= 1
+
+
+def test_a_users_addresses_are_counted_over_its_last_windows() -> None:
+    from anomaly.spread import AddressSpread
+
+    spread = AddressSpread(windows=3)
+    t = START
+    counts = []
+    for addresses in (["10.0.0.1", "10.0.0.2"], ["10.0.0.3"], ["10.0.0.4"], ["10.0.0.4"], []):
+        events = [
+            TrafficEvent("publish", a, "thief", channel="c", size=10, at=t + 1) for a in addresses
+        ]
+        aggregator = WindowAggregator(start=t)
+        for event in events:
+            aggregator.add(event)
+        counts.append(spread.observe(aggregator.swap(t + 60).users).get("thief"))
+        t += 60
+    # 2, then 3, then 4 within three windows; then the first window drops out; quiet: none.
+    assert counts == [2, 3, 4, 2, None]
