@@ -131,7 +131,28 @@ def make_alert(
         "last_seen": iso(window.end),
         "suppressed": 0,
         "ended_at": None,
+        "evidence": evidence_of(window),
     }
+
+
+MAX_ALERT_EVIDENCE = 50
+
+
+def evidence_of(window: SubjectWindow) -> list[dict[str, str]]:
+    """The window's security decisions as the alert shows them: what was refused,
+    on which channel, why, for whom (reasons only: events carry no token)."""
+    other = "user" if window.subject_kind == "address" else "address"
+    found = []
+    for kind, channel, detail, who in window.evidence:
+        item = {"event": str(kind)}
+        if channel is not None:
+            item["channel"] = str(channel)
+        if detail is not None:
+            item["detail"] = str(detail)
+        if who is not None:
+            item[other] = str(who)
+        found.append(item)
+    return found
 
 
 def incident_update(
@@ -156,6 +177,8 @@ def incident_update(
     changed["suppressed"] = suppressed
     if window is not None:
         changed["window"] = {"start": iso(window.start), "end": iso(window.end)}
+        kept = [*evidence_of(window), *changed.get("evidence", [])]  # newest first
+        changed["evidence"] = kept[:MAX_ALERT_EVIDENCE]
         changed["features"] = {name: _number(value) for name, value in window.features.items()}
     if score is not None:
         changed["score"] = max(float(changed["score"]), round(float(score), 4))

@@ -371,6 +371,15 @@ class ReviewPages:
             for r in a["reasons"]
         )
         actions = "".join(f"<li>{_e(x)}</li>" for x in a["actions"])
+        evidence = "".join(
+            "<tr>"
+            + "".join(
+                f"<td>{_e(item.get(k, ''))}</td>"
+                for k in ("event", "channel", "detail", "user", "address")
+            )
+            + "</tr>"
+            for item in a.get("evidence", [])
+        )
         history = "".join(
             f"<li>{_e(h['at'])}: {_e(h['status'])} by {_e(h['by'])}"
             + (f" — {_e(h['note'])}" if h.get("note") else "")
@@ -433,6 +442,10 @@ score {float(a["score"]):.2f} · status <b id="status">{_e(a["status"])}</b>
 {episode}
 <h3>Why it was flagged</h3><ul id="reasons">{reasons}</ul>
 {closed}{forms}
+<h3>Recent security events of the subject</h3>
+<table id="evidence">
+<tr><th>event</th><th>channel</th><th>why</th><th>user</th><th>address</th></tr>
+{evidence or '<tr><td colspan="5">none in its windows</td></tr>'}</table>
 <h3>Actions</h3><ul id="actions">{actions}</ul>
 <h3>History</h3><ul id="history">{history or "<li>none yet</li>"}</ul>
 <h3>Features of the window</h3><table class="features">{features}</table>"""

@@ -253,7 +253,7 @@ SHOTS = Path(os.environ.get("RABBITGATE_SCREENSHOTS", tempfile.gettempdir())) / 
 async def screenshot(browser: Browser, name: str) -> Path:
     """Save what the reviewer sees (looked at by hand when the page changes)."""
     SHOTS.mkdir(parents=True, exist_ok=True)
-    shot = await browser.send("Page.captureScreenshot", format="png")
+    shot = await browser.send("Page.captureScreenshot", format="png", captureBeyondViewport=True)
     path = SHOTS / f"{name}.png"
     path.write_bytes(base64.b64decode(shot["data"]))
     return path
@@ -312,9 +312,13 @@ async def test_review_at_volume_in_a_real_browser(
         # The subject once: "address 127.0.3.3", then the user it was seen with.
         await browser.fill("#q", "127.0.3.3")
         await browser.click_and_wait("#filter")
-        subject = await browser.text("#alerts tr.alert td:nth-child(5)")
-        assert subject is not None and subject.startswith("address 127.0.3.3")
-        assert "address address" not in subject and HOSTILE in subject
+        subjects = await browser.evaluate(
+            "[...document.querySelectorAll('#alerts tr.alert td:nth-child(5)')]"
+            ".map(c => c.textContent.trim())"
+        )
+        assert len(subjects) == 2  # the address's alert and its user's
+        assert any(s.startswith("address 127.0.3.3") for s in subjects), subjects
+        assert all("address address" not in s and HOSTILE in s for s in subjects)
         assert await browser.evaluate("document.querySelector('#pwn')") is None
         await screenshot(browser, "2-search-address")
         # Pages past 500: page 6 and 7 (alerts 501-622), in score order.
@@ -356,8 +360,13 @@ async def test_review_at_volume_in_a_real_browser(
         assert await browser.text("#status") == "open"
         await screenshot(browser, "3-reopened")
         # Ban the hostile user's address by hand, with a note; then unban.
-        hostile = (await asyncio.to_thread(store.find, subject="127.0.3.3"))[0]
+        found = await asyncio.to_thread(store.find, subject="127.0.3.3")
+        (hostile,) = [a for a in found if a["subject"]["kind"] == "address"]
         await browser.goto(base + hostile["id"])
+        # The subject's security events: which channels were refused, for whom.
+        evidence = await browser.text("#evidence")
+        assert evidence is not None and "denied" in evidence and "user.u0.inbox" in evidence
+        assert "Bearer" not in evidence and "eyJ" not in evidence  # never a token
         await browser.fill("#ban-note", "scanning again")
         await browser.click_and_wait("#ban")
         assert await browser.text("#message") == "Subject banned."
