@@ -48,7 +48,8 @@ import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage
 
 from anomaly.worker import EVENT_FIELDS
-from gateway.limits.restrictions import CLOSE_BANNED, Restrictions, Rule
+from gateway.limits.restrictions import Restrictions, Rule
+from gateway.protocol.codes import CLOSE_BANNED
 from gateway.telemetry.events import EventBus, TrafficEvent
 
 log = logging.getLogger("rabbitgate.anomaly")

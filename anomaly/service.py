@@ -10,22 +10,36 @@ from __future__ import annotations
 import logging
 import sqlite3
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
+
+from aiohttp import web
 
 from anomaly.alerts import STORE_FILE, AlertStore
-from anomaly.detector import Detector
+from anomaly.detector import Detector, Host
 from gateway.config import ConfigError
+from gateway.telemetry.metrics import Metrics
+
+
+class ServiceHost(Host, Protocol):
+    """The gateway the service is part of (``gateway.app.Gateway`` is one)."""
+
+    @property
+    def admin_app(self) -> web.Application: ...
+
+    @property
+    def metrics(self) -> Metrics: ...
+
 
 log = logging.getLogger("rabbitgate.anomaly")
 
 
 class AnomalyService:
-    def __init__(self, gateway: Any) -> None:
+    def __init__(self, gateway: ServiceHost) -> None:
         self.gateway = gateway
         settings = gateway.settings.anomaly
-        self.review = None
-        self.detector: Any = None
-        self.shipper: Any = None
+        self.review: Any = None  # anomaly.review.ReviewPages, imported only when used
+        self.detector: Detector | None = None
+        self.shipper: Any = None  # anomaly.fleet.TrafficShipper
         if settings.fleet:
             # The fleet's detector runs elsewhere (`rabbitgate detector`); the review
             # page goes with it (the store is its own), so none here.
@@ -34,9 +48,9 @@ class AnomalyService:
             self.shipper = TrafficShipper(gateway)
             return
         check_store(settings.data_dir / STORE_FILE)
-        self.detector = Detector(gateway)
-        admin_app = getattr(gateway, "admin_app", None)
-        if settings.reviewers_file is not None and admin_app is not None:
+        self.detector = Detector(gateway, metrics=gateway.metrics)
+        admin_app = gateway.admin_app
+        if settings.reviewers_file is not None:
             from anomaly.review import ReviewPages
 
             self.review = ReviewPages(self.detector, settings)
@@ -46,6 +60,7 @@ class AnomalyService:
         if self.shipper is not None:
             await self.shipper.start()
             return
+        assert self.detector is not None
         await self.detector.start()
         if self.review is not None:
             self.review.attach_store(self.detector.store)
@@ -54,6 +69,7 @@ class AnomalyService:
         if self.shipper is not None:
             await self.shipper.stop()
             return
+        assert self.detector is not None
         await self.detector.stop()
 
 
