@@ -38,6 +38,7 @@ from gateway.telemetry import logs
 from gateway.telemetry.events import TrafficEvent
 from gateway.transports.admission import AdmittedConnection, connection_class
 from gateway.transports.handshake_memory import forget_handshake
+from gateway.transports.headers import repeated
 from gateway.transports.heartbeat import Heartbeat, WebSocketLink
 from gateway.transports.heartbeat import run as run_heartbeat
 from gateway.transports.outbox import Outbox
@@ -251,6 +252,11 @@ class Gateway:
             connection.connection_lost_waiter.add_done_callback(
                 lambda _: self.node.limiter.release(slot)
             )
+        duplicate = repeated(request.headers.get_all)
+        if duplicate is not None:
+            self.node.events.emit(TrafficEvent("auth_failed", address, detail="duplicate_header"))
+            await self.node.limiter.record_auth_failure(address)
+            return connection.respond(HTTPStatus.BAD_REQUEST, f"more than one {duplicate} header\n")
         if not self._origin_allowed(request):
             # Refused after the upgrade with 1008, as the contract says, so that
             # a browser's script can see why; no token work is done for it.

@@ -52,6 +52,7 @@ from gateway.protocol.channels import is_valid_channel
 from gateway.protocol.frames import error_frame
 from gateway.telemetry import logs
 from gateway.telemetry.events import EventKind, TrafficEvent
+from gateway.transports.headers import repeated
 from gateway.transports.outbox import CLOSE_SLOW_CONSUMER
 from gateway.transports.sse import HEARTBEAT, EventIds, SseOutbox, format_event
 
@@ -254,6 +255,11 @@ class SseEndpoint:
         forwarded = request.headers.getall("X-Forwarded-For", [])
         address = node.trusted_proxies.client_address(request.remote, forwarded)
         node.events.emit(TrafficEvent("connect", address, detail="sse"))
+        duplicate = repeated(lambda name: request.headers.getall(name, []))
+        if duplicate is not None:
+            node.events.emit(TrafficEvent("auth_failed", address, detail="duplicate_header"))
+            await node.limiter.record_auth_failure(address)
+            return _refuse(400, f"more than one {duplicate} header", {})
         cors = self._cors(request)
         if cors is None:
             return _refuse(403, "origin not allowed", {})

@@ -1,0 +1,61 @@
+"""Attacks through HTTP headers of the handshake (WebSocket) and of GET /events (SSE)."""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+from multidict import CIMultiDict
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
+
+from gateway.app import Gateway
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+def duplicates(name: str, token: str) -> list[tuple[str, str]]:
+    value = f"Bearer {token}" if name == "Authorization" else "https://a.example"
+    other = "Bearer x" if name == "Authorization" else "https://b.example"
+    return [(name, value), (name, other)]
+
+
+@pytest.mark.parametrize("name", ["Authorization", "Origin"])
+async def test_a_duplicate_header_is_refused_with_400_and_counted(
+    gateway: Gateway,
+    client_ssl: ssl.SSLContext,
+    make_token: Any,
+    http: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
+    name: str,
+) -> None:
+    """issue 13 item 7: two Authorization or Origin headers raised
+    MultipleValuesError (HTTP 500, an ERROR traceback, no auth failure counted)."""
+    caplog.set_level(logging.INFO)
+    headers = duplicates(name, make_token("alice"))
+    with pytest.raises(InvalidStatus) as refused:
+        await connect(
+            f"wss://localhost:{gateway.port}/ws", ssl=client_ssl, additional_headers=headers
+        )
+    assert refused.value.response.status_code == 400
+    response = await http.get(
+        f"https://localhost:{gateway.sse_port}/events",
+        params={"channel": "chat.x"},
+        headers=CIMultiDict(headers),
+        ssl=client_ssl,
+    )
+    assert response.status == 400
+    response.close()
+    failures = gateway.metrics.auth_failures.labels("duplicate_header")._value.get()
+    assert failures == 2
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
