@@ -19,12 +19,14 @@ the handshake timeout each, and one address can hold at most its cap.
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -167,6 +169,28 @@ class HandshakeGuard:
         return await handler(request)
 
 
+class UnparsedRequestFilter(logging.Filter):
+    """aiohttp logs a request it could not parse (a request line or header
+    over 8190 bytes, say) at ERROR with the exception, whose text quotes the
+    start of the offending line: ``/events?access_token=eyJ...`` or
+    ``Bearer eyJ...``. Such a record becomes one INFO line naming only the
+    kind of error: no token reaches the logs. Other records pass unchanged.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.msg = "refused an HTTP request that could not be parsed (%s, status %s)"
+            record.args = (type(exc).__name__, exc.code)
+            record.exc_info = None
+            record.exc_text = None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
+_UNPARSED_FILTER = UnparsedRequestFilter()
+
+
 class HttpListener:
     def __init__(
         self,
@@ -209,6 +233,8 @@ class HttpListener:
 
     async def start(self) -> None:
         """Bind and serve; the app's routes are frozen from here on. Raises OSError."""
+        # Idempotent: one filter, however many listeners.
+        logging.getLogger("aiohttp.server").addFilter(_UNPARSED_FILTER)
         await self._runner.setup()
         server = self._runner.server
         assert server is not None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import ssl
 from collections.abc import AsyncIterator
@@ -58,4 +59,34 @@ async def test_a_duplicate_header_is_refused_with_400_and_counted(
     response.close()
     failures = gateway.metrics.auth_failures.labels("duplicate_header")._value.get()
     assert failures == 2
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+@pytest.mark.parametrize("where", ["query", "header"])
+async def test_an_oversized_request_does_not_log_the_token(
+    gateway: Gateway,
+    client_ssl: ssl.SSLContext,
+    make_token: Any,
+    caplog: pytest.LogCaptureFixture,
+    where: str,
+) -> None:
+    """issue 13 item 8: over 8190 bytes, aiohttp logged the line's start at ERROR:
+    ``/events?access_token=eyJ...`` or ``Bearer eyJ...``."""
+    caplog.set_level(logging.DEBUG)
+    token = make_token("alice", padding="x" * 9000)
+    if where == "query":
+        head = f"GET /events?access_token={token}&channel=chat.x HTTP/1.1\r\nHost: a\r\n\r\n"
+    else:
+        head = "GET /events?channel=chat.x HTTP/1.1\r\nHost: a\r\n"
+        head += f"Authorization: Bearer {token}\r\n\r\n"
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", gateway.sse_port, ssl=client_ssl, server_hostname="localhost"
+    )
+    writer.write(head.encode())
+    status_line = await asyncio.wait_for(reader.readline(), 5)
+    writer.close()
+    assert status_line.split()[1] in (b"400", b"431"), status_line
+    await asyncio.sleep(0.1)  # the gateway logs once it answered
+    logged = caplog.text + "".join(r.exc_text or "" for r in caplog.records)
+    assert token[:20] not in logged and "eyJ" not in logged
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
