@@ -336,6 +336,7 @@ class SseEndpoint:
             rules[channel] = decision.rule
         since = _since(request.headers.get("Last-Event-ID"), channels)
         stream = SseStream(node, principal, address, channels, {})
+        policies = node.policies
         try:
             await stream.subscribe(rules, since)
         except BrokerUnavailable:
@@ -350,8 +351,17 @@ class SseEndpoint:
         except BaseException:  # the client left (handler cancelled) while joining
             stream.release()
             raise
+        if node.policies is not policies:
+            # A reload swapped the set while the stream joined (a replay can
+            # take seconds); its re-check could not see this stream yet (it is
+            # not in node.sessions), so check it here, as Session does.
+            stream.recheck_subscriptions()
+            if not stream.subscriptions:
+                stream.release()
+                return _refuse(403, "no channel of this stream is allowed any more", cors)
         for channel, rule in rules.items():
-            stream.emit("subscribe", channel=channel, rule=rule.label)
+            if channel in stream.subscriptions:
+                stream.emit("subscribe", channel=channel, rule=rule.label)
         return await self._stream(request, stream, cors)
 
     async def _stream(
