@@ -37,6 +37,9 @@ class HandshakeLimits:
     max_per_address: int  # limits.max_connections_per_address, at this listener
     # Addresses to drop as they connect (the handshake refusals, gateway/admission.py).
     drop: Callable[[str | None], bool] = lambda _: False
+    # The largest header value: what aiohttp allows (8190) is less than
+    # "Bearer " + a token of jwt.max_token_bytes (8 KiB); None: aiohttp's.
+    max_header_value: int | None = None
     # Addresses neither dropped nor capped: trusted proxies carry many clients.
     exempt: Callable[[str | None], bool] = lambda _: False
 
@@ -211,6 +214,8 @@ class HttpListener:
             # Between two requests of a connection (after a refusal, say), the
             # same bound as before the first.
             extra["keepalive_timeout"] = handshake.timeout if handshake else 75.0
+            if handshake is not None and handshake.max_header_value is not None:
+                extra["max_field_size"] = handshake.max_header_value
         self._runner = web.AppRunner(
             app,
             access_log=None,
