@@ -19,17 +19,18 @@ from gateway.config import Settings
 from gateway.core.client_address import TrustedProxies
 from gateway.core.deadlines import Deadlines
 from gateway.core.hub import Hub, Route
+from gateway.core.transport import FanOut, send_each
 from gateway.limits.limiter import Limiter
 from gateway.limits.replays import ReplayGate, Ticket
 from gateway.limits.restrictions import Restrictions
 from gateway.policy.rules import PolicySet
+from gateway.protocol.codes import CLOSE_SLOW_CONSUMER
 from gateway.protocol.frames import data_from_body, message_frame
 from gateway.telemetry.events import EventBus
 from gateway.telemetry.metrics import Metrics
-from gateway.transports.outbox import CLOSE_SLOW_CONSUMER, fan_out
 
 if TYPE_CHECKING:
-    from gateway.core.session import Session
+    from gateway.core.transport import Subscriber
 
 log = logging.getLogger("rabbitgate.node")
 
@@ -46,10 +47,15 @@ class Subscribed:
 
 
 class Node:
-    def __init__(self, settings: Settings, policies: PolicySet) -> None:
+    def __init__(
+        self, settings: Settings, policies: PolicySet, fan_out: FanOut = send_each
+    ) -> None:
         self.settings = settings
+        # How one message frame is written to many subscribers' buffers: the
+        # WebSocket transport gives one that frames it once for all of them.
+        self._fan_out = fan_out
         self.policies = policies
-        self.hub: Hub[Session] = Hub()
+        self.hub: Hub[Subscriber] = Hub()
         self.broker = Broker(
             settings.amqp_url,
             self.deliver,
@@ -57,8 +63,9 @@ class Node:
             stream_max_age=settings.stream_max_age,
             confirm_timeout=settings.publish_confirm_timeout_seconds,
             connect_timeout=settings.broker_connect_timeout_seconds,
+            initial_cluster_size=settings.stream_initial_cluster_size,
         )
-        self.sessions: set[Session] = set()
+        self.sessions: set[Subscriber] = set()
         self.events = EventBus()
         self.metrics = Metrics()  # its own registry; the Gateway serves it on /metrics
         self.limiter = Limiter(settings)  # rate limits and connection caps
@@ -74,7 +81,7 @@ class Node:
         self._latest_seq: dict[Route, int] = {}
         self._following: dict[str, asyncio.Future[None]] = {}
         # route -> sessions reading its history, each with what arrived live meanwhile
-        self._recovering: dict[Route, dict[Session, list[tuple[int, bytes]]]] = {}
+        self._recovering: dict[Route, dict[Subscriber, list[tuple[int, bytes]]]] = {}
         self._unfollow_timers: dict[str, asyncio.TimerHandle] = {}
         self.dropped_messages = 0
         self.shutting_down = False
@@ -89,6 +96,7 @@ class Node:
         """
         await self.broker.declare(policies.exchanges())
         self.policies = policies
+        self.metrics.known_exchanges(policies.exchanges())  # their series from 0
         ended = 0
         for session in list(self.sessions):
             ended += session.recheck_subscriptions()
@@ -109,7 +117,7 @@ class Node:
 
     async def add_subscriber(
         self,
-        session: Session,
+        session: Subscriber,
         channel: str,
         exchange: str,
         *,
@@ -137,7 +145,7 @@ class Node:
 
     async def _add_subscriber(
         self,
-        session: Session,
+        session: Subscriber,
         channel: str,
         exchange: str,
         since: int | None,
@@ -195,7 +203,7 @@ class Node:
         self.hub.add(channel, exchange, session)
         return Subscribed(latest, replay.recovered, backlog)
 
-    def remove_subscriber(self, session: Session, channel: str) -> None:
+    def remove_subscriber(self, session: Subscriber, channel: str) -> None:
         exchange = self.hub.exchange_of(channel, session)
         emptied = self.hub.remove(channel, session)
         if exchange is not None and not self.hub.subscribers(channel, exchange):
@@ -250,7 +258,7 @@ class Node:
         if frame is None:
             return
         if subscribers:
-            delivered = fan_out((session.outbox for session in subscribers), frame)
+            delivered = self._fan_out((session.outbox for session in subscribers), frame)
             self.metrics.delivered(delivery.exchange, delivered, delivery.ts_ms)
         if recovering:
             for session, buffered in recovering.items():

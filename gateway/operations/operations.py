@@ -10,21 +10,49 @@ from __future__ import annotations
 
 import logging
 import ssl
-from typing import Any
+from typing import Protocol
 
 from aiohttp import web
 
-from gateway.config import ConfigError
+from gateway.config import ConfigError, Settings
+from gateway.core.gate import Gate
+from gateway.core.node import Node
+from gateway.core.reloader import PolicyReloader
 from gateway.operations.admin import build_admin_app
 from gateway.telemetry.audit import audit_sink
+from gateway.transports.admission import RefusalMemory
 from gateway.transports.httplistener import HandshakeLimits, HttpListener
 from gateway.transports.sse_server import SSE_PATH, SseEndpoint
 
 log = logging.getLogger("rabbitgate.server")
 
 
+class GatewayParts(Protocol):
+    """The parts of a gateway its operational side works with (``Gateway`` is one)."""
+
+    @property
+    def settings(self) -> Settings: ...
+
+    @property
+    def node(self) -> Node: ...
+
+    @property
+    def gate(self) -> Gate: ...
+
+    @property
+    def handshake_refusals(self) -> RefusalMemory:
+        """Addresses that ignore Retry-After, dropped before TLS on every public port."""
+        ...
+
+    @property
+    def reloader(self) -> PolicyReloader: ...
+
+    @property
+    def draining(self) -> bool: ...
+
+
 class Operations:
-    def __init__(self, gateway: Any) -> None:
+    def __init__(self, gateway: GatewayParts) -> None:
         node = gateway.node
         node.events.subscribe(node.metrics.sink)
         node.events.subscribe(audit_sink)
@@ -32,7 +60,8 @@ class Operations:
         self._settings = gateway.settings
         self._gateway = gateway
         self.admin_app: web.Application = build_admin_app(gateway)
-        self.sse = SseEndpoint(gateway) if gateway.settings.sse_port is not None else None
+        sse_port = gateway.settings.sse_port
+        self.sse = SseEndpoint(gateway.gate, gateway.settings) if sse_port is not None else None
         self._admin: HttpListener | None = None
         self._sse: HttpListener | None = None
 
@@ -59,7 +88,7 @@ class Operations:
             handshake = HandshakeLimits(
                 timeout=s.limits.handshake_timeout_seconds,
                 max_per_address=s.limits.max_connections_per_address,
-                drop=node.limiter.refusals.drop,
+                drop=self._gateway.handshake_refusals.drop,
                 exempt=proxies.trusts,
                 # "Bearer " and a token of the largest size an auth frame takes:
                 # a longer one is refused as an invalid token (401), not 431.
@@ -72,10 +101,16 @@ class Operations:
                 ssl_context=ssl_context,
                 handler_cancellation=True,
                 handshake=handshake,
+                reuse_port=s.reuse_port,
             )
             await _bind(self._sse, s.host, s.sse_port)
             scheme = "https" if ssl_context else "http"
             log.info("SSE on %s://%s:%d%s", scheme, s.host, self._sse.port, SSE_PATH)
+        if s.admin_socket is not None:
+            # A supervisor's worker: the supervisor serves the admin port.
+            self._admin = HttpListener(self.admin_app, "", 0, unix_path=s.admin_socket)
+            await _bind(self._admin, str(s.admin_socket), 0)
+            return
         self._admin = HttpListener(self.admin_app, s.admin_host, s.admin_port)
         await _bind(self._admin, s.admin_host, s.admin_port)
         log.info("admin on http://%s:%d (/metrics /healthz /readyz)", s.admin_host, self.admin_port)

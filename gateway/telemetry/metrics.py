@@ -19,9 +19,8 @@ gateways (tests) can live in one process.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from datetime import datetime
-from typing import Any
+from collections.abc import Collection, Iterable, Iterator, Sized
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import (
@@ -31,7 +30,123 @@ from prometheus_client.core import (
     Metric,
 )
 
-from gateway.telemetry.events import TrafficEvent
+from anomaly.settings import SEVERITIES
+from gateway.auth.principal import AUTH_REASONS
+from gateway.telemetry.events import TRANSPORT_KINDS, TrafficEvent
+
+# The label values each labelled counter is created with, at 0, so that its
+# series exist before the first event (Prometheus' instrumentation guide:
+# rate() and alerts over a series that appears only on the first failure miss
+# that failure). tests/unit/test_metrics_coverage.py checks these lists against
+# the values the code emits.
+TRANSPORTS = TRANSPORT_KINDS
+# Close codes the gateway itself ends connections with, and 1006 (the client
+# vanished without a close frame). Contract section 9.
+CLOSE_CODES = ("1000", "1001", "1006", "1008", "1009", "4401", "4403", "4408", "4409", "4429")
+# Refusal.limit values (gateway/limits/, transports/websocket.py).
+RATE_LIMITS = (
+    "frames",
+    "subscribes",
+    "publish",
+    "connects",
+    "auth_failures",
+    "strikeouts",
+    "connections_per_address",
+    "connections_per_user",
+    "ignored_retry_after",
+    "anomaly_throttle",
+    "replays",
+    "replays_in_flight",
+    "replay_budget",
+)
+MALFORMED_CODES = ("bad_request", "too_large")
+ACTIONS = ("subscribe", "publish")
+RELOAD_RESULTS = ("ok", "failed")
+
+
+# What the scrape-time collector reads: the parts of a gateway it reports on,
+# described here by shape so that telemetry needs nothing from the layers above.
+
+
+class _SendBuffer(Protocol):
+    def pending(self) -> tuple[int, int]: ...
+
+
+class _Connection(Protocol):
+    @property
+    def kind(self) -> str: ...
+
+    @property
+    def outbox(self) -> _SendBuffer: ...
+
+
+class _Broker(Protocol):
+    @property
+    def connected(self) -> bool: ...
+
+
+class _Limiter(Protocol):
+    @property
+    def redis_url(self) -> str | None: ...
+
+    @property
+    def redis_healthy(self) -> bool: ...
+
+    @property
+    def redis_failures(self) -> int: ...
+
+
+class _Policies(Protocol):
+    @property
+    def digest(self) -> str: ...
+
+    @property
+    def rules(self) -> Sized: ...
+
+
+class _Reloader(Protocol):
+    @property
+    def reloads_ok(self) -> int: ...
+
+    @property
+    def reloads_failed(self) -> int: ...
+
+    @property
+    def last_error(self) -> str | None: ...
+
+    @property
+    def loaded_at(self) -> float: ...
+
+
+class LiveNode(Protocol):
+    @property
+    def sessions(self) -> Collection[_Connection]: ...
+
+    @property
+    def hub(self) -> Sized: ...
+
+    @property
+    def broker(self) -> _Broker: ...
+
+    @property
+    def dropped_messages(self) -> int: ...
+
+    @property
+    def limiter(self) -> _Limiter: ...
+
+    @property
+    def policies(self) -> _Policies: ...
+
+
+class LiveGateway(Protocol):
+    """What ``Metrics.watch`` reads at every scrape."""
+
+    @property
+    def node(self) -> LiveNode: ...
+
+    @property
+    def reloader(self) -> _Reloader | None: ...
+
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 SEND_BUFFER_BUCKETS = (0, 1024, 16 * 1024, 64 * 1024, 256 * 1024, 512 * 1024, 1024 * 1024)
@@ -118,19 +233,45 @@ class Metrics:
         # Label children cached: the message path must not pay labels() each time.
         self._in: dict[str, Any] = {}
         self._out: dict[str, Any] = {}
+        self._initialise_labels()
 
-    def watch(self, gateway: Any) -> None:
+    def _initialise_labels(self) -> None:
+        known: list[tuple[Counter, tuple[str, ...]]] = [
+            (self.connections_opened, TRANSPORTS),
+            (self.connections_closed, CLOSE_CODES),
+            (self.auth_failures, tuple(sorted(AUTH_REASONS))),
+            (self.rate_limited, RATE_LIMITS),
+            (self.malformed, MALFORMED_CODES),
+            (self.alerts_total, SEVERITIES),
+        ]
+        for counter, values in known:
+            for value in values:
+                counter.labels(value)
+        for action in ACTIONS:  # no rule decided: the one rule label known in advance
+            self.denials.labels(action, "none")
+
+    def watch(self, gateway: LiveGateway) -> None:
         """Report ``gateway``'s live state (sessions, broker, policies) at every scrape."""
         self.registry.register(_LiveCollector(gateway))
+        policies: Any = getattr(getattr(gateway, "node", None), "policies", None)
+        if hasattr(policies, "exchanges"):
+            self.known_exchanges(policies.exchanges())
+
+    def known_exchanges(self, exchanges: Iterable[str]) -> None:
+        """Series at 0 for the exchanges of a policy set (at start, and after a reload)."""
+        for exchange in sorted(exchanges):
+            self._in.setdefault(exchange, self.messages_in.labels(exchange))
+            self._out.setdefault(exchange, self.messages_out.labels(exchange))
+            self.publish_failures.labels(exchange)
 
     # --- event bus sink -------------------------------------------------------
 
     def sink(self, event: TrafficEvent) -> None:
         match event.kind:
             case "connect":
-                self.connections_opened.labels(
-                    "sse" if event.detail == "sse" else "websocket"
-                ).inc()
+                # The connect event's detail names the transport (none: WebSocket).
+                kind = event.detail if event.detail in TRANSPORT_KINDS else "websocket"
+                self.connections_opened.labels(kind).inc()
             case "closed":
                 self.connections_closed.labels(event.detail or "unknown").inc()
             case "auth_failed":
@@ -168,7 +309,7 @@ class Metrics:
 class _LiveCollector:
     """What is true now, read from the gateway when Prometheus scrapes."""
 
-    def __init__(self, gateway: Any) -> None:
+    def __init__(self, gateway: LiveGateway) -> None:
         self._gateway = gateway
 
     def describe(self) -> list[Metric]:
@@ -184,8 +325,7 @@ class _LiveCollector:
         )
         by_transport = {"websocket": 0, "sse": 0}
         for session in sessions:
-            transport = getattr(session, "transport", "websocket")
-            by_transport[transport] = by_transport.get(transport, 0) + 1
+            by_transport[session.kind] = by_transport.get(session.kind, 0) + 1
         for transport, count in sorted(by_transport.items()):
             open_.add_metric([transport], count)
         yield open_
@@ -204,15 +344,13 @@ class _LiveCollector:
             "JSON nor UTF-8, or nested too deeply to serialize.",
             value=node.dropped_messages,
         )
-        yield from _limits(getattr(node, "limiter", None))
-        gateway = self._gateway
-        reloader = getattr(gateway, "policy_reloader", None) or getattr(gateway, "reloader", None)
-        yield from _policy(node.policies, reloader)
+        yield from _limits(node.limiter)
+        yield from _policy(node.policies, self._gateway.reloader)
 
 
-def _limits(limiter: Any) -> Iterator[Metric]:
+def _limits(limiter: _Limiter) -> Iterator[Metric]:
     """Whether the rate limits are shared through Redis (gateway/limits/limiter.py)."""
-    if limiter is None or limiter.redis_url is None:
+    if limiter.redis_url is None:
         return  # not configured: limits are local by design, nothing to watch
     yield GaugeMetricFamily(
         "rabbitgate_limits_redis_healthy",
@@ -226,7 +364,7 @@ def _limits(limiter: Any) -> Iterator[Metric]:
     )
 
 
-def _send_buffers(sessions: list[Any]) -> Iterator[Metric]:
+def _send_buffers(sessions: list[_Connection]) -> Iterator[Metric]:
     sizes = []
     frames_max = 0
     for session in sessions:
@@ -253,7 +391,7 @@ def _send_buffers(sessions: list[Any]) -> Iterator[Metric]:
     )
 
 
-def _policy(policies: Any, reloader: Any) -> Iterator[Metric]:
+def _policy(policies: _Policies, reloader: _Reloader | None) -> Iterator[Metric]:
     info = GaugeMetricFamily(
         "rabbitgate_policy_set_info", "The policy set in force (value 1).", labels=["digest"]
     )
@@ -267,20 +405,16 @@ def _policy(policies: Any, reloader: Any) -> Iterator[Metric]:
     reloads = CounterMetricFamily(
         "rabbitgate_policy_reloads", "Policy reloads, by result.", labels=["result"]
     )
-    reloads.add_metric(["ok"], float(getattr(reloader, "reloads_ok", 0) or 0))
-    reloads.add_metric(["failed"], float(getattr(reloader, "reloads_failed", 0) or 0))
+    for result in RELOAD_RESULTS:
+        reloads.add_metric([result], float(getattr(reloader, f"reloads_{result}", 0) or 0))
     yield reloads
     yield GaugeMetricFamily(
         "rabbitgate_policy_last_reload_failed",
         "1 when the latest reload was rejected (the last good set stays in force).",
-        value=1 if getattr(reloader, "last_error", None) else 0,
+        value=1 if reloader.last_error else 0,
     )
-    loaded_at = getattr(reloader, "loaded_at", None)
-    if isinstance(loaded_at, datetime):
-        loaded_at = loaded_at.timestamp()
-    if isinstance(loaded_at, int | float) and not isinstance(loaded_at, bool):
-        yield GaugeMetricFamily(
-            "rabbitgate_policy_loaded_timestamp_seconds",
-            "When the policy set in force was loaded (Unix time).",
-            value=float(loaded_at),
-        )
+    yield GaugeMetricFamily(
+        "rabbitgate_policy_loaded_timestamp_seconds",
+        "When the policy set in force was loaded (Unix time).",
+        value=float(reloader.loaded_at),
+    )

@@ -23,6 +23,7 @@ import logging
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, cast
 
 from aiohttp import web
@@ -205,7 +206,13 @@ class HttpListener:
         handler_cancellation: bool = False,
         shutdown_timeout: float = 5.0,
         handshake: HandshakeLimits | None = None,
+        reuse_port: bool = False,
+        unix_path: Path | None = None,
     ) -> None:
+        """``reuse_port``: share the port with other processes (SO_REUSEPORT, the
+        workers of one supervisor); ``unix_path``: listen on this Unix socket
+        instead of ``host:port`` (a worker's admin socket)."""
+        self._reuse_port, self._unix_path = reuse_port, unix_path
         self._guard = HandshakeGuard(handshake) if handshake is not None else None
         extra: dict[str, Any] = {}
         if self._guard is not None:
@@ -234,6 +241,8 @@ class HttpListener:
     def port(self) -> int:
         """The bound port (the configured one, or the one picked for port 0)."""
         assert self._server is not None, "not started"
+        if self._unix_path is not None:
+            return 0
         return int(self._server.sockets[0].getsockname()[1])
 
     async def start(self) -> None:
@@ -250,13 +259,24 @@ class HttpListener:
         loop = asyncio.get_running_loop()
         # Not aiohttp's TCPSite: it gives the TLS handshake no timeout (asyncio's
         # default, 60 s) and the connections no guard.
+        handshake_timeout = guard.limits.timeout if guard and self._ssl else None
+        if self._unix_path is not None:
+            self._server = await loop.create_unix_server(  # type: ignore[assignment]
+                factory,
+                str(self._unix_path),
+                ssl=self._ssl,
+                ssl_handshake_timeout=handshake_timeout,
+                backlog=1024,
+            )
+            return
         self._server = await loop.create_server(  # type: ignore[assignment]
             factory,
             self._host,
             self._port,
             ssl=self._ssl,
-            ssl_handshake_timeout=guard.limits.timeout if guard and self._ssl else None,
+            ssl_handshake_timeout=handshake_timeout,
             backlog=1024,
+            reuse_port=self._reuse_port or None,
         )
 
     async def stop(self) -> None:

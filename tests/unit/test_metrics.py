@@ -59,7 +59,7 @@ def test_two_gateways_never_share_a_registry() -> None:
     first, second = Metrics(), Metrics()
     first.alerts_total.labels("high").inc()
     assert value(first, "rabbitgate_alerts_total", severity="high") == 1
-    assert value(second, "rabbitgate_alerts_total", severity="high") is None
+    assert value(second, "rabbitgate_alerts_total", severity="high") == 0  # created at 0
 
 
 class _Outbox:
@@ -72,15 +72,16 @@ class _Outbox:
 
 def _gateway(reloader: object = None) -> SimpleNamespace:
     sessions = [
-        SimpleNamespace(outbox=_Outbox(0, 0)),
-        SimpleNamespace(outbox=_Outbox(20_000, 7)),
-        SimpleNamespace(outbox=_Outbox(900, 1), transport="sse"),
+        SimpleNamespace(outbox=_Outbox(0, 0), kind="websocket"),
+        SimpleNamespace(outbox=_Outbox(20_000, 7), kind="websocket"),
+        SimpleNamespace(outbox=_Outbox(900, 1), kind="sse"),
     ]
     node = SimpleNamespace(
         sessions=sessions,
         hub=[1, 2],
         broker=SimpleNamespace(connected=False),
         dropped_messages=4,
+        limiter=SimpleNamespace(redis_url=None),  # limits kept locally
         policies=SimpleNamespace(digest="abc123", rules=[1, 2, 3]),
     )
     return SimpleNamespace(node=node, reloader=reloader)
