@@ -29,6 +29,7 @@ AuthReason = Literal[
     "missing_claim",
     "bad_claim",
     "key_unavailable",
+    "duplicate_header",  # two Authorization or Origin headers (gateway/transports/headers.py)
 ]
 AUTH_REASONS: frozenset[str] = frozenset(get_args(AuthReason))
 
@@ -48,6 +49,7 @@ _MESSAGES: dict[str, str] = {
     "missing_claim": "token lacks a required claim",
     "bad_claim": "token claim invalid",
     "key_unavailable": "no verification key available",
+    "duplicate_header": "more than one Authorization or Origin header",
 }
 
 

@@ -90,6 +90,9 @@ class Operations:
                 max_per_address=s.limits.max_connections_per_address,
                 drop=self._gateway.handshake_refusals.drop,
                 exempt=proxies.trusts,
+                # "Bearer " and a token of the largest size an auth frame takes:
+                # a longer one is refused as an invalid token (401), not 431.
+                max_header_value=s.jwt.max_token_bytes + 64,
             )
             self._sse = HttpListener(
                 self.sse.app,

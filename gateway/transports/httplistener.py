@@ -19,6 +19,7 @@ the handshake timeout each, and one address can hold at most its cap.
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -36,6 +38,9 @@ class HandshakeLimits:
     max_per_address: int  # limits.max_connections_per_address, at this listener
     # Addresses to drop as they connect (the handshake refusals, gateway/admission.py).
     drop: Callable[[str | None], bool] = lambda _: False
+    # The largest header value: what aiohttp allows (8190) is less than
+    # "Bearer " + a token of jwt.max_token_bytes (8 KiB); None: aiohttp's.
+    max_header_value: int | None = None
     # Addresses neither dropped nor capped: trusted proxies carry many clients.
     exempt: Callable[[str | None], bool] = lambda _: False
 
@@ -168,6 +173,28 @@ class HandshakeGuard:
         return await handler(request)
 
 
+class UnparsedRequestFilter(logging.Filter):
+    """aiohttp logs a request it could not parse (a request line or header
+    over 8190 bytes, say) at ERROR with the exception, whose text quotes the
+    start of the offending line: ``/events?access_token=eyJ...`` or
+    ``Bearer eyJ...``. Such a record becomes one INFO line naming only the
+    kind of error: no token reaches the logs. Other records pass unchanged.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.msg = "refused an HTTP request that could not be parsed (%s, status %s)"
+            record.args = (type(exc).__name__, exc.code)
+            record.exc_info = None
+            record.exc_text = None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
+_UNPARSED_FILTER = UnparsedRequestFilter()
+
+
 class HttpListener:
     def __init__(
         self,
@@ -194,6 +221,8 @@ class HttpListener:
             # Between two requests of a connection (after a refusal, say), the
             # same bound as before the first.
             extra["keepalive_timeout"] = handshake.timeout if handshake else 75.0
+            if handshake is not None and handshake.max_header_value is not None:
+                extra["max_field_size"] = handshake.max_header_value
         self._runner = web.AppRunner(
             app,
             access_log=None,
@@ -218,6 +247,8 @@ class HttpListener:
 
     async def start(self) -> None:
         """Bind and serve; the app's routes are frozen from here on. Raises OSError."""
+        # Idempotent: one filter, however many listeners.
+        logging.getLogger("aiohttp.server").addFilter(_UNPARSED_FILTER)
         await self._runner.setup()
         server = self._runner.server
         assert server is not None

@@ -60,6 +60,7 @@ from gateway.protocol.codes import (
 from gateway.protocol.frames import error_frame
 from gateway.telemetry import logs
 from gateway.telemetry.events import EventKind, TrafficEvent
+from gateway.transports.headers import repeated
 from gateway.transports.sse import HEARTBEAT, EventIds, SseOutbox, format_event
 
 log = logging.getLogger("rabbitgate.sse")
@@ -258,6 +259,11 @@ class SseEndpoint:
         forwarded = request.headers.getall("X-Forwarded-For", [])
         address = self._node.trusted_proxies.client_address(request.remote, forwarded)
         gate.connected(address, "sse")
+        duplicate = repeated(lambda name: request.headers.getall(name, []))
+        if duplicate is not None:  # ambiguous: refused (400), counted as a failed authentication
+            refusal = AuthError("duplicate_header", f"more than one {duplicate} header")
+            await gate.authenticate(refusal, address, "sse")
+            return _refuse(400, f"more than one {duplicate} header", {})
         cors = self._cors(request)
         if cors is None:
             return _refuse(403, "origin not allowed", {})
@@ -310,6 +316,7 @@ class SseEndpoint:
             rules[channel] = rule
         since = _since(request.headers.get("Last-Event-ID"), channels)
         stream = SseStream(self._gate, principal, address, channels, {})
+        policies = self._node.policies
         try:
             await stream.subscribe(rules, since)
         except BrokerUnavailable:
@@ -324,8 +331,17 @@ class SseEndpoint:
         except BaseException:  # the client left (handler cancelled) while joining
             stream.release()
             raise
+        if self._node.policies is not policies:
+            # A reload swapped the set while the stream joined (a replay can
+            # take seconds); its re-check could not see this stream yet (it is
+            # not in node.sessions), so check it here, as Session does.
+            stream.recheck_subscriptions()
+            if not stream.subscriptions:
+                stream.release()
+                return _refuse(403, "no channel of this stream is allowed any more", cors)
         for channel, rule in rules.items():
-            stream.emit("subscribe", channel=channel, rule=rule.label)
+            if channel in stream.subscriptions:
+                stream.emit("subscribe", channel=channel, rule=rule.label)
         return await self._stream(request, stream, cors)
 
     async def _stream(

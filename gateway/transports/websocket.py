@@ -40,6 +40,7 @@ from gateway.protocol.frames import Auth, FrameError, error_frame, parse_frame, 
 from gateway.telemetry import logs
 from gateway.telemetry.events import TrafficEvent
 from gateway.transports.admission import AdmittedConnection, RefusalMemory, connection_class
+from gateway.transports.headers import repeated
 from gateway.transports.heartbeat import Heartbeat
 from gateway.transports.heartbeat import run as run_heartbeat
 from gateway.transports.outbox import Outbox
@@ -255,6 +256,11 @@ class WebSocketListener:
             connection.connection_lost_waiter.add_done_callback(
                 lambda _: self._node.limiter.release(slot)
             )
+        duplicate = repeated(request.headers.get_all)
+        if duplicate is not None:  # ambiguous: refused (400), counted as a failed authentication
+            refusal = AuthError("duplicate_header", f"more than one {duplicate} header")
+            await self._gate.authenticate(refusal, address, "header")
+            return connection.respond(HTTPStatus.BAD_REQUEST, f"more than one {duplicate} header\n")
         if not self._origin_allowed(request):
             # Refused after the upgrade with 1008, as the contract says, so that
             # a browser's script can see why; no token work is done for it.

@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import ssl
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -16,6 +17,7 @@ from sse_helpers import next_event, open_events
 from gateway.app import Gateway
 from gateway.config import Settings
 from gateway.policy.rules import load_policy_set
+from gateway.transports.sse import EventIds
 
 pytestmark = pytest.mark.integration
 
@@ -103,3 +105,53 @@ async def test_half_open_sse_sockets_are_dropped_and_ws_and_readyz_keep_working(
             writer.transport.abort()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
+
+
+async def test_a_policy_reload_during_a_slow_sse_replay_still_revokes_the_stream(
+    gateway: Gateway,
+    policies_dir: Path,
+    client_ssl: ssl.SSLContext,
+    http: aiohttp.ClientSession,
+    make_token: Any,
+    tmp_path: Path,
+) -> None:
+    """issue 13 item 6: a stream that joined (Last-Event-ID replays) while a
+    reload forbade its channels still received messages after the revocation."""
+    text = (policies_dir / "10-test.yaml").read_text()
+    revoked_dir = tmp_path / "revoked"
+    revoked_dir.mkdir()
+    (revoked_dir / "10-test.yaml").write_text(
+        text.replace("subscribe: [role:member]", "subscribe: [role:admin]", 1)
+    )
+    revoked = load_policy_set(revoked_dir)
+    broker = gateway.node.broker
+    read_history = broker.replay
+    swapped = asyncio.Event()
+    joining = asyncio.Event()
+
+    async def replay_after_swap(*args: Any, **kwargs: Any) -> Any:
+        joining.set()
+        await swapped.wait()
+        return await read_history(*args, **kwargs)
+
+    broker.replay = replay_after_swap  # type: ignore[method-assign]
+    last_event_id = EventIds(["chat.race"]).encode({"chat.race": 0})
+    opening = asyncio.ensure_future(
+        open_events(
+            http,
+            gateway,
+            client_ssl,
+            ["chat.race"],
+            make_token("alice"),
+            {"Last-Event-ID": last_event_id},
+        )
+    )
+    try:
+        await asyncio.wait_for(joining.wait(), 10)
+        await gateway.node.swap_policies(revoked)
+    finally:
+        swapped.set()  # (also when failing: a held read would stall the gateway's stop)
+    response = await opening
+    assert response.status == 403, response.status
+    response.close()
+    assert list(gateway.node.hub.subscribers("chat.race")) == []
