@@ -136,7 +136,7 @@ REQUESTS = [
     # A JSON body is data as it is; anything else is data as a string.
     (
         f("SEND", b'{"a": [1]}', destination="/topic/chat.a", content_type="application/json"),
-        Send(TOPIC_A, b'{"a": [1]}', None),
+        Send(TOPIC_A, b'{"a":[1]}', None),
     ),
     (
         f(

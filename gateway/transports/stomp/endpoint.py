@@ -1,12 +1,14 @@
 """STOMP 1.2 (1.1, 1.0) on the ``/ws`` endpoint: the wire and its I/O (contract section 10).
 
-The listener (gateway/app.py) hands a connection here when the WebSocket
-agreed on ``v12.stomp``, ``v11.stomp`` or ``v10.stomp``. A conversation goes:
-``CONNECT``/``STOMP`` within the auth timeout -> the principal (handshake
-header, or the JWT in ``passcode``) -> the same admission as a JSON client
--> ``CONNECTED`` -> every frame through ``StompBridge`` onto a
-``StompSession``, which is the JSON protocol's ``Session``: the same
-policies, limits, history, audit events and metrics, decided once.
+The WebSocket listener (transports/websocket.py) hands a connection here when
+the handshake agreed on ``v12.stomp``, ``v11.stomp`` or ``v10.stomp``, after
+the same address admission (and Authorization header) as a JSON client. A
+conversation goes: ``CONNECT``/``STOMP`` within the auth timeout -> the
+principal (the header's, or the JWT in ``passcode``, through the core's
+``Gate``) -> the gate's user admission -> ``CONNECTED`` -> every frame
+through ``StompBridge`` into commands of the core's ``Session``: the same
+policies, limits, history, audit events and metrics, decided once
+(docs/architecture.md, "Adding a transport").
 
 Everything the client sends is bounded by ``FrameParser`` (largest frame,
 header count, header length); anything it cannot parse gets an ``ERROR`` and
@@ -18,23 +20,34 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
-from typing import cast
+from collections.abc import Callable
+from functools import partial
+from typing import ClassVar
 
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
-from gateway.auth.principal import Principal
-from gateway.auth.tokens import AuthError, TokenVerifier
+from gateway.auth.principal import AuthError, Principal
 from gateway.config import Settings
 from gateway.core.deadlines import Deadline
+from gateway.core.gate import Gate, Refused
 from gateway.core.node import Node
-from gateway.core.session import CLOSE_AUTH, Session
-from gateway.limits.restrictions import CLOSE_BANNED
+from gateway.core.session import Session
+from gateway.core.transport import Transport, TransportKind
+from gateway.limits.limiter import Limiter, Slot
+from gateway.protocol.codes import (
+    CLOSE_AUTH,
+    CLOSE_AUTH_TIMEOUT,
+    CLOSE_BANNED,
+    CLOSE_GOING_AWAY,
+    CLOSE_NORMAL,
+    CLOSE_POLICY,
+    CLOSE_PROTOCOL_ERROR,
+    CLOSE_RATE_LIMITED,
+    CLOSE_TOO_BIG,
+)
 from gateway.telemetry import logs
-from gateway.telemetry.events import TrafficEvent
-from gateway.transports.outbox import Outbox
-from gateway.transports.stomp.bridge import StompBridge, close_code
+from gateway.transports.stomp.bridge import CHARGE, StompBridge, close_code
 from gateway.transports.stomp.frames import (
     HEARTBEAT,
     Event,
@@ -47,102 +60,96 @@ from gateway.transports.stomp.frames import (
 from gateway.transports.stomp.mapping import (
     SUBPROTOCOLS,
     Connect,
-    Refused,
     connected_frame,
     error_frame,
     negotiate_heartbeat,
     parse_connect,
     receipt_frame,
 )
+from gateway.transports.stomp.mapping import Refused as StompRefused
 
 log = logging.getLogger("rabbitgate.stomp")
 
-CLOSE_AUTH_TIMEOUT = 4408
-CLOSE_NORMAL = 1000
-CLOSE_PROTOCOL_ERROR = 1002
 HEARTBEAT_BYTES = b"\n"
-# Admission after authentication (bans, per-user caps): None to go on, or
-# the (close code, reason) to refuse with. Gateway._admit is the one there is.
-Admit = Callable[[ServerConnection, Principal, str | None], Awaitable[tuple[int, str] | None]]
-# Why a session's close ends the conversation, said in an ERROR first.
+# The connection's own bounded send path (the listener's WebSocketTransport).
+WireFactory = Callable[[ServerConnection], Transport]
+# Why the core closes a connection, said in an ERROR first (STOMP clients
+# report an ERROR frame; few show a WebSocket close code).
 _CLOSE_ERRORS: dict[int, tuple[str, str]] = {
     CLOSE_AUTH: ("unauthorized", "token expired"),
     CLOSE_BANNED: ("forbidden", "banned"),
-    1001: ("unavailable", "server shutting down, reconnect elsewhere"),
-    1008: ("forbidden", "too many connections"),
+    CLOSE_GOING_AWAY: ("unavailable", "server shutting down, reconnect elsewhere"),
+    CLOSE_RATE_LIMITED: ("rate_limited", "rate limits broken too often"),
 }
 
 
-class StompOutbox:
-    """A session's send path in STOMP: each gateway frame through the bridge.
+class StompTransport:
+    """A STOMP connection as the core's ``Transport`` (``core/transport.py``).
 
-    Implements what ``Session`` and the fan-out use of an ``Outbox``
-    (``send``, ``send_many``, ``pending``, ``connection``) and writes the
-    STOMP frames into the connection's own bounded ``Outbox`` (close 4409).
+    Every JSON-protocol frame the core writes (answers, and the fan-out's
+    messages) goes through the conversation's ``StompBridge`` and leaves as
+    STOMP frames, through the connection's own bounded send path (a
+    ``WebSocketTransport``: the same 1 MiB / 1,000 frames, close 4409).
     """
 
-    __slots__ = ("bridge", "inner", "connection", "_closing")
+    __slots__ = ("bridge", "inner")
 
-    def __init__(self, bridge: StompBridge, inner: Outbox) -> None:
+    kind: ClassVar[TransportKind] = "stomp"
+
+    def __init__(self, bridge: StompBridge, inner: Transport) -> None:
         self.bridge = bridge
         self.inner = inner
-        self.connection = inner.connection
-        self._closing: asyncio.Task[None] | None = None
 
     def send(self, frame: bytes) -> bool:
         frames, close = self.bridge.answer(frame)
         sent = self.inner.send_many(frames) == len(frames) if frames else True
         if close is not None:
-            self.close(close, "STOMP ERROR")
+            self.inner.close(close, "STOMP ERROR")
         return sent
 
     def send_many(self, frames: list[bytes]) -> int:
         return sum(1 for frame in frames if self.send(frame))
 
     def send_stomp(self, frame: bytes) -> bool:
-        """A STOMP frame of the transport's own (CONNECTED, RECEIPT, a heart-beat)."""
+        """A STOMP frame of the endpoint's own (CONNECTED, a RECEIPT, an ERROR, a heart-beat)."""
         return self.inner.send(frame)
 
     def pending(self) -> tuple[int, int]:
         return self.inner.pending()
 
-    def close(self, code: int, reason: str) -> None:
-        if self._closing is None:
-            self._closing = asyncio.get_running_loop().create_task(
-                self.connection.close(code, reason)
-            )
-
-
-class StompSession(Session):
-    """A ``Session`` whose frames are STOMP; its closes are said in an ERROR first."""
-
-    __slots__ = ()
-    transport = "stomp"  # the label of rabbitgate_connections_open
-
-    def close(self, code: int, reason: str) -> None:
-        outbox = self.outbox
-        assert isinstance(outbox, StompOutbox)
+    def close(self, code: int, reason: str) -> asyncio.Task[None] | None:
         said = _CLOSE_ERRORS.get(code)
-        if said is not None and not outbox.bridge.closed:
-            outbox.send_stomp(outbox.bridge.error(*said))
-        super().close(code, reason)
+        if said is not None and not self.bridge.closed and self.inner.open:
+            self.inner.send(self.bridge.error(*said))
+        return self.inner.close(code, reason)
+
+    async def close_flooded(self, code: int, reason: str) -> None:
+        await self.inner.close_flooded(code, reason)
+
+    def stop_reading(self) -> None:
+        self.inner.stop_reading()
+
+    @property
+    def open(self) -> bool:
+        return self.inner.open
 
 
 class StompEndpoint:
-    """Serves the STOMP conversations of one gateway's WebSocket listener."""
+    """Serves the STOMP conversations of the WebSocket listener's ``/ws``."""
 
-    def __init__(self, settings: Settings, node: Node, verifier: TokenVerifier, admit: Admit):
+    def __init__(self, settings: Settings, gate: Gate, wire: WireFactory) -> None:
         self.settings = settings
-        self.node = node
-        self.verifier = verifier
-        self.admit = admit
+        self.gate = gate
+        self.node: Node = gate.node
+        self._wire = wire
 
     async def converse(
         self, connection: ServerConnection, principal: Principal | None, address: str | None
     ) -> None:
         """The whole conversation; returns when the connection is closed.
 
-        ``principal`` comes from the handshake's Authorization header, if it had one.
+        ``principal`` comes from the handshake's Authorization header, if it
+        had one (the listener verified it with the gate).
         """
         highest = SUBPROTOCOLS[str(connection.subprotocol)]
         limits = self.settings.limits
@@ -150,28 +157,24 @@ class StompEndpoint:
         opened = await self._open(connection, parser, highest, principal, address)
         if opened is None:
             return
-        session, connect, pending = opened
-        outbox = session.outbox
-        assert isinstance(outbox, StompOutbox)
-        bridge = outbox.bridge
+        session, connect, events = opened
+        transport = session.outbox
+        assert isinstance(transport, StompTransport)
+        bridge = transport.bridge
         server_beat = round(limits.heartbeat_seconds * 1000)
         send_every, _ = negotiate_heartbeat(connect.heart_beat, (server_beat, server_beat))
-        beats = _Beats(self.node, outbox, send_every / 1000) if send_every else None
+        beats = _Beats(self.node, transport, send_every / 1000) if send_every else None
         try:
-            outbox.send_stomp(
-                connected_frame(connect.version, (server_beat, server_beat), session.id)
-            )
-            events = pending
+            hello = connected_frame(connect.version, (server_beat, server_beat), session.id)
+            transport.send_stomp(hello)
             while True:
                 for event in events:
                     if bridge.closed:
                         break
                     if event is HEARTBEAT:
-                        # Charged like a JSON ping (frame limits, idle timeout).
-                        await session.handle('{"type":"ping","id":0}')
-                        continue
-                    assert isinstance(event, Frame)
-                    if not await self._step(session, outbox, event):
+                        await session.handle_command(CHARGE, 1)
+                    elif isinstance(event, Frame) and not await self._step(session, event):
+                        await connection.wait_closed()
                         return
                 if bridge.closed:
                     await connection.wait_closed()
@@ -180,9 +183,9 @@ class StompEndpoint:
                     events = parser.feed(await connection.recv(decode=False))
                 except StompError as exc:
                     code, close = _parse_refusal(exc)
-                    session.emit("malformed", detail=code)
-                    outbox.send_stomp(bridge.error(code, str(exc)))
-                    outbox.close(close, "not a valid STOMP frame")
+                    session.emit("malformed", size=parser.buffered, detail=code)
+                    transport.send_stomp(bridge.error(code, str(exc)))
+                    transport.inner.close(close, "not a valid STOMP frame")
                     events = []
         except ConnectionClosed:
             pass
@@ -193,26 +196,29 @@ class StompEndpoint:
             session.emit("closed", detail=str(connection.close_code))
             await session.ended()
 
-    async def _step(self, session: StompSession, outbox: StompOutbox, frame: Frame) -> bool:
+    async def _step(self, session: Session, frame: Frame) -> bool:
         """Do what one client frame asks; False once the conversation is over."""
-        step = outbox.bridge.request(frame)
-        for request in step.requests:
-            await session.handle(request.decode())
+        transport = session.outbox
+        assert isinstance(transport, StompTransport)
+        step = transport.bridge.request(frame)
+        size = len(frame.body)
+        for command in step.requests:
+            await session.handle_command(command, size)
         if not step.requests and step.close is None and step.disconnect is None:
-            # Answered here, not by the session: still charged as a frame.
-            await session.handle('{"type":"ping","id":0}')
+            # Answered by the bridge alone, yet a frame like any other for the limits.
+            await session.handle_command(CHARGE, size)
         for answer in step.frames:
-            outbox.send_stomp(answer)
+            transport.send_stomp(answer)
         if step.close is not None:
             if step.close == CLOSE_PROTOCOL_ERROR:
-                session.emit("malformed", detail="bad_request")
-            outbox.close(step.close, "STOMP ERROR")
+                session.emit("malformed", size=size, detail="bad_request")
+            transport.inner.close(step.close, "STOMP ERROR")
         if step.disconnect is not None:
-            await session.drain()  # RECEIPT only once every SEND so far is answered
+            await session.drain()  # the RECEIPT only once every SEND so far is answered
             if step.disconnect.receipt is not None:
-                outbox.send_stomp(receipt_frame(step.disconnect.receipt, outbox.bridge.version))
-            outbox.close(CLOSE_NORMAL, "DISCONNECT")
-            await session.outbox.connection.wait_closed()
+                receipt = receipt_frame(step.disconnect.receipt, transport.bridge.version)
+                transport.send_stomp(receipt)
+            transport.inner.close(CLOSE_NORMAL, "DISCONNECT")
             return False
         return True
 
@@ -223,21 +229,20 @@ class StompEndpoint:
         highest: Version,
         principal: Principal | None,
         address: str | None,
-    ) -> tuple[StompSession, Connect, list[Event]] | None:
+    ) -> tuple[Session, Connect, list[Event]] | None:
         """CONNECT, authentication and admission: the session, or None once closed."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.limits.auth_timeout_seconds
         guard = self.node.limiter.connection_guard()  # frames before CONNECT count too
         events: list[Event] = []
         try:
-            while True:
-                frames = [event for event in events if event is not HEARTBEAT]
-                if frames:
-                    break
+            while not any(isinstance(event, Frame) for event in events):
                 async with asyncio.timeout_at(deadline):
                     data = await connection.recv(decode=False)
                 if guard.frame() is not None:
-                    await _refuse(connection, highest, "rate_limited", "too many frames", 4429)
+                    await _refuse(
+                        connection, highest, "rate_limited", "too many frames", CLOSE_POLICY
+                    )
                     return None
                 try:
                     events = parser.feed(data)
@@ -245,63 +250,49 @@ class StompEndpoint:
                     code, close = _parse_refusal(exc)
                     await _refuse(connection, highest, code, str(exc), close)
                     return None
-            first, rest = frames[0], events[events.index(frames[0]) + 1 :]
+            index = next(i for i, event in enumerate(events) if isinstance(event, Frame))
+            first, rest = events[index], events[index + 1 :]
             assert isinstance(first, Frame)
             try:
                 connect = parse_connect(first, highest)
-            except Refused as refused:
-                await _refuse(
-                    connection, highest, refused.code, refused.message, close_code(refused.code)
-                )
+            except StompRefused as refused:
+                closing = close_code(refused.code)
+                await _refuse(connection, highest, refused.code, refused.message, closing)
                 return None
             parser.version = connect.version
             if principal is None:
-                principal = await self._verify(connection, connect, address)
-                if principal is None:
+                credentials: str | AuthError = connect.passcode or AuthError(
+                    "missing", "no token: send it as the passcode header"
+                )
+                verified = await self.gate.authenticate(credentials, address, "stomp")
+                if isinstance(verified, Refused):
+                    message = verified.message[:120]
+                    await _refuse(connection, connect.version, "unauthorized", message, CLOSE_AUTH)
                     return None
-            refused_with = await self.admit(connection, principal, address)
-            if refused_with is not None:
-                close, reason = refused_with
-                await _refuse(connection, connect.version, "forbidden", reason, close)
+                principal = verified
+            # A banned user (4403), the user's concurrent connections (1008).
+            slot = await self.gate.admit_user(principal, address)
+            if isinstance(slot, Refused):
+                await _refuse(
+                    connection, connect.version, "forbidden", slot.message, slot.close_code
+                )
                 return None
-        except TimeoutError:
-            await _refuse(
-                connection, highest, "unauthorized", "no CONNECT frame in time", CLOSE_AUTH_TIMEOUT
+            connection.connection_lost_waiter.add_done_callback(
+                partial(_release_slot, self.node.limiter, slot)
             )
+        except TimeoutError:
+            message = "no CONNECT frame in time"
+            await _refuse(connection, highest, "unauthorized", message, CLOSE_AUTH_TIMEOUT)
             return None
         except ConnectionClosed:
             return None
         limits = self.settings.limits
-        inner = Outbox(
-            connection,
-            max_bytes=limits.send_buffer_bytes,
-            max_messages=limits.send_buffer_messages,
-        )
         bridge = StompBridge(connect.version, self._exchange_of, limits.max_channels_per_connection)
-        # The seam until the core has a Transport protocol: a StompOutbox does
-        # what Session and the fan-out ask of an Outbox (see its docstring).
-        outbox = cast(Outbox, StompOutbox(bridge, inner))
-        session = StompSession(self.node, self.verifier, outbox, principal, address)
+        transport = StompTransport(bridge, self._wire(connection))
+        session = Session(self.gate, transport, principal, address)
         logs.bind(session=session.id, user=principal.sub, address=address)
         self.node.sessions.add(session)
         return session, connect, rest
-
-    async def _verify(
-        self, connection: ServerConnection, connect: Connect, address: str | None
-    ) -> Principal | None:
-        """The passcode's principal; None (ERROR sent, closed with 4401) if it is not valid."""
-        try:
-            if connect.passcode is None:
-                raise AuthError("missing", "no token: send it as the passcode header")
-            principal = await self.verifier.verify(connect.passcode)
-        except AuthError as exc:
-            log.info("STOMP CONNECT refused: %s", exc.reason)
-            self.node.events.emit(TrafficEvent("auth_failed", address, detail=exc.reason))
-            await self.node.limiter.record_auth_failure(address)
-            await _refuse(connection, connect.version, "unauthorized", str(exc)[:120], CLOSE_AUTH)
-            return None
-        self.node.events.emit(TrafficEvent("auth_ok", address, principal.sub, detail="passcode"))
-        return principal
 
     def _exchange_of(self, channel: str) -> str | None:
         found = self.node.policies.rule_for(channel)
@@ -313,7 +304,7 @@ class _Beats:
 
     __slots__ = ("node", "outbox", "every", "_next")
 
-    def __init__(self, node: Node, outbox: StompOutbox, every: float) -> None:
+    def __init__(self, node: Node, outbox: StompTransport, every: float) -> None:
         self.node = node
         self.outbox = outbox
         self.every = every
@@ -338,8 +329,12 @@ class _Beats:
 def _parse_refusal(exc: StompError) -> tuple[str, int]:
     """The error code and close code for a frame the parser refused."""
     if isinstance(exc, FrameTooLarge):
-        return "too_large", 1009
+        return "too_large", CLOSE_TOO_BIG
     return "bad_request", CLOSE_PROTOCOL_ERROR
+
+
+def _release_slot(limiter: Limiter, slot: Slot, _: object) -> None:
+    limiter.release(slot)
 
 
 async def _refuse(

@@ -18,16 +18,20 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from importlib import metadata
 
 import orjson
 
-from gateway import __version__
 from gateway.protocol.channels import is_valid_channel
 from gateway.transports.stomp.frames import VERSIONS, Frame, Version, serialize
 
 # Web-STOMP's subprotocol names, highest version first.
 SUBPROTOCOLS: dict[str, Version] = {"v12.stomp": "1.2", "v11.stomp": "1.1", "v10.stomp": "1.0"}
-SERVER = f"rabbitgate/{__version__}"
+# The installed distribution's version (the package root is no layer to import from).
+try:
+    SERVER = f"rabbitgate/{metadata.version('rabbitgate')}"
+except metadata.PackageNotFoundError:  # run from a source tree that was not installed
+    SERVER = "rabbitgate"
 MAX_ID_CHARS = 128  # subscription ids and receipts (stompjs uses "sub-0", "receipt-1")
 JSON = "application/json"
 _UNSUPPORTED_COMMANDS = frozenset({"ACK", "NACK", "BEGIN", "COMMIT", "ABORT"})
@@ -244,10 +248,12 @@ def _data(frame: Frame, receipt: str | None) -> bytes:
     content_type = frame.header("content-type") or ""
     if content_type.split(";", 1)[0].strip().lower() == JSON:
         try:
-            orjson.loads(frame.body)
+            data = orjson.loads(frame.body)
         except orjson.JSONDecodeError:
             raise Refused("bad_request", "the body is not valid JSON", receipt) from None
-        return frame.body
+        # Re-encoded as the JSON protocol does: what reaches RabbitMQ (and what
+        # a rule's max_bytes counts) is the same whichever protocol sent it.
+        return orjson.dumps(data)
     try:
         text = frame.body.decode("utf-8")
     except UnicodeDecodeError:
