@@ -1,4 +1,4 @@
-"""The ``rabbitgate`` command: serve, certs, token, policy.
+"""The ``rabbitgate`` command: serve, certs, token, policy, alerts, anomaly.
 
 Every failure an operator can cause (a bad config, a missing certificate, an
 invalid policy set, an unreachable broker) ends in a one-line message and a
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import gc
 import json
 import logging
@@ -32,20 +33,46 @@ EXIT_USAGE = 2
 EXIT_FAILURE = 1
 
 
+EXIT_BROKEN_PIPE = 141  # what a shell reports for a process SIGPIPE ended
+# A failed bind: the port (or address) is the operator's to change.
+_BIND_ERRORS = (errno.EADDRINUSE, errno.EADDRNOTAVAIL)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv  # `serve --workers N` runs each worker with the same command line
     try:
-        return int(args.run(args) or 0)
+        code = int(args.run(args) or 0)
+        sys.stdout.flush()  # here, so that a closed pipe is met inside the try
+        return code
     except (CliError, ConfigError) as exc:
         print(f"rabbitgate: error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
+    except BrokenPipeError:
+        # `rabbitgate alerts list --json | head`: the reader has all it wants.
+        # Python would report the unflushed rest at exit; point stdout at
+        # /dev/null so that it has nowhere to fail (the Python docs' recipe).
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except KeyboardInterrupt:
         return 130
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("rabbitgate")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rabbitgate", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"rabbitgate {_version()}")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     serve = commands.add_parser("serve", help="run the gateway")
@@ -66,7 +93,16 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--admin-port", type=int, help="admin port: /metrics, /healthz, /readyz (default 9090)"
     )
-    serve.add_argument("--sse-port", type=int, help="Server-Sent Events port (default 8444)")
+    serve.add_argument(
+        "--sse-port", type=_port_or_off, help="Server-Sent Events port, or off (default 8444)"
+    )
+    serve.add_argument(
+        "--workers",
+        help="worker processes sharing the ports: a number or auto (default 1; >1 needs redis_url)",
+    )
+    # Set by the supervisor for each of its workers (gateway/operations/supervisor.py).
+    serve.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
+    serve.add_argument("--worker-admin-socket", help=argparse.SUPPRESS)
     serve.set_defaults(run=_serve)
 
     certs = commands.add_parser(
@@ -108,6 +144,16 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _port_or_off(text: str) -> int | str:
+    """``--sse-port off`` turns SSE off; anything else must be a port number."""
+    if text.strip().lower() == "off":
+        return "off"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number or off") from None
+
+
 # --- serve ------------------------------------------------------------------
 
 
@@ -121,16 +167,58 @@ def _serve(args: argparse.Namespace) -> int:
         "log_format": args.log_format,
         "admin_port": args.admin_port,
         "sse_port": args.sse_port,
+        "workers": args.workers,
     }
     if args.no_tls:
         overrides["tls.enabled"] = False
+    worker = args.worker_index is not None
+    if worker:
+        # One of a supervisor's workers: a single gateway on the shared ports,
+        # its admin app on the supervisor's socket for it.
+        overrides.update(
+            {"workers": "1", "reuse_port": True, "admin_socket": args.worker_admin_socket}
+        )
     settings = _settings(args, overrides)
-    configure_logging(settings.log_level, settings.log_format)
+    handler = configure_logging(settings.log_level, settings.log_format)
+    if worker:
+        handler.addFilter(_WorkerField(args.worker_index))
+    from gateway.config import worker_count
+
+    count = worker_count(settings.workers)
+    if count > 1:
+        return _supervise(settings, args.argv, count)
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
         return asyncio.run(_run_gateway(settings))
     return uvloop.run(_run_gateway(settings))
+
+
+class _WorkerField(logging.Filter):
+    """Every log line of a worker says which one (a JSON field ``worker``)."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__()
+        self._index = index
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.worker = self._index
+        return True
+
+
+def _supervise(settings: Settings, argv: list[str], count: int) -> int:
+    from gateway.operations.supervisor import Supervisor, SupervisorError, fleet_problem
+
+    problem = fleet_problem(settings, count)
+    if problem is not None:
+        raise CliError(problem)
+    # Each worker is `serve` with the same arguments (the supervisor adds the
+    # ports it holds and the worker flags; the last --port wins).
+    supervisor = Supervisor(settings, argv, count)
+    try:
+        return asyncio.run(supervisor.run())
+    except SupervisorError as exc:
+        raise CliError(str(exc)) from None
 
 
 async def _run_gateway(settings: Settings) -> int:
@@ -148,6 +236,13 @@ async def _run_gateway(settings: Settings) -> int:
     except BrokerUnavailable as exc:
         await gateway.stop()
         raise CliError(str(exc)) from None
+    except OSError as exc:
+        # The WebSocket listener's bind (the SSE and admin ones say so themselves).
+        if exc.errno not in _BIND_ERRORS:
+            raise
+        await gateway.stop()
+        where = f"{settings.host}:{settings.port}"
+        raise CliError(f"cannot listen on {where}: {os.strerror(exc.errno)}") from None
     # Everything alive now (modules, numpy/scikit-learn, settings, policies)
     # lives as long as the process: out of the collector's sight, a full
     # collection no longer walks it. Measured: a full collection of a

@@ -49,6 +49,7 @@ from gateway.transports.stomp.mapping import SUBPROTOCOLS as STOMP_SUBPROTOCOLS
 from gateway.transports.stomp.mapping import select_subprotocol as select_stomp
 
 log = logging.getLogger("rabbitgate.server")
+CLOSE_TIMEOUT_SECONDS = 5.0  # websockets' close_timeout, as passed to serve()
 
 SUBPROTOCOL = Subprotocol("rabbitgate.v1")
 WS_PATH = "/ws"
@@ -160,7 +161,11 @@ class WebSocketListener:
             self._dropped_before_tls,
             ssl_context,
             tls_timeout=limits.handshake_timeout_seconds,
+            control_frames_per_second=limits.frames_per_second,
+            control_frames_burst=limits.frames_burst,
+            max_unread_bytes=limits.send_buffer_bytes + limits.max_frame_bytes,
         )
+        # A port in use raises OSError: the command says so in one line (gateway/cli.py).
         self.server = await serve(
             self._handle,
             self._settings.host,
@@ -174,12 +179,14 @@ class WebSocketListener:
             open_timeout=limits.handshake_timeout_seconds,
             # Pings come from self.heartbeat, not a keepalive task per connection.
             ping_interval=None,
-            close_timeout=5,
+            close_timeout=CLOSE_TIMEOUT_SECONDS,
             max_size=limits.max_frame_bytes,
             max_queue=16,
             # A reconnect storm brings hundreds of handshakes at once; the
             # default listen backlog (100) overflows and costs clients seconds.
             backlog=1024,
+            # Workers of one supervisor share the port (gateway/operations/supervisor.py).
+            reuse_port=self._settings.reuse_port or None,
         )
         log.info(
             "listening on %s://%s:%d%s",
@@ -347,7 +354,7 @@ class WebSocketListener:
             partial(_release_slot, self._node.limiter, user_slot)
         )
         session = Session(self._gate, self._transport(connection), principal, address)
-        logs.bind(session=session.id, user=principal.sub, address=address)
+        logs.bind_connection(connection, session=session.id, user=principal.sub, address=address)
         self._node.sessions.add(session)
         return session
 
@@ -364,7 +371,9 @@ class WebSocketListener:
                 if refusal is not None:
                     if guard.strike():
                         await self._node.limiter.record_strikeout(_address(connection))
-                        await connection.close(CLOSE_RATE_LIMITED, "rate limits broken too often")
+                        await _close_within(
+                            connection, CLOSE_RATE_LIMITED, "rate limits broken too often"
+                        )
                         return None
                     await connection.send(rate_limited_frame(refusal), text=True)
                     continue
@@ -374,8 +383,13 @@ class WebSocketListener:
                     )
                     continue
                 try:
-                    frame = parse_frame(message)
+                    frame = parse_frame(message, self._settings.limits.max_data_depth)
                 except FrameError as exc:
+                    # Counted like a malformed frame after authentication.
+                    malformed = TrafficEvent(
+                        "malformed", _address(connection), size=len(message), detail=exc.code
+                    )
+                    self._node.events.emit(malformed)
                     await connection.send(
                         error_frame("unauthorized", "authenticate first", exc.request_id), text=True
                     )
@@ -394,8 +408,7 @@ class WebSocketListener:
                     return None
                 return principal
         except TimeoutError:
-            with contextlib.suppress(ConnectionClosed):
-                await connection.close(CLOSE_AUTH_TIMEOUT, "no auth frame in time")
+            await _close_within(connection, CLOSE_AUTH_TIMEOUT, "no auth frame in time")
             return None
         except ConnectionClosed:
             return None
@@ -411,6 +424,23 @@ def _kind(request: Request) -> TransportKind:
     if SUBPROTOCOL not in offered and select_stomp(offered) is not None:
         return "stomp"
     return "websocket"
+
+
+async def _close_within(connection: ServerConnection, code: int, reason: str) -> None:
+    """Close, and drop the TCP connection if that takes longer than the close timeout.
+
+    websockets' close() first waits for the send buffer to drain, without a
+    timeout: a peer that does not read (but pings, say) would keep the
+    connection past its auth timeout until the next heartbeat.
+    """
+    try:
+        async with asyncio.timeout(connection.close_timeout or CLOSE_TIMEOUT_SECONDS):
+            await connection.close(code, reason)
+    except TimeoutError:
+        if connection.transport is not None:
+            connection.transport.abort()
+    except ConnectionClosed:
+        pass
 
 
 def _release_slot(limiter: Limiter, slot: Slot, _: object) -> None:

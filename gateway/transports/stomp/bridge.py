@@ -28,7 +28,7 @@ from gateway.protocol.codes import (
     CLOSE_TOO_BIG,
     CLOSE_TRY_AGAIN,
 )
-from gateway.protocol.frames import ClientFrame, Ping, Publish
+from gateway.protocol.frames import DEFAULT_MAX_DATA_DEPTH, ClientFrame, Ping, Publish
 from gateway.protocol.frames import Subscribe as SubscribeCommand
 from gateway.protocol.frames import Unsubscribe as UnsubscribeCommand
 from gateway.transports.stomp.frames import Frame, Version
@@ -88,6 +88,7 @@ class StompBridge:
     version: Version
     exchange_of: ExchangeOf
     max_subscriptions: int
+    max_depth: int = DEFAULT_MAX_DATA_DEPTH  # of a JSON body (limits.max_data_depth)
     subscriptions: dict[str, Destination] = field(default_factory=dict)  # id -> destination
     by_channel: dict[str, list[str]] = field(default_factory=dict)  # channel -> ids
     _pending: dict[int, _Pending] = field(default_factory=dict)
@@ -99,7 +100,7 @@ class StompBridge:
 
     def request(self, frame: Frame) -> Step:
         try:
-            request = parse_request(frame, self.exchange_of)
+            request = parse_request(frame, self.exchange_of, self.max_depth)
         except Refused as refused:
             return self._refuse(refused)
         match request:

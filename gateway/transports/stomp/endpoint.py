@@ -287,10 +287,15 @@ class StompEndpoint:
         except ConnectionClosed:
             return None
         limits = self.settings.limits
-        bridge = StompBridge(connect.version, self._exchange_of, limits.max_channels_per_connection)
+        bridge = StompBridge(
+            connect.version,
+            self._exchange_of,
+            limits.max_channels_per_connection,
+            limits.max_data_depth,
+        )
         transport = StompTransport(bridge, self._wire(connection))
         session = Session(self.gate, transport, principal, address)
-        logs.bind(session=session.id, user=principal.sub, address=address)
+        logs.bind_connection(connection, session=session.id, user=principal.sub, address=address)
         self.node.sessions.add(session)
         return session, connect, rest
 

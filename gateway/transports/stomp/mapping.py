@@ -23,6 +23,7 @@ from importlib import metadata
 import orjson
 
 from gateway.protocol.channels import is_valid_channel
+from gateway.protocol.frames import DEFAULT_MAX_DATA_DEPTH, nested_deeper_than
 from gateway.transports.stomp.frames import VERSIONS, Frame, Version, serialize
 
 # Web-STOMP's subprotocol names, highest version first.
@@ -156,13 +157,18 @@ Request = Subscribe | Unsubscribe | Send | Disconnect
 ExchangeOf = Callable[[str], str | None]  # channel -> the exchange its policy rule names
 
 
-def parse_request(frame: Frame, exchange_of: ExchangeOf) -> Request:
-    """One frame after CONNECTED. Raises Refused with the receipt the client asked for."""
+def parse_request(
+    frame: Frame, exchange_of: ExchangeOf, max_depth: int = DEFAULT_MAX_DATA_DEPTH
+) -> Request:
+    """One frame after CONNECTED. Raises Refused with the receipt the client asked for.
+
+    ``max_depth``: how deep a JSON body may nest (``limits.max_data_depth``).
+    """
     receipt = _optional_id(frame, "receipt", None)
     command = frame.command
     if command == "SEND":
         destination = parse_destination(frame.header("destination"), exchange_of, receipt)
-        return Send(destination, _data(frame, receipt), receipt)
+        return Send(destination, _data(frame, receipt, max_depth), receipt)
     if command == "SUBSCRIBE":
         sub_id = _required_id(frame, "id", receipt)
         destination = parse_destination(frame.header("destination"), exchange_of, receipt)
@@ -243,7 +249,7 @@ def _since(text: str | None, receipt: str | None) -> int | None:
     return int(text)
 
 
-def _data(frame: Frame, receipt: str | None) -> bytes:
+def _data(frame: Frame, receipt: str | None, max_depth: int) -> bytes:
     """The JSON of `data`: a JSON body as it is, any other body as a JSON string."""
     content_type = frame.header("content-type") or ""
     if content_type.split(";", 1)[0].strip().lower() == JSON:
@@ -251,6 +257,9 @@ def _data(frame: Frame, receipt: str | None) -> bytes:
             data = orjson.loads(frame.body)
         except orjson.JSONDecodeError:
             raise Refused("bad_request", "the body is not valid JSON", receipt) from None
+        if nested_deeper_than(data, max_depth):
+            message = f"the body nests deeper than {max_depth} levels"
+            raise Refused("bad_request", message, receipt)
         # Re-encoded as the JSON protocol does: what reaches RabbitMQ (and what
         # a rule's max_bytes counts) is the same whichever protocol sent it.
         return orjson.dumps(data)
