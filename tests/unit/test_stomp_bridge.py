@@ -190,3 +190,19 @@ def test_disconnect() -> None:
 def test_pong_and_welcome_say_nothing() -> None:
     b = bridge()
     assert b.answer(b'{"type":"pong","id":0}') == ([], None)
+
+
+def test_subscribers_with_the_same_id_share_one_message_frame() -> None:
+    one, two, other = bridge(), bridge(), bridge()
+    for b, sub_id in ((one, "sub-0"), (two, "sub-0"), (other, "sub-1")):
+        (request,) = requests(b, f("SUBSCRIBE", id=sub_id, destination="/topic/chat.a"))
+        b.answer(ack_frame(request.id))
+    frame = message_frame("chat.a", 1, {"x": 1}, "bob", 5)
+    (first,), _ = one.answer(frame)
+    (second,), _ = two.answer(frame)
+    (third,), _ = other.answer(frame)
+    assert first is second and stomp(first)[1]["subscription"] == "sub-0"
+    assert stomp(third)[1]["subscription"] == "sub-1"
+    # The next message is built anew, not served from the last one's frames.
+    (later,), _ = one.answer(message_frame("chat.a", 2, {"x": 2}, "bob", 6))
+    assert stomp(later)[2] == b'{"x":2}'

@@ -200,7 +200,18 @@ class StompBridge:
         for sub_id in self.by_channel.get(channel, ()):
             recovered = self._recovered.pop(sub_id, None) if self._recovered else None
             destination = self.subscriptions[sub_id].text
-            out.append(message_frame(sub_id, destination, tail, self.version, recovered))
+            if recovered is not None:
+                out.append(message_frame(sub_id, destination, tail, self.version, recovered))
+                continue
+            # Clients mostly name their subscriptions alike (stompjs: "sub-0"),
+            # so most subscribers of a message get the very same bytes.
+            key = (self.version, sub_id, destination)
+            built = _last_built.get(key)
+            if built is None:
+                built = message_frame(sub_id, destination, tail, self.version)
+                if len(_last_built) < MAX_SHARED_FRAMES:
+                    _last_built[key] = built
+            out.append(built)
         return out
 
     def _acked(self, parsed: dict[str, Any]) -> list[bytes]:
@@ -261,6 +272,10 @@ CHARGE = Ping(0)
 # its STOMP part shared by all of them is built once (per version), here.
 _last_frame: bytes | None = None
 _last_parts: dict[Version, tuple[str, MessageTail] | None] = {}
+# ... and whole MESSAGE frames by (version, subscription id, destination), a
+# bounded number of them (distinct ids on a large message would be MBs).
+MAX_SHARED_FRAMES = 64
+_last_built: dict[tuple[Version, str, str], bytes] = {}
 
 
 def _shared_message(frame: bytes, version: Version) -> tuple[str, MessageTail] | None:
@@ -268,6 +283,7 @@ def _shared_message(frame: bytes, version: Version) -> tuple[str, MessageTail] |
     if frame is not _last_frame:
         _last_frame = frame
         _last_parts.clear()
+        _last_built.clear()
     if version in _last_parts:
         return _last_parts[version]
     parsed = orjson.loads(frame)
