@@ -40,13 +40,13 @@ from gateway.protocol.frames import Auth, FrameError, error_frame, parse_frame, 
 from gateway.telemetry import logs
 from gateway.telemetry.events import TrafficEvent
 from gateway.transports.admission import AdmittedConnection, RefusalMemory, connection_class
-from gateway.transports.handshake_memory import forget_handshake
-from gateway.transports.heartbeat import Heartbeat, WebSocketLink
+from gateway.transports.heartbeat import Heartbeat
 from gateway.transports.heartbeat import run as run_heartbeat
 from gateway.transports.outbox import Outbox
 from gateway.transports.stomp.endpoint import StompEndpoint
 from gateway.transports.stomp.mapping import SUBPROTOCOLS as STOMP_SUBPROTOCOLS
 from gateway.transports.stomp.mapping import select_subprotocol as select_stomp
+from gateway.transports.ws_adapter import WebSocketLink, forget_handshake
 
 log = logging.getLogger("rabbitgate.server")
 CLOSE_TIMEOUT_SECONDS = 5.0  # websockets' close_timeout, as passed to serve()
@@ -61,7 +61,7 @@ def select_subprotocol(
     connection: ServerConnection, offered: Sequence[Subprotocol]
 ) -> Subprotocol | None:
     """``rabbitgate.v1`` when offered, else the highest STOMP version offered
-    (``v12.stomp``...: transports/stomp/); no subprotocol when none is
+    (``v12.stomp``...: gateway/transports/stomp/); no subprotocol when none is
     offered; refuse a client that offers only subprotocols we do not speak."""
     if SUBPROTOCOL in offered:
         return SUBPROTOCOL
@@ -82,7 +82,7 @@ class WebSocketTransport(Outbox):
 
     @property
     def open(self) -> bool:
-        return self.connection.protocol.state is State.OPEN
+        return self.connection.state is State.OPEN
 
     def close(self, code: int, reason: str) -> asyncio.Task[None]:
         """Send a close frame behind what is queued (the handler then ends the session)."""
@@ -104,7 +104,7 @@ class WebSocketTransport(Outbox):
         # now; the socket goes when the close times out. Not close(): with
         # unread data that sends a reset, which can destroy the close frame.
         transport = connection.transport
-        if connection.protocol.state is State.CLOSING and transport is not None:
+        if connection.state is State.CLOSING and transport is not None:
             if transport.can_write_eof():
                 transport.write_eof()
         await closing
@@ -320,6 +320,7 @@ class WebSocketListener:
             self.heartbeat.discard(connection)
 
     async def _converse_stomp(self, connection: ServerConnection) -> None:
+        """The same /ws endpoint in STOMP (contract section 10), on the same core."""
         if connection in self._refused:
             await connection.close(CLOSE_POLICY, "origin not allowed")
             return

@@ -105,7 +105,7 @@ async def test_stompjs_in_node(
             "alice": make_token("alice"),
             "bob": make_token("bob"),
             "carol": make_token("carol"),
-            "expiring": make_token("erin", ttl=2),
+            "expiring": make_token("erin", ttl=4),
         },
     }
     config_file = tmp_path / "config.json"

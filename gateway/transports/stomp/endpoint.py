@@ -41,7 +41,6 @@ from gateway.protocol.codes import (
     CLOSE_BANNED,
     CLOSE_GOING_AWAY,
     CLOSE_NORMAL,
-    CLOSE_POLICY,
     CLOSE_PROTOCOL_ERROR,
     CLOSE_RATE_LIMITED,
     CLOSE_TOO_BIG,
@@ -241,7 +240,7 @@ class StompEndpoint:
                     data = await connection.recv(decode=False)
                 if guard.frame() is not None:
                     await _refuse(
-                        connection, highest, "rate_limited", "too many frames", CLOSE_POLICY
+                        connection, highest, "rate_limited", "too many frames", CLOSE_RATE_LIMITED
                     )
                     return None
                 try:
