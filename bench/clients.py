@@ -117,7 +117,7 @@ class Connector:
         self.kind = endpoint["kind"]
         self.ssl = _ssl_context(endpoint)
         self._jwt: JwtSettings | None = None
-        if self.kind == "gateway":
+        if self.kind in ("gateway", "gateway-stomp"):
             self._jwt = JwtSettings(
                 algorithms=("HS256",),
                 secret=endpoint["jwt_secret"],
@@ -162,12 +162,26 @@ class Connector:
             return client
         if self.kind == "floor":
             return await open_ws(e["host"], e["port"], e["path"])
-        client = await open_ws(e["host"], e["port"], e["path"], subprotocol="v12.stomp")
+        if self.kind == "gateway-stomp":
+            # rabbitgate's STOMP (contract section 10): the same endpoint as the
+            # JSON protocol, the JWT as passcode; the frames are Web-STOMP's.
+            client = await open_ws(
+                e["host"],
+                e["port"],
+                e["path"],
+                ssl_context=self.ssl,
+                server_hostname=e["server_hostname"],
+                subprotocol="v12.stomp",
+            )
+            passcode = token or self.token(sub)
+        else:
+            client = await open_ws(e["host"], e["port"], e["path"], subprotocol="v12.stomp")
+            passcode = "guest"
         connect = {
             "accept-version": "1.2",
             "host": "/",
             "login": "guest",
-            "passcode": "guest",
+            "passcode": passcode,
             "heart-beat": "0,0",
         }
         client.send_text(stomp_frame("CONNECT", connect))

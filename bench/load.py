@@ -10,6 +10,9 @@ Targets (``--target``, comma-separated, measured in that order each round):
 - ``gateway``: this rabbitgate (or the one in ``--gateway-src``) + RabbitMQ;
 - ``base``: the rabbitgate found in ``--base-src`` (a copy before a change),
   for an A/B comparison interleaved with ``gateway`` in the same run;
+- ``gateway-stomp``: this rabbitgate speaking STOMP 1.2 (Web-STOMP's frames,
+  the JWT as passcode): with ``webstomp``, protocol for protocol
+  (``--target stomp`` is ``gateway-stomp,webstomp``);
 - ``webstomp``: RabbitMQ's Web-STOMP plugin on the same broker;
 - ``socketio``: Socket.IO (node) with its Redis adapter on the local Redis
   (``bench/peers.py``, ``bench/socketio/``);
@@ -51,7 +54,7 @@ from bench.proc import broker_pids, cpu_seconds, total_cpu_seconds
 from bench.profiling import start_profiler, stop_profiler
 from bench.target import CHANNEL, ensure_webstomp, start_gateway, webstomp_endpoint
 
-TARGETS = ("gateway", "base", "webstomp", "socketio", "floor")
+TARGETS = ("gateway", "base", "gateway-stomp", "webstomp", "socketio", "floor")
 # What the gateway's CPU per delivery is aimed at, as a ratio to each peer
 # (issue 18); the Web-STOMP one is for TLS to rabbitgate.
 TARGET_RATIOS = {"webstomp": 0.5, "socketio": 0.8}
@@ -128,7 +131,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--rounds must be between 1 and 10")
     if args.subscribers > 20000:
         parser.error("--subscribers is capped at 20000")
-    names = ["gateway", "webstomp"] if args.target == "both" else args.target.split(",")
+    aliases = {"both": ["gateway", "webstomp"], "stomp": ["gateway-stomp", "webstomp"]}
+    names = aliases.get(args.target) or args.target.split(",")
     unknown = [n for n in names if n not in TARGETS]
     if unknown or not names or len(set(names)) != len(names):
         parser.error(f"--target: each of {', '.join(TARGETS)} at most once, got {args.target!r}")
@@ -173,12 +177,14 @@ def run_target(
     subscribers = publishers = None
     gateway_pids: list[int] = []
     try:
-        if kind in ("gateway", "base"):
-            source = args.gateway_src if kind == "gateway" else args.base_src
+        if kind in ("gateway", "base", "gateway-stomp"):
+            source = args.base_src if kind == "base" else args.gateway_src
             gateway = start_gateway(tls=args.tls, source=source, extra=gateway_settings)
             if ready is not None:
                 ready(gateway)
             endpoint = gateway.endpoint()
+            if kind == "gateway-stomp":
+                endpoint = {**endpoint, "kind": "gateway-stomp"}
             brokers = [pid for port in broker_ports for pid in broker_pids(port)]
         elif kind == "webstomp":
             ensure_webstomp(args.subscribers + args.publishers)
@@ -260,7 +266,7 @@ def run_target(
     per = (lambda cpu: cpu / delivered * 1e6) if delivered else (lambda cpu: float("nan"))
     return {
         "target": kind,
-        "tls": bool(args.tls) if kind in ("gateway", "base") else False,
+        "tls": bool(args.tls) if kind in ("gateway", "base", "gateway-stomp") else False,
         "subscribers": connected,
         "subscriber_failures": failures,
         "publishers": args.publishers,
@@ -323,9 +329,10 @@ def ratio_to(gw: dict[str, Any], other: dict[str, Any]) -> dict[str, float]:
 
 
 def ratios(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]] | None:
-    """``gateway`` over every other target measured, by that target's name."""
-    gw = results.get("gateway")
-    found = {name: ratio_to(gw, r) for name, r in results.items() if gw and name != "gateway"}
+    """``gateway`` (else ``gateway-stomp``) over every other target measured, by name."""
+    mine = "gateway" if "gateway" in results else "gateway-stomp"
+    gw = results.get(mine)
+    found = {name: ratio_to(gw, r) for name, r in results.items() if gw and name != mine}
     return found or None
 
 

@@ -19,9 +19,12 @@ CLOSE_NORMAL: Final = 1000
 # later simply reconnects.
 CLOSE_IDLE: Final = 1000
 CLOSE_GOING_AWAY: Final = 1001  # server shutting down
-CLOSE_PROTOCOL_ERROR: Final = 1002  # a STOMP frame that is not valid STOMP
 CLOSE_POLICY: Final = 1008  # origin not allowed, too many connections, no channel left
 CLOSE_TOO_BIG: Final = 1009  # a frame over max_frame_bytes (websockets sends it itself)
+# RFC 6455 codes that only STOMP uses, after an ERROR frame (transports/stomp/bridge.py):
+CLOSE_PROTOCOL_ERROR: Final = 1002  # not a valid STOMP frame, or a refused STOMP command
+CLOSE_INTERNAL: Final = 1011  # internal
+CLOSE_TRY_AGAIN: Final = 1013  # unavailable: the broker did not take it; retry later
 CLOSE_AUTH: Final = 4401  # token invalid, expired or refused on refresh
 CLOSE_BANNED: Final = 4403  # the abuse protection banned the user or address
 CLOSE_AUTH_TIMEOUT: Final = 4408  # no auth frame within auth_timeout_seconds

@@ -42,6 +42,7 @@ from gateway.telemetry.events import TRANSPORT_KINDS, TrafficEvent
 TRANSPORTS = TRANSPORT_KINDS
 # Close codes the gateway itself ends connections with, and 1006 (the client
 # vanished without a close frame). Contract section 9.
+# 1002, 1011 and 1013 close STOMP conversations after an ERROR (transports/stomp/).
 CLOSE_CODES = (
     "1000",
     "1001",
@@ -49,6 +50,8 @@ CLOSE_CODES = (
     "1006",
     "1008",
     "1009",
+    "1011",
+    "1013",
     "4401",
     "4403",
     "4408",

@@ -131,8 +131,8 @@ class WebSocketListener:
             weakref.WeakKeyDictionary()
         )
         self._refused: weakref.WeakSet[ServerConnection] = weakref.WeakSet()
-        # STOMP conversations on the same endpoint (gateway/transports/stomp/).
-        self._stomp = StompEndpoint(settings, gate)
+        # STOMP conversations on the same /ws (contract section 10).
+        self._stomp = StompEndpoint(settings, gate, self._transport)
         # Addresses refused at the handshake that come back too soon, dropped
         # before TLS (this process's own answers, so kept locally even with Redis).
         limits = settings.limits
@@ -240,7 +240,7 @@ class WebSocketListener:
         if request.path.split("?", 1)[0] != WS_PATH:
             return connection.respond(HTTPStatus.NOT_FOUND, "not found\n")
         address = self._client_address(connection, request)
-        self._gate.connected(address, "websocket")
+        self._gate.connected(address, _kind(request))
         # A banned address (403); connect rate, failed authentications,
         # concurrent connections of the address (429): before any token work.
         admitted = await self._gate.admit(address)
@@ -333,6 +333,14 @@ class WebSocketListener:
         principal = self._header_principals.pop(connection, None)
         await self._stomp.converse(connection, principal, _address(connection))
 
+    def _transport(self, connection: ServerConnection) -> WebSocketTransport:
+        limits = self._settings.limits
+        return WebSocketTransport(
+            connection,
+            max_bytes=limits.send_buffer_bytes,
+            max_messages=limits.send_buffer_messages,
+        )
+
     async def _open_session(self, connection: ServerConnection) -> Session | None:
         """Authenticate and admit the connection: its session, or None once it is closed."""
         if connection in self._refused:
@@ -352,13 +360,7 @@ class WebSocketListener:
         connection.connection_lost_waiter.add_done_callback(
             partial(_release_slot, self._node.limiter, user_slot)
         )
-        limits = self._settings.limits
-        transport = WebSocketTransport(
-            connection,
-            max_bytes=limits.send_buffer_bytes,
-            max_messages=limits.send_buffer_messages,
-        )
-        session = Session(self._gate, transport, principal, address)
+        session = Session(self._gate, self._transport(connection), principal, address)
         logs.bind_connection(connection, session=session.id, user=principal.sub, address=address)
         self._node.sessions.add(session)
         return session
@@ -417,6 +419,18 @@ class WebSocketListener:
             return None
         except ConnectionClosed:
             return None
+
+
+def _kind(request: Request) -> TransportKind:
+    """What the handshake will agree on (``select_subprotocol``), for the connect event."""
+    offered = [
+        name.strip()
+        for value in request.headers.get_all("Sec-WebSocket-Protocol")
+        for name in value.split(",")
+    ]
+    if SUBPROTOCOL not in offered and select_stomp(offered) is not None:
+        return "stomp"
+    return "websocket"
 
 
 async def _close_within(connection: ServerConnection, code: int, reason: str) -> None:

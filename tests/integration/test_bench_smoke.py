@@ -158,6 +158,24 @@ def test_load_over_tls_flat_out() -> None:
     assert report["ratios"] is None
 
 
+def test_load_over_stomp_to_the_gateway() -> None:
+    """The gateway's STOMP (the frames Web-STOMP takes, the JWT as passcode)."""
+    report = run_tool(
+        "load",
+        "--subscribers", "3",
+        "--seconds", "2",
+        "--warmup", "0.5",
+        "--rate", "50",
+        "--tls",
+        "--target", "gateway-stomp",
+        "--idle-seconds", "0.5",
+    )  # fmt: skip
+    result = report["results"]["gateway-stomp"]
+    assert result["tls"] is True and result["errors"] == 0, result["error_samples"]
+    check_fan_out(result, 3)
+    assert number(result["cpu_seconds"]["gateway"]) > 0
+
+
 def test_publish_throughput() -> None:
     report = run_tool(
         "publish", "--connections", "2", "--window", "8", "--seconds", "2", "--warmup", "0.5"

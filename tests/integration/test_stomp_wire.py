@@ -317,11 +317,12 @@ async def test_a_stomp_conversation_makes_the_same_audit_events_and_metrics(
     await client.until("RECEIPT")
     metrics = generate_latest(gateway.metrics.registry).decode()
     assert 'rabbitgate_connections_open{transport="stomp"} 1.0' in metrics
+    assert 'rabbitgate_connections_opened_total{transport="stomp"} 1.0' in metrics
     await client.send(frame("SEND", "x", destination="/topic/user.bob.inbox"))
     await client.until("ERROR")
     await client.closed()
     seen = [(e.kind, e.user, e.channel, e.detail) for e in events if e.user == "alice"]
-    assert ("auth_ok", "alice", None, "passcode") in seen
+    assert ("auth_ok", "alice", None, "stomp") in seen
     assert ("subscribe", "alice", "chat.ev", None) in seen
     assert ("publish", "alice", "chat.ev", None) in seen
     assert ("denied", "alice", "user.bob.inbox", "publish") in seen

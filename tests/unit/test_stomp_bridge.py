@@ -3,11 +3,15 @@ what each client frame asks of the session, and what each answer becomes."""
 
 from __future__ import annotations
 
-from typing import Any
-
-import orjson
-
-from gateway.protocol.frames import ack_frame, error_frame, message_frame
+from gateway.protocol.frames import (
+    ClientFrame,
+    Publish,
+    Subscribe,
+    Unsubscribe,
+    ack_frame,
+    error_frame,
+    message_frame,
+)
 from gateway.transports.stomp.bridge import StompBridge
 from gateway.transports.stomp.frames import Frame, FrameParser
 
@@ -27,17 +31,18 @@ def stomp(data: bytes) -> tuple[str, dict[str, str], bytes]:
     return command.decode(), dict(frame.headers), frame.body
 
 
-def requests(b: StompBridge, frame: Frame) -> list[dict[str, Any]]:
+def requests(b: StompBridge, frame: Frame) -> list[ClientFrame]:
     step = b.request(frame)
     assert step.close is None and not step.frames, step
-    return [orjson.loads(r) for r in step.requests]
+    return step.requests
 
 
 def test_subscribe_becomes_a_subscribe_and_its_ack_a_receipt() -> None:
     b = bridge()
     (request,) = requests(b, f("SUBSCRIBE", id="sub-0", destination="/topic/chat.a", receipt="r1"))
-    assert request == {"type": "subscribe", "id": request["id"], "channel": "chat.a"}
-    frames, close = b.answer(ack_frame(request["id"], seq=5))
+    assert isinstance(request, Subscribe)
+    assert (request.channel, request.since) == ("chat.a", None)
+    frames, close = b.answer(ack_frame(request.id, seq=5))
     assert close is None
     assert [stomp(x) for x in frames] == [("RECEIPT", {"receipt-id": "r1", "x-seq": "5"}, b"")]
 
@@ -45,7 +50,7 @@ def test_subscribe_becomes_a_subscribe_and_its_ack_a_receipt() -> None:
 def test_without_receipt_an_ack_sends_nothing() -> None:
     b = bridge()
     (request,) = requests(b, f("SUBSCRIBE", id="s", destination="/topic/chat.a"))
-    assert b.answer(ack_frame(request["id"], seq=None)) == ([], None)
+    assert b.answer(ack_frame(request.id, seq=None)) == ([], None)
 
 
 def test_x_since_goes_on_the_receipt_when_one_was_asked() -> None:
@@ -53,8 +58,8 @@ def test_x_since_goes_on_the_receipt_when_one_was_asked() -> None:
     (request,) = requests(
         b, f("SUBSCRIBE", id="s", destination="/topic/chat.a", x_since="3", receipt="r")
     )
-    assert request["since"] == 3
-    frames, _ = b.answer(ack_frame(request["id"], seq=9, recovered=True))
+    assert isinstance(request, Subscribe) and request.since == 3
+    frames, _ = b.answer(ack_frame(request.id, seq=9, recovered=True))
     assert [stomp(x) for x in frames] == [
         ("RECEIPT", {"receipt-id": "r", "x-seq": "9", "x-recovered": "true"}, b"")
     ]
@@ -63,7 +68,7 @@ def test_x_since_goes_on_the_receipt_when_one_was_asked() -> None:
 def test_x_since_goes_on_the_first_message_otherwise() -> None:
     b = bridge()
     (request,) = requests(b, f("SUBSCRIBE", id="s", destination="/topic/chat.a", x_since="3"))
-    assert b.answer(ack_frame(request["id"], seq=9, recovered=False)) == ([], None)
+    assert b.answer(ack_frame(request.id, seq=9, recovered=False)) == ([], None)
     first, _ = b.answer(message_frame("chat.a", 4, {"n": 1}, "bob", 1000))
     second, _ = b.answer(message_frame("chat.a", 5, {"n": 2}, "bob", 1001))
     assert stomp(first[0])[1]["x-recovered"] == "false"
@@ -73,7 +78,7 @@ def test_x_since_goes_on_the_first_message_otherwise() -> None:
 def test_a_message_goes_to_every_subscription_of_its_channel() -> None:
     b = bridge()
     (request,) = requests(b, f("SUBSCRIBE", id="one", destination="/topic/chat.a"))
-    b.answer(ack_frame(request["id"]))
+    b.answer(ack_frame(request.id))
     # The second id on the same channel needs nothing of the session.
     step = b.request(f("SUBSCRIBE", id="two", destination="/exchange/chat/chat.a", receipt="r"))
     assert not step.requests and [stomp(x)[0] for x in step.frames] == ["RECEIPT"]
@@ -94,8 +99,8 @@ def test_unsubscribe_leaves_the_channel_with_its_last_id() -> None:
     step = b.request(f("UNSUBSCRIBE", id="one", receipt="r1"))
     assert not step.requests and [stomp(x)[1] for x in step.frames] == [{"receipt-id": "r1"}]
     (request,) = requests(b, f("UNSUBSCRIBE", id="two", receipt="r2"))
-    assert request == {"type": "unsubscribe", "id": request["id"], "channel": "chat.a"}
-    assert [stomp(x)[1] for x in b.answer(ack_frame(request["id"]))[0]] == [{"receipt-id": "r2"}]
+    assert isinstance(request, Unsubscribe) and request.channel == "chat.a"
+    assert [stomp(x)[1] for x in b.answer(ack_frame(request.id))[0]] == [{"receipt-id": "r2"}]
     assert b.answer(message_frame("chat.a", 1, "late", None, 5)) == ([], None)
     # An unknown id is simply done.
     assert [stomp(x)[0] for x in b.request(f("UNSUBSCRIBE", id="x", receipt="r3")).frames] == [
@@ -109,16 +114,17 @@ def test_send_becomes_a_publish_with_the_body_as_data() -> None:
     (request,) = requests(
         b, f("SEND", body, destination="/topic/chat.a", content_type="application/json")
     )
-    assert request == {"type": "publish", "channel": "chat.a", "data": {"a": [1, 2]}}
+    assert request == Publish(None, "chat.a", b'{"a":[1,2]}')
     (request,) = requests(b, f("SEND", b"plain", destination="/topic/chat.a", receipt="r"))
-    assert request == {"type": "publish", "id": request["id"], "channel": "chat.a", "data": "plain"}
-    assert [stomp(x)[1] for x in b.answer(ack_frame(request["id"]))[0]] == [{"receipt-id": "r"}]
+    assert isinstance(request, Publish) and request.id is not None
+    assert (request.channel, request.body) == ("chat.a", b'"plain"')
+    assert [stomp(x)[1] for x in b.answer(ack_frame(request.id))[0]] == [{"receipt-id": "r"}]
 
 
 def test_a_refused_send_is_an_error_with_its_receipt_then_close() -> None:
     b = bridge()
     (request,) = requests(b, f("SEND", b"x", destination="/topic/chat.a", receipt="r"))
-    frames, close = b.answer(error_frame("forbidden", "not allowed to publish", request["id"]))
+    frames, close = b.answer(error_frame("forbidden", "not allowed to publish", request.id))
     command, headers, body = stomp(frames[0])
     assert command == "ERROR" and close == 1008
     assert headers["message"] == "forbidden" and headers["receipt-id"] == "r"
@@ -135,7 +141,7 @@ def test_rate_limited_carries_retry_after() -> None:
 def test_a_refused_subscribe_forgets_its_id() -> None:
     b = bridge()
     (request,) = requests(b, f("SUBSCRIBE", id="s", destination="/topic/chat.a"))
-    frames, close = b.answer(error_frame("forbidden", "no", request["id"]))
+    frames, close = b.answer(error_frame("forbidden", "no", request.id))
     assert stomp(frames[0])[1]["message"] == "forbidden" and close == 1008
     assert b.subscriptions == {} and b.by_channel == {}
 
@@ -143,7 +149,7 @@ def test_a_refused_subscribe_forgets_its_id() -> None:
 def test_a_subscription_ended_by_the_policies_names_its_destination() -> None:
     b = bridge()
     (request,) = requests(b, f("SUBSCRIBE", id="s", destination="/topic/chat.a"))
-    b.answer(ack_frame(request["id"]))
+    b.answer(ack_frame(request.id))
     frames, close = b.answer(error_frame("forbidden", "ended", channel="chat.a"))
     assert stomp(frames[0])[1]["destination"] == "/topic/chat.a" and close == 1008
 
@@ -184,3 +190,19 @@ def test_disconnect() -> None:
 def test_pong_and_welcome_say_nothing() -> None:
     b = bridge()
     assert b.answer(b'{"type":"pong","id":0}') == ([], None)
+
+
+def test_subscribers_with_the_same_id_share_one_message_frame() -> None:
+    one, two, other = bridge(), bridge(), bridge()
+    for b, sub_id in ((one, "sub-0"), (two, "sub-0"), (other, "sub-1")):
+        (request,) = requests(b, f("SUBSCRIBE", id=sub_id, destination="/topic/chat.a"))
+        b.answer(ack_frame(request.id))
+    frame = message_frame("chat.a", 1, {"x": 1}, "bob", 5)
+    (first,), _ = one.answer(frame)
+    (second,), _ = two.answer(frame)
+    (third,), _ = other.answer(frame)
+    assert first is second and stomp(first)[1]["subscription"] == "sub-0"
+    assert stomp(third)[1]["subscription"] == "sub-1"
+    # The next message is built anew, not served from the last one's frames.
+    (later,), _ = one.answer(message_frame("chat.a", 2, {"x": 2}, "bob", 6))
+    assert stomp(later)[2] == b'{"x":2}'

@@ -110,6 +110,9 @@ def test_anything_before_connect_is_unauthorized(command: str) -> None:
     assert refused.value.code == "unauthorized" and refused.value.receipt == "r"
 
 
+JSON_TYPE = "application/json"
+
+
 def exchange_of(channel: str) -> str | None:
     """The policies of these tests: chat.* on exchange chat, news.* on news."""
     return {"chat": "chat", "news": "news"}.get(channel.split(".", 1)[0])
@@ -136,7 +139,7 @@ REQUESTS = [
     # A JSON body is data as it is; anything else is data as a string.
     (
         f("SEND", b'{"a": [1]}', destination="/topic/chat.a", content_type="application/json"),
-        Send(TOPIC_A, b'{"a": [1]}', None),
+        Send(TOPIC_A, b'{"a":[1]}', None),
     ),
     (
         f(
@@ -200,6 +203,16 @@ REFUSALS = [
         "not valid JSON",
     ),
     (f("SEND", b"\xff", destination="/topic/chat.a"), "bad_request", "UTF-8"),
+    (
+        f("SEND", b"[" * 40 + b"]" * 40, destination="/topic/chat.a", content_type=JSON_TYPE),
+        "bad_request",
+        "deeper than 32",
+    ),
+    (
+        f("SEND", b"[" * 300 + b"]" * 300, destination="/topic/chat.a", content_type=JSON_TYPE),
+        "bad_request",
+        "deeper than 32",
+    ),
     (f("SEND", receipt=""), "bad_request", "receipt must be"),
 ]
 

@@ -1,14 +1,16 @@
-"""One STOMP conversation over the gateway's request/answer frames. No I/O.
+"""One STOMP conversation over the core's commands and answers. No I/O.
 
-The STOMP transport hands every client frame after CONNECTED to
-``StompBridge.request`` and every frame the gateway sends the connection (its
-answers and the fan-out's messages, as JSON frames of sections 3-4) to
-``StompBridge.answer``. The bridge keeps what STOMP has and the gateway does
-not: subscription ids (several may name one channel), receipts, and the
-``recovered`` flag to put on a subscription's first MESSAGE. Every decision
-(policies, limits, history) stays with the gateway's session: a STOMP request
-becomes the JSON request that means the same, and its answer comes back as a
-RECEIPT or an ERROR.
+The STOMP endpoint hands every client frame after CONNECTED to
+``StompBridge.request``, which returns the core's commands that mean the same
+(``protocol/frames.py``: ``Subscribe``, ``Unsubscribe``, ``Publish``, ``Ping``)
+for the connection's ``Session``; every frame the core writes to the
+connection (its answers and the fan-out's messages, JSON-protocol frames, the
+contract's canonical form) goes through ``StompBridge.answer`` on its way out.
+The bridge keeps what STOMP has and the core does not: subscription ids
+(several may name one channel), receipts, and the ``recovered`` flag to put
+on a subscription's first MESSAGE. Every decision (policies, limits, history)
+stays with the core: a refused command comes back as an ``error`` frame and
+leaves as an ``ERROR``.
 """
 
 from __future__ import annotations
@@ -18,6 +20,17 @@ from typing import Any
 
 import orjson
 
+from gateway.protocol.codes import (
+    CLOSE_AUTH,
+    CLOSE_INTERNAL,
+    CLOSE_POLICY,
+    CLOSE_PROTOCOL_ERROR,
+    CLOSE_TOO_BIG,
+    CLOSE_TRY_AGAIN,
+)
+from gateway.protocol.frames import DEFAULT_MAX_DATA_DEPTH, ClientFrame, Ping, Publish
+from gateway.protocol.frames import Subscribe as SubscribeCommand
+from gateway.protocol.frames import Unsubscribe as UnsubscribeCommand
 from gateway.transports.stomp.frames import Frame, Version
 from gateway.transports.stomp.mapping import (
     Destination,
@@ -39,18 +52,18 @@ from gateway.transports.stomp.mapping import (
 # error's code: the contract's close codes (section 7) where one applies,
 # RFC 6455's otherwise.
 CLOSE_AFTER_ERROR: dict[str, int] = {
-    "unauthorized": 4401,
-    "forbidden": 1008,
-    "rate_limited": 1008,
-    "too_large": 1009,
-    "bad_request": 1002,
-    "unavailable": 1013,
-    "internal": 1011,
+    "unauthorized": CLOSE_AUTH,
+    "forbidden": CLOSE_POLICY,
+    "rate_limited": CLOSE_POLICY,
+    "too_large": CLOSE_TOO_BIG,
+    "bad_request": CLOSE_PROTOCOL_ERROR,
+    "unavailable": CLOSE_TRY_AGAIN,
+    "internal": CLOSE_INTERNAL,
 }
 
 
 def close_code(error_code: str) -> int:
-    return CLOSE_AFTER_ERROR.get(error_code, 1011)
+    return CLOSE_AFTER_ERROR.get(error_code, CLOSE_INTERNAL)
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +77,7 @@ class _Pending:
 class Step:
     """What to do for one client frame, in this order."""
 
-    requests: list[bytes] = field(default_factory=list)  # JSON frames for the session
+    requests: list[ClientFrame] = field(default_factory=list)  # commands for the session
     frames: list[bytes] = field(default_factory=list)  # STOMP frames to send now
     close: int | None = None  # close with this code after the frames
     disconnect: Disconnect | None = None  # drain, RECEIPT (if asked), close 1000
@@ -75,6 +88,7 @@ class StompBridge:
     version: Version
     exchange_of: ExchangeOf
     max_subscriptions: int
+    max_depth: int = DEFAULT_MAX_DATA_DEPTH  # of a JSON body (limits.max_data_depth)
     subscriptions: dict[str, Destination] = field(default_factory=dict)  # id -> destination
     by_channel: dict[str, list[str]] = field(default_factory=dict)  # channel -> ids
     _pending: dict[int, _Pending] = field(default_factory=dict)
@@ -86,7 +100,7 @@ class StompBridge:
 
     def request(self, frame: Frame) -> Step:
         try:
-            request = parse_request(frame, self.exchange_of)
+            request = parse_request(frame, self.exchange_of, self.max_depth)
         except Refused as refused:
             return self._refuse(refused)
         match request:
@@ -124,10 +138,7 @@ class StompBridge:
         self.subscriptions[request.id] = request.destination
         self.by_channel[channel] = [request.id]
         request_id = self._expect(_Pending("subscribe", request.receipt, request.id))
-        json: dict[str, Any] = {"type": "subscribe", "id": request_id, "channel": channel}
-        if request.since is not None:
-            json["since"] = request.since
-        return Step(requests=[orjson.dumps(json)])
+        return Step(requests=[SubscribeCommand(request_id, channel, request.since)])
 
     def _unsubscribe(self, request: Unsubscribe) -> Step:
         destination = self.subscriptions.pop(request.id, None)
@@ -138,21 +149,17 @@ class StompBridge:
             if not ids:
                 del self.by_channel[destination.channel]
                 request_id = self._expect(_Pending("unsubscribe", request.receipt))
-                json = {"type": "unsubscribe", "id": request_id, "channel": destination.channel}
-                return Step(requests=[orjson.dumps(json)])
+                return Step(requests=[UnsubscribeCommand(request_id, destination.channel)])
         # An unknown id is answered like the JSON protocol's unsubscribe: done.
         frames = [] if request.receipt is None else [receipt_frame(request.receipt, self.version)]
         return Step(frames=frames)
 
     def _send(self, request: Send) -> Step:
-        channel = orjson.dumps(request.destination.channel)
-        if request.receipt is None:
-            head = b'{"type":"publish","channel":' + channel
-        else:
+        request_id = None
+        if request.receipt is not None:
             request_id = self._expect(_Pending("send", request.receipt))
-            head = b'{"type":"publish","id":%d,"channel":%s' % (request_id, channel)
-        # The body was checked to be one JSON value: spliced in, not re-encoded.
-        return Step(requests=[head + b',"data":' + request.data + b"}"])
+        # Without a receipt the core answers only a refusal (an ERROR here).
+        return Step(requests=[Publish(request_id, request.destination.channel, request.data)])
 
     def _expect(self, pending: _Pending) -> int:
         self._next_id += 1
@@ -193,7 +200,18 @@ class StompBridge:
         for sub_id in self.by_channel.get(channel, ()):
             recovered = self._recovered.pop(sub_id, None) if self._recovered else None
             destination = self.subscriptions[sub_id].text
-            out.append(message_frame(sub_id, destination, tail, self.version, recovered))
+            if recovered is not None:
+                out.append(message_frame(sub_id, destination, tail, self.version, recovered))
+                continue
+            # Clients mostly name their subscriptions alike (stompjs: "sub-0"),
+            # so most subscribers of a message get the very same bytes.
+            key = (self.version, sub_id, destination)
+            built = _last_built.get(key)
+            if built is None:
+                built = message_frame(sub_id, destination, tail, self.version)
+                if len(_last_built) < MAX_SHARED_FRAMES:
+                    _last_built[key] = built
+            out.append(built)
         return out
 
     def _acked(self, parsed: dict[str, Any]) -> list[bytes]:
@@ -244,10 +262,20 @@ class StompBridge:
                 del self.by_channel[destination.channel]
 
 
+# A frame the bridge answers itself (a second id on a channel, an unknown
+# UNSUBSCRIBE, a heart-beat) still goes to the session as this ping, so that
+# the connection's frame limits and idle timeout count it; its pong says nothing.
+CHARGE = Ping(0)
+
+
 # The fan-out hands the same frame object to every subscriber of a channel:
 # its STOMP part shared by all of them is built once (per version), here.
 _last_frame: bytes | None = None
 _last_parts: dict[Version, tuple[str, MessageTail] | None] = {}
+# ... and whole MESSAGE frames by (version, subscription id, destination), a
+# bounded number of them (distinct ids on a large message would be MBs).
+MAX_SHARED_FRAMES = 64
+_last_built: dict[tuple[Version, str, str], bytes] = {}
 
 
 def _shared_message(frame: bytes, version: Version) -> tuple[str, MessageTail] | None:
@@ -255,6 +283,7 @@ def _shared_message(frame: bytes, version: Version) -> tuple[str, MessageTail] |
     if frame is not _last_frame:
         _last_frame = frame
         _last_parts.clear()
+        _last_built.clear()
     if version in _last_parts:
         return _last_parts[version]
     parsed = orjson.loads(frame)

@@ -18,16 +18,21 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from importlib import metadata
 
 import orjson
 
-from gateway import __version__
 from gateway.protocol.channels import is_valid_channel
+from gateway.protocol.frames import DEFAULT_MAX_DATA_DEPTH, nested_deeper_than
 from gateway.transports.stomp.frames import VERSIONS, Frame, Version, serialize
 
 # Web-STOMP's subprotocol names, highest version first.
 SUBPROTOCOLS: dict[str, Version] = {"v12.stomp": "1.2", "v11.stomp": "1.1", "v10.stomp": "1.0"}
-SERVER = f"rabbitgate/{__version__}"
+# The installed distribution's version (the package root is no layer to import from).
+try:
+    SERVER = f"rabbitgate/{metadata.version('rabbitgate')}"
+except metadata.PackageNotFoundError:  # run from a source tree that was not installed
+    SERVER = "rabbitgate"
 MAX_ID_CHARS = 128  # subscription ids and receipts (stompjs uses "sub-0", "receipt-1")
 JSON = "application/json"
 _UNSUPPORTED_COMMANDS = frozenset({"ACK", "NACK", "BEGIN", "COMMIT", "ABORT"})
@@ -152,13 +157,18 @@ Request = Subscribe | Unsubscribe | Send | Disconnect
 ExchangeOf = Callable[[str], str | None]  # channel -> the exchange its policy rule names
 
 
-def parse_request(frame: Frame, exchange_of: ExchangeOf) -> Request:
-    """One frame after CONNECTED. Raises Refused with the receipt the client asked for."""
+def parse_request(
+    frame: Frame, exchange_of: ExchangeOf, max_depth: int = DEFAULT_MAX_DATA_DEPTH
+) -> Request:
+    """One frame after CONNECTED. Raises Refused with the receipt the client asked for.
+
+    ``max_depth``: how deep a JSON body may nest (``limits.max_data_depth``).
+    """
     receipt = _optional_id(frame, "receipt", None)
     command = frame.command
     if command == "SEND":
         destination = parse_destination(frame.header("destination"), exchange_of, receipt)
-        return Send(destination, _data(frame, receipt), receipt)
+        return Send(destination, _data(frame, receipt, max_depth), receipt)
     if command == "SUBSCRIBE":
         sub_id = _required_id(frame, "id", receipt)
         destination = parse_destination(frame.header("destination"), exchange_of, receipt)
@@ -239,15 +249,20 @@ def _since(text: str | None, receipt: str | None) -> int | None:
     return int(text)
 
 
-def _data(frame: Frame, receipt: str | None) -> bytes:
+def _data(frame: Frame, receipt: str | None, max_depth: int) -> bytes:
     """The JSON of `data`: a JSON body as it is, any other body as a JSON string."""
     content_type = frame.header("content-type") or ""
     if content_type.split(";", 1)[0].strip().lower() == JSON:
         try:
-            orjson.loads(frame.body)
+            data = orjson.loads(frame.body)
         except orjson.JSONDecodeError:
             raise Refused("bad_request", "the body is not valid JSON", receipt) from None
-        return frame.body
+        if nested_deeper_than(data, max_depth):
+            message = f"the body nests deeper than {max_depth} levels"
+            raise Refused("bad_request", message, receipt)
+        # Re-encoded as the JSON protocol does: what reaches RabbitMQ (and what
+        # a rule's max_bytes counts) is the same whichever protocol sent it.
+        return orjson.dumps(data)
     try:
         text = frame.body.decode("utf-8")
     except UnicodeDecodeError:
