@@ -19,16 +19,17 @@ from gateway.config import Settings
 from gateway.core.client_address import TrustedProxies
 from gateway.core.deadlines import Deadlines
 from gateway.core.hub import Hub
+from gateway.core.transport import FanOut, send_each
 from gateway.limits.limiter import Limiter
 from gateway.limits.restrictions import Restrictions
 from gateway.policy.rules import PolicySet
+from gateway.protocol.codes import CLOSE_SLOW_CONSUMER
 from gateway.protocol.frames import data_from_body, message_frame
 from gateway.telemetry.events import EventBus
 from gateway.telemetry.metrics import Metrics
-from gateway.transports.outbox import CLOSE_SLOW_CONSUMER, fan_out
 
 if TYPE_CHECKING:
-    from gateway.core.session import Session
+    from gateway.core.transport import Subscriber
 
 log = logging.getLogger("rabbitgate.node")
 
@@ -48,10 +49,15 @@ class Subscribed:
 
 
 class Node:
-    def __init__(self, settings: Settings, policies: PolicySet) -> None:
+    def __init__(
+        self, settings: Settings, policies: PolicySet, fan_out: FanOut = send_each
+    ) -> None:
         self.settings = settings
+        # How one message frame is written to many subscribers' buffers: the
+        # WebSocket transport gives one that frames it once for all of them.
+        self._fan_out = fan_out
         self.policies = policies
-        self.hub: Hub[Session] = Hub()
+        self.hub: Hub[Subscriber] = Hub()
         self.broker = Broker(
             settings.amqp_url,
             self.deliver,
@@ -60,7 +66,7 @@ class Node:
             confirm_timeout=settings.publish_confirm_timeout_seconds,
             connect_timeout=settings.broker_connect_timeout_seconds,
         )
-        self.sessions: set[Session] = set()
+        self.sessions: set[Subscriber] = set()
         self.events = EventBus()
         self.metrics = Metrics()  # its own registry; the Gateway serves it on /metrics
         self.limiter = Limiter(settings)  # rate limits and connection caps
@@ -74,7 +80,7 @@ class Node:
         self._latest_seq: dict[str, int] = {}
         self._following: dict[str, asyncio.Future[None]] = {}
         # channel -> sessions reading its history, each with what arrived live meanwhile
-        self._recovering: dict[str, dict[Session, list[tuple[int, bytes]]]] = {}
+        self._recovering: dict[str, dict[Subscriber, list[tuple[int, bytes]]]] = {}
         self._unfollow_timers: dict[str, asyncio.TimerHandle] = {}
         self.dropped_messages = 0
         self.shutting_down = False
@@ -109,7 +115,7 @@ class Node:
 
     async def add_subscriber(
         self,
-        session: Session,
+        session: Subscriber,
         channel: str,
         exchange: str,
         *,
@@ -172,7 +178,7 @@ class Node:
         self.hub.add(channel, exchange, session)
         return Subscribed(latest, replay.recovered, backlog)
 
-    def remove_subscriber(self, session: Session, channel: str) -> None:
+    def remove_subscriber(self, session: Subscriber, channel: str) -> None:
         emptied = self.hub.remove(channel, session)
         if not self.hub.subscribers(channel):
             self._latest_seq.pop(channel, None)
@@ -224,7 +230,7 @@ class Node:
         if frame is None:
             return
         if subscribers:
-            delivered = fan_out((session.outbox for session in subscribers), frame)
+            delivered = self._fan_out((session.outbox for session in subscribers), frame)
             self.metrics.delivered(delivery.exchange, delivered, delivery.ts_ms)
         if recovering:
             for session, buffered in recovering.items():

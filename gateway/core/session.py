@@ -1,8 +1,14 @@
-"""One authenticated connection: its commands, subscriptions and token life.
+"""One authenticated connection that takes commands: subscriptions, publishes, token life.
 
-The server hands every text frame that arrives after ``welcome`` to
-``Session.handle``; answers go out through the connection's ``Outbox`` so
-that they keep their order with the messages fanned out to it.
+Transport-neutral: a transport that carries commands (the WebSocket JSON
+protocol, STOMP) makes one per connection with its ``Transport``
+(``core/transport.py``) and hands it each command, either as JSON text
+(``handle``: the frame loop of the JSON protocol) or already parsed into the
+values of ``protocol/frames.py`` (``handle_command``: what a transport with
+its own wire format, such as STOMP, builds). Answers go out through the
+transport's send path, in the order of the messages fanned out to it, as
+JSON-protocol frames that a transport with another wire re-encodes.
+The decisions themselves (policies, bans, connection caps) are the ``Gate``'s.
 """
 
 from __future__ import annotations
@@ -15,14 +21,14 @@ import uuid
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from websockets.protocol import State
-
-from gateway.auth.tokens import AuthError, TokenVerifier
+from gateway.auth.tokens import AuthError
 from gateway.broker.broker import BrokerUnavailable, publish_error
 from gateway.broker.envelope import ClientStamp
 from gateway.core.deadlines import CLOCK_SLACK_SECONDS, Deadline, loop_time_of
+from gateway.core.gate import Denied
 from gateway.limits.limiter import Refusal, rate_limited_frame
-from gateway.policy.rules import Principal
+from gateway.policy.rules import Principal, Rule
+from gateway.protocol.codes import CLOSE_AUTH, CLOSE_IDLE, CLOSE_RATE_LIMITED
 from gateway.protocol.frames import (
     Auth,
     ClientFrame,
@@ -38,19 +44,14 @@ from gateway.protocol.frames import (
     pong_frame,
 )
 from gateway.telemetry.events import EventKind, TrafficEvent
-from gateway.transports.outbox import Outbox
 
 if TYPE_CHECKING:
+    from gateway.core.gate import Gate
     from gateway.core.node import Node
+    from gateway.core.transport import Transport, TransportKind
 
 log = logging.getLogger("rabbitgate.session")
 
-CLOSE_AUTH = 4401
-CLOSE_RATE_LIMITED = 4429
-# Idle timeout: a normal closure (1000), not 1001, which the contract keeps
-# for "server shutting down, reconnect elsewhere"; an idle client that comes
-# back later simply reconnects.
-CLOSE_IDLE = 1000
 # Publishes of one connection waiting for their broker confirm at once; past
 # this, the connection's frames are not read until confirms come back.
 MAX_INFLIGHT_PUBLISHES = 64
@@ -61,7 +62,7 @@ class Session:
     __slots__ = (
         "id",
         "node",
-        "verifier",
+        "gate",
         "outbox",
         "principal",
         "address",
@@ -82,16 +83,18 @@ class Session:
 
     def __init__(
         self,
-        node: Node,
-        verifier: TokenVerifier,
-        outbox: Outbox,
+        gate: Gate,
+        transport: Transport,
         principal: Principal,
         address: str | None,
     ) -> None:
         self.id = uuid.uuid4().hex
-        self.node = node
-        self.verifier = verifier
-        self.outbox = outbox
+        node = gate.node
+        self.node: Node = node
+        self.gate = gate
+        # The connection's send path, which the fan-out writes to as well
+        # (named ``outbox`` for the node; one slot for both uses).
+        self.outbox: Transport = transport
         self.principal = principal
         self.address = address
         self.subscriptions: dict[str, str] = {}  # channel -> exchange
@@ -115,12 +118,17 @@ class Session:
         self._wakeup: Deadline | None = None
         self._schedule_wakeup()
 
+    @property
+    def kind(self) -> TransportKind:
+        return self.outbox.kind
+
     # --- life cycle ---------------------------------------------------------
 
     def close(self, code: int, reason: str) -> None:
-        """Close the connection (the server's handler then calls ``ended``)."""
-        task = asyncio.get_running_loop().create_task(self.outbox.connection.close(code, reason))
-        self._keep(task)
+        """Close the connection (the transport's handler then calls ``ended``)."""
+        task = self.outbox.close(code, reason)
+        if task is not None:
+            self._keep(task)
 
     async def ended(self) -> None:
         """Release everything the session holds; after this it receives nothing."""
@@ -192,15 +200,11 @@ class Session:
         Called after a policy reload and a token refresh; the change is
         synchronous, so no message of an ended subscription is delivered after.
         """
-        ended = 0
-        for channel, decision in self.node.policies.revoked(self.principal, self.subscriptions):
-            del self.subscriptions[channel]
-            self.node.remove_subscriber(self, channel)
-            self.emit("denied", channel=channel, detail="subscribe", rule=_label(decision.rule))
+        ended = self.gate.revoke(self)
+        for channel in ended:
             message = f"subscription to {channel} ended: no longer allowed"
             self.send(error_frame("forbidden", message, channel=channel))
-            ended += 1
-        return ended
+        return len(ended)
 
     # --- limits -------------------------------------------------------------
 
@@ -209,9 +213,7 @@ class Session:
         self.emit("rate_limited", detail=refusal.limit)
         if self.guard.strike():
             self.emit("banned", detail=str(CLOSE_RATE_LIMITED))
-            transport = self.outbox.connection.transport
-            if transport is not None:
-                transport.pause_reading()  # a flood is not even parsed any more
+            self.outbox.stop_reading()  # a flood is not even parsed any more
             self._closing = asyncio.get_running_loop().create_task(self._close_rate_limited())
             return
         self.send(rate_limited_frame(refusal, request_id))
@@ -220,22 +222,7 @@ class Session:
         await self.node.limiter.record_strikeout(self.address)
         # Publishes already sent to RabbitMQ still get their ack first.
         await self.drain()
-        connection = self.outbox.connection
-        closing = asyncio.ensure_future(
-            connection.close(CLOSE_RATE_LIMITED, "rate limits broken too often")
-        )
-        await asyncio.sleep(0)  # close() has written the close frame
-        # Reading stays paused, so the client's answering close frame would
-        # sit behind its flood, unread: end our side of the TCP connection
-        # once the close frame is out (the server closes the TCP connection
-        # first anyway, RFC 6455 section 7.1.1), so the client sees the close
-        # now; the socket goes when the close times out. Not close(): with
-        # unread data that sends a reset, which can destroy the close frame.
-        transport = connection.transport
-        if connection.protocol.state is State.CLOSING and transport is not None:
-            if transport.can_write_eof():
-                transport.write_eof()
-        await closing
+        await self.outbox.close_flooded(CLOSE_RATE_LIMITED, "rate limits broken too often")
 
     # --- commands -----------------------------------------------------------
 
@@ -250,6 +237,27 @@ class Session:
             # into the client's own buffers instead of costing CPU here.
             await asyncio.shield(self._closing)
 
+    async def handle_command(self, command: ClientFrame | FrameError, size: int) -> None:
+        """Answer one command a transport parsed from its own wire (or the
+        FrameError its parser raised), ``size`` bytes long; like ``handle``."""
+        if not self.guard.closing:
+            await self._handle_command(command, size)
+        if self.guard.closing and self._closing is not None:
+            await asyncio.shield(self._closing)
+
+    async def _handle_command(self, command: ClientFrame | FrameError, size: int) -> None:
+        refusal = self.guard.frame()
+        if refusal is not None:
+            request_id = command.request_id if isinstance(command, FrameError) else command.id
+            self._refuse(refusal, request_id)
+            return
+        try:
+            if isinstance(command, FrameError):
+                raise command
+            await self._dispatch(command)
+        except FrameError as exc:
+            self._answer_error(exc, size)
+
     async def _handle(self, text: str) -> None:
         refusal = self.guard.frame()
         if refusal is not None:
@@ -259,9 +267,12 @@ class Session:
             frame = parse_frame(text)
             await self._dispatch(frame)
         except FrameError as exc:
-            if exc.code in ("bad_request", "too_large"):
-                self.emit("malformed", size=len(text), detail=exc.code)
-            self.send(error_frame(exc.code, exc.message, exc.request_id))
+            self._answer_error(exc, len(text))
+
+    def _answer_error(self, exc: FrameError, size: int) -> None:
+        if exc.code in ("bad_request", "too_large"):
+            self.emit("malformed", size=size, detail=exc.code)
+        self.send(error_frame(exc.code, exc.message, exc.request_id))
 
     async def _dispatch(self, frame: ClientFrame) -> None:
         match frame:
@@ -285,11 +296,9 @@ class Session:
             self._refuse(refusal, frame.id)
             return
         channel = frame.channel
-        decision = self.node.policies.decide(self.principal, "subscribe", channel)
-        rule = decision.rule
-        if not decision.allowed or rule is None:
-            self.emit("denied", channel=channel, detail="subscribe", rule=_label(rule))
-            raise FrameError("forbidden", f"not allowed to subscribe to {channel}", frame.id)
+        rule = self.gate.may_subscribe(self.principal, channel, self.address, self.id)
+        if isinstance(rule, Denied):
+            raise FrameError("forbidden", rule.message, frame.id)
         if channel in self.subscriptions:
             if frame.since is not None:
                 # Replaying into a live subscription would deliver messages twice.
@@ -341,27 +350,26 @@ class Session:
             self._publishing = False
 
     async def _publish_checked(self, frame: Publish) -> None:
-        decision = self.node.policies.decide(self.principal, "publish", frame.channel)
-        if not decision.allowed or decision.rule is None:
-            self.emit("denied", channel=frame.channel, detail="publish", rule=_label(decision.rule))
-            raise FrameError("forbidden", f"not allowed to publish to {frame.channel}", frame.id)
-        max_bytes = decision.rule.limits.max_bytes
+        rule = self.gate.may_publish(self.principal, frame.channel, self.address, self.id)
+        if isinstance(rule, Denied):
+            raise FrameError("forbidden", rule.message, frame.id)
+        max_bytes = rule.limits.max_bytes
         if max_bytes is not None and len(frame.body) > max_bytes:
             raise FrameError("too_large", f"data is larger than {max_bytes} bytes", frame.id)
         refusal = self.node.restrictions.throttle(self.principal.sub, self.address)
         if refusal is None:
-            refusal = await self.node.limiter.take_publish(self.principal.sub, decision.rule)
+            refusal = await self.node.limiter.take_publish(self.principal.sub, rule)
         if refusal is not None:
             self._refuse(refusal, frame.id)  # nothing of it reaches RabbitMQ
             return
-        self.emit("publish", channel=frame.channel, size=len(frame.body), rule=decision.rule.label)
+        self.emit("publish", channel=frame.channel, size=len(frame.body), rule=rule.label)
         if self.node.shutting_down:
             raise FrameError("unavailable", "server shutting down, reconnect elsewhere", frame.id)
         if self._inflight is None:
             self._inflight = asyncio.Semaphore(MAX_INFLIGHT_PUBLISHES)
         inflight = self._inflight
         await inflight.acquire()
-        exchange = decision.rule.exchange
+        exchange = rule.exchange
         # Written to RabbitMQ in call order, which is the order frames arrived:
         # one publisher's messages keep their order.
         try:
@@ -412,7 +420,7 @@ class Session:
 
     async def _refresh(self, frame: Auth) -> None:
         try:
-            principal = await self.verifier.verify(frame.token)
+            principal = await self.gate.verifier.verify(frame.token)
         except AuthError as exc:
             self.emit("auth_failed", detail=exc.reason)
             raise FrameError("unauthorized", str(exc), frame.id) from None
@@ -431,10 +439,10 @@ class Session:
 def _request_id(text: str) -> RequestId | None:
     """The id of a frame refused before it was parsed, to echo in the answer."""
     try:
-        return getattr(parse_frame(text), "id", None)
+        return parse_frame(text).id
     except FrameError as exc:
         return exc.request_id
 
 
-def _label(rule: object) -> str | None:
-    return getattr(rule, "label", None)
+def _label(rule: Rule | None) -> str | None:
+    return None if rule is None else rule.label

@@ -22,8 +22,6 @@ from dataclasses import dataclass
 from gateway.limits.buckets import TokenBucket
 from gateway.limits.limiter import Refusal
 
-CLOSE_BANNED = 4403
-
 
 @dataclass(frozen=True, slots=True)
 class Rule:

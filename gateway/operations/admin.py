@@ -12,16 +12,31 @@ gateway's instance.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Protocol
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-GATEWAY = web.AppKey("gateway", object)
+from gateway.core.node import Node
 
 
-def build_admin_app(gateway: Any, routes: Iterable[web.AbstractRouteDef] = ()) -> web.Application:
-    """The admin app of ``gateway`` (it needs ``node`` and ``metrics``)."""
+class Served(Protocol):
+    """What the admin listener reads of a gateway (``Gateway`` is one)."""
+
+    @property
+    def node(self) -> Node: ...
+
+    @property
+    def draining(self) -> bool: ...
+
+
+GATEWAY = web.AppKey("gateway", Served)
+
+
+def build_admin_app(
+    gateway: Served, routes: Iterable[web.AbstractRouteDef] = ()
+) -> web.Application:
+    """The admin app of ``gateway``: /metrics, /healthz, /readyz, and ``routes``."""
     app = web.Application()
     app[GATEWAY] = gateway
     app.router.add_get("/metrics", _metrics)
@@ -31,22 +46,21 @@ def build_admin_app(gateway: Any, routes: Iterable[web.AbstractRouteDef] = ()) -
     return app
 
 
-def readiness(gateway: Any) -> str | None:
+def readiness(gateway: Served) -> str | None:
     """Why ``gateway`` cannot serve traffic now, or None when it can."""
     if gateway.draining:
         return "shutting down"
     node = gateway.node
     if not node.broker.connected:
         return "broker not connected"
-    policies = node.policies
-    if policies is None or not policies.rules:
+    if not node.policies.rules:
         return "no policy rules loaded"
     return None
 
 
 async def _metrics(request: web.Request) -> web.Response:
     gateway = request.app[GATEWAY]
-    body = generate_latest(gateway.metrics.registry)  # type: ignore[attr-defined]
+    body = generate_latest(gateway.node.metrics.registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
@@ -59,4 +73,4 @@ async def _readyz(request: web.Request) -> web.Response:
     reason = readiness(gateway)
     if reason is not None:
         return web.json_response({"status": "unavailable", "reason": reason}, status=503)
-    return web.json_response({"status": "ready", "policy_digest": gateway.node.policies.digest})  # type: ignore[attr-defined]
+    return web.json_response({"status": "ready", "policy_digest": gateway.node.policies.digest})

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import logging
 import ssl
-from typing import Any
+from typing import Protocol
 
 from aiohttp import web
 
-from gateway.config import ConfigError
+from gateway.config import ConfigError, Settings
+from gateway.core.gate import Gate
+from gateway.core.node import Node
+from gateway.core.reloader import PolicyReloader
 from gateway.operations.admin import build_admin_app
 from gateway.telemetry.audit import audit_sink
 from gateway.transports.httplistener import HttpListener
@@ -23,15 +26,35 @@ from gateway.transports.sse_server import SSE_PATH, SseEndpoint
 log = logging.getLogger("rabbitgate.server")
 
 
+class GatewayParts(Protocol):
+    """The parts of a gateway its operational side works with (``Gateway`` is one)."""
+
+    @property
+    def settings(self) -> Settings: ...
+
+    @property
+    def node(self) -> Node: ...
+
+    @property
+    def gate(self) -> Gate: ...
+
+    @property
+    def reloader(self) -> PolicyReloader: ...
+
+    @property
+    def draining(self) -> bool: ...
+
+
 class Operations:
-    def __init__(self, gateway: Any) -> None:
+    def __init__(self, gateway: GatewayParts) -> None:
         node = gateway.node
         node.events.subscribe(node.metrics.sink)
         node.events.subscribe(audit_sink)
         node.metrics.watch(gateway)
         self._settings = gateway.settings
         self.admin_app: web.Application = build_admin_app(gateway)
-        self.sse = SseEndpoint(gateway) if gateway.settings.sse_port is not None else None
+        sse_port = gateway.settings.sse_port
+        self.sse = SseEndpoint(gateway.gate, gateway.settings) if sse_port is not None else None
         self._admin: HttpListener | None = None
         self._sse: HttpListener | None = None
 

@@ -17,6 +17,11 @@ from typing import Literal
 
 log = logging.getLogger("rabbitgate.events")
 
+# The transports a connection can come by (a connect event's detail, the
+# metrics' transport label); a WebSocket connect carries no detail.
+TransportKind = Literal["websocket", "sse", "stomp"]
+TRANSPORT_KINDS: tuple[TransportKind, ...] = ("websocket", "sse", "stomp")
+
 EventKind = Literal[
     "connect",  # a handshake reached the gateway (before any token work)
     "auth_ok",  # a token was accepted (header, auth frame or refresh)

@@ -19,9 +19,8 @@ gateways (tests) can live in one process.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from datetime import datetime
-from typing import Any
+from collections.abc import Collection, Iterator, Sized
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import (
@@ -31,7 +30,91 @@ from prometheus_client.core import (
     Metric,
 )
 
-from gateway.telemetry.events import TrafficEvent
+from gateway.telemetry.events import TRANSPORT_KINDS, TrafficEvent
+
+# What the scrape-time collector reads: the parts of a gateway it reports on,
+# described here by shape so that telemetry needs nothing from the layers above.
+
+
+class _SendBuffer(Protocol):
+    def pending(self) -> tuple[int, int]: ...
+
+
+class _Connection(Protocol):
+    @property
+    def kind(self) -> str: ...
+
+    @property
+    def outbox(self) -> _SendBuffer: ...
+
+
+class _Broker(Protocol):
+    @property
+    def connected(self) -> bool: ...
+
+
+class _Limiter(Protocol):
+    @property
+    def redis_url(self) -> str | None: ...
+
+    @property
+    def redis_healthy(self) -> bool: ...
+
+    @property
+    def redis_failures(self) -> int: ...
+
+
+class _Policies(Protocol):
+    @property
+    def digest(self) -> str: ...
+
+    @property
+    def rules(self) -> Sized: ...
+
+
+class _Reloader(Protocol):
+    @property
+    def reloads_ok(self) -> int: ...
+
+    @property
+    def reloads_failed(self) -> int: ...
+
+    @property
+    def last_error(self) -> str | None: ...
+
+    @property
+    def loaded_at(self) -> float: ...
+
+
+class LiveNode(Protocol):
+    @property
+    def sessions(self) -> Collection[_Connection]: ...
+
+    @property
+    def hub(self) -> Sized: ...
+
+    @property
+    def broker(self) -> _Broker: ...
+
+    @property
+    def dropped_messages(self) -> int: ...
+
+    @property
+    def limiter(self) -> _Limiter: ...
+
+    @property
+    def policies(self) -> _Policies: ...
+
+
+class LiveGateway(Protocol):
+    """What ``Metrics.watch`` reads at every scrape."""
+
+    @property
+    def node(self) -> LiveNode: ...
+
+    @property
+    def reloader(self) -> _Reloader | None: ...
+
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 SEND_BUFFER_BUCKETS = (0, 1024, 16 * 1024, 64 * 1024, 256 * 1024, 512 * 1024, 1024 * 1024)
@@ -119,7 +202,7 @@ class Metrics:
         self._in: dict[str, Any] = {}
         self._out: dict[str, Any] = {}
 
-    def watch(self, gateway: Any) -> None:
+    def watch(self, gateway: LiveGateway) -> None:
         """Report ``gateway``'s live state (sessions, broker, policies) at every scrape."""
         self.registry.register(_LiveCollector(gateway))
 
@@ -128,9 +211,9 @@ class Metrics:
     def sink(self, event: TrafficEvent) -> None:
         match event.kind:
             case "connect":
-                self.connections_opened.labels(
-                    "sse" if event.detail == "sse" else "websocket"
-                ).inc()
+                # The connect event's detail names the transport (none: WebSocket).
+                kind = event.detail if event.detail in TRANSPORT_KINDS else "websocket"
+                self.connections_opened.labels(kind).inc()
             case "closed":
                 self.connections_closed.labels(event.detail or "unknown").inc()
             case "auth_failed":
@@ -168,7 +251,7 @@ class Metrics:
 class _LiveCollector:
     """What is true now, read from the gateway when Prometheus scrapes."""
 
-    def __init__(self, gateway: Any) -> None:
+    def __init__(self, gateway: LiveGateway) -> None:
         self._gateway = gateway
 
     def describe(self) -> list[Metric]:
@@ -184,8 +267,7 @@ class _LiveCollector:
         )
         by_transport = {"websocket": 0, "sse": 0}
         for session in sessions:
-            transport = getattr(session, "transport", "websocket")
-            by_transport[transport] = by_transport.get(transport, 0) + 1
+            by_transport[session.kind] = by_transport.get(session.kind, 0) + 1
         for transport, count in sorted(by_transport.items()):
             open_.add_metric([transport], count)
         yield open_
@@ -203,15 +285,13 @@ class _LiveCollector:
             "Broker messages dropped because their body was neither JSON nor UTF-8.",
             value=node.dropped_messages,
         )
-        yield from _limits(getattr(node, "limiter", None))
-        gateway = self._gateway
-        reloader = getattr(gateway, "policy_reloader", None) or getattr(gateway, "reloader", None)
-        yield from _policy(node.policies, reloader)
+        yield from _limits(node.limiter)
+        yield from _policy(node.policies, self._gateway.reloader)
 
 
-def _limits(limiter: Any) -> Iterator[Metric]:
+def _limits(limiter: _Limiter) -> Iterator[Metric]:
     """Whether the rate limits are shared through Redis (gateway/limits/limiter.py)."""
-    if limiter is None or limiter.redis_url is None:
+    if limiter.redis_url is None:
         return  # not configured: limits are local by design, nothing to watch
     yield GaugeMetricFamily(
         "rabbitgate_limits_redis_healthy",
@@ -225,7 +305,7 @@ def _limits(limiter: Any) -> Iterator[Metric]:
     )
 
 
-def _send_buffers(sessions: list[Any]) -> Iterator[Metric]:
+def _send_buffers(sessions: list[_Connection]) -> Iterator[Metric]:
     sizes = []
     frames_max = 0
     for session in sessions:
@@ -252,7 +332,7 @@ def _send_buffers(sessions: list[Any]) -> Iterator[Metric]:
     )
 
 
-def _policy(policies: Any, reloader: Any) -> Iterator[Metric]:
+def _policy(policies: _Policies, reloader: _Reloader | None) -> Iterator[Metric]:
     info = GaugeMetricFamily(
         "rabbitgate_policy_set_info", "The policy set in force (value 1).", labels=["digest"]
     )
@@ -266,20 +346,16 @@ def _policy(policies: Any, reloader: Any) -> Iterator[Metric]:
     reloads = CounterMetricFamily(
         "rabbitgate_policy_reloads", "Policy reloads, by result.", labels=["result"]
     )
-    reloads.add_metric(["ok"], float(getattr(reloader, "reloads_ok", 0) or 0))
-    reloads.add_metric(["failed"], float(getattr(reloader, "reloads_failed", 0) or 0))
+    reloads.add_metric(["ok"], float(reloader.reloads_ok))
+    reloads.add_metric(["failed"], float(reloader.reloads_failed))
     yield reloads
     yield GaugeMetricFamily(
         "rabbitgate_policy_last_reload_failed",
         "1 when the latest reload was rejected (the last good set stays in force).",
-        value=1 if getattr(reloader, "last_error", None) else 0,
+        value=1 if reloader.last_error else 0,
     )
-    loaded_at = getattr(reloader, "loaded_at", None)
-    if isinstance(loaded_at, datetime):
-        loaded_at = loaded_at.timestamp()
-    if isinstance(loaded_at, int | float) and not isinstance(loaded_at, bool):
-        yield GaugeMetricFamily(
-            "rabbitgate_policy_loaded_timestamp_seconds",
-            "When the policy set in force was loaded (Unix time).",
-            value=float(loaded_at),
-        )
+    yield GaugeMetricFamily(
+        "rabbitgate_policy_loaded_timestamp_seconds",
+        "When the policy set in force was loaded (Unix time).",
+        value=float(reloader.loaded_at),
+    )

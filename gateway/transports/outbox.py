@@ -19,7 +19,7 @@ from typing import Protocol
 from websockets.asyncio.server import ServerConnection, broadcast
 from websockets.protocol import State
 
-CLOSE_SLOW_CONSUMER = 4409
+from gateway.protocol.codes import CLOSE_SLOW_CONSUMER
 
 
 def text_frame(payload: bytes) -> bytes:

@@ -34,32 +34,36 @@ import math
 import uuid
 from collections.abc import Sequence
 from functools import partial
-from typing import Any
+from typing import Any, ClassVar
 
 import orjson
 from aiohttp import web
 
 from gateway.auth.tokens import AuthError
 from gateway.broker.broker import BrokerUnavailable
+from gateway.config import Settings
 from gateway.core.deadlines import Deadline, loop_time_of
-from gateway.core.node import Node
-from gateway.core.session import CLOSE_AUTH
+from gateway.core.gate import Denied, Gate, Refused
+from gateway.core.transport import TransportKind
 from gateway.limits.limiter import Refusal
-from gateway.limits.restrictions import CLOSE_BANNED
 from gateway.policy.rules import Principal, Rule
 from gateway.protocol.channels import is_valid_channel
+from gateway.protocol.codes import (
+    CLOSE_AUTH,
+    CLOSE_BANNED,
+    CLOSE_GOING_AWAY,
+    CLOSE_NORMAL,
+    CLOSE_POLICY,
+    CLOSE_SLOW_CONSUMER,
+)
 from gateway.protocol.frames import error_frame
 from gateway.telemetry import logs
 from gateway.telemetry.events import EventKind, TrafficEvent
-from gateway.transports.outbox import CLOSE_SLOW_CONSUMER
 from gateway.transports.sse import HEARTBEAT, EventIds, SseOutbox, format_event
 
 log = logging.getLogger("rabbitgate.sse")
 
 SSE_PATH = "/events"
-CLOSE_GOING_AWAY = 1001
-CLOSE_NORMAL = 1000
-CLOSE_POLICY = 1008
 RETRY_MS = 3000  # how long EventSource waits before it reconnects
 END_WRITE_TIMEOUT_SECONDS = 5.0
 _END_FRAMES = {
@@ -71,19 +75,22 @@ _END_FRAMES = {
 
 
 class SseStream:
-    """One SSE client, seen by the node as a session (``node.sessions``, the hub)."""
+    """One SSE client: a ``Subscriber`` of the node (``node.sessions``, the hub)
+    that takes no commands; its channels are subscribed when it opens."""
 
-    transport = "sse"
+    kind: ClassVar[TransportKind] = "sse"
 
     def __init__(
         self,
-        node: Node,
+        gate: Gate,
         principal: Principal,
         address: str | None,
         channels: Sequence[str],
         positions: dict[str, int],
     ) -> None:
         self.id = uuid.uuid4().hex
+        node = gate.node
+        self.gate = gate
         self.node = node
         self.event_ids = EventIds(channels)  # the URL's channels, in its order
         self.principal = principal
@@ -104,7 +111,7 @@ class SseStream:
             expired = partial(self.close, CLOSE_AUTH, "token expired")
             self._expiry = node.deadlines.call_at(expires_at, expired)
 
-    # --- the session interface (node, hub, policy reloads) --------------------
+    # --- the Subscriber interface (node, hub, policy reloads, bans) -------------
 
     def send(self, frame: bytes) -> None:
         self.outbox.send(frame)
@@ -122,18 +129,13 @@ class SseStream:
 
     def recheck_subscriptions(self) -> int:
         """End subscriptions the policies no longer allow (as ``Session`` does)."""
-        ended = 0
-        for channel, decision in self.node.policies.revoked(self.principal, self.subscriptions):
-            del self.subscriptions[channel]
-            self.node.remove_subscriber(self, channel)  # type: ignore[arg-type]
-            rule = getattr(decision.rule, "label", None)
-            self.emit("denied", channel=channel, detail="subscribe", rule=rule)
+        ended = self.gate.revoke(self)
+        for channel in ended:
             message = f"subscription to {channel} ended: no longer allowed"
             self.send(error_frame("forbidden", message, channel=channel))
-            ended += 1
         if ended and not self.subscriptions:
             self.close(CLOSE_POLICY, "no channel left")
-        return ended
+        return len(ended)
 
     def _overflowed(self) -> None:
         # The client reads nothing: drop the connection, buffered bytes and all.
@@ -153,7 +155,7 @@ class SseStream:
         for channel, rule in rules.items():
             position = None if since is None else since.get(channel)
             joined = await self.node.add_subscriber(
-                self,  # type: ignore[arg-type]
+                self,
                 channel,
                 rule.exchange,
                 since=position,
@@ -180,7 +182,7 @@ class SseStream:
         if self._expiry is not None:
             self._expiry.cancel()
         for channel in list(self.subscriptions):
-            self.node.remove_subscriber(self, channel)  # type: ignore[arg-type]
+            self.node.remove_subscriber(self, channel)
         self.subscriptions.clear()
         self.outbox.close()
 
@@ -227,8 +229,10 @@ class SseStream:
 class SseEndpoint:
     """The aiohttp app serving ``GET /events`` for one gateway."""
 
-    def __init__(self, gateway: Any) -> None:
-        self._gateway = gateway
+    def __init__(self, gate: Gate, settings: Settings) -> None:
+        self._gate = gate
+        self._node = gate.node
+        self._settings = settings
         self.streams: set[SseStream] = set()
         self.app = web.Application()
         self.app.router.add_get(SSE_PATH, self._events)
@@ -249,53 +253,39 @@ class SseEndpoint:
         return web.Response(status=204, headers=cors)
 
     async def _events(self, request: web.Request) -> web.StreamResponse:
-        node: Node = self._gateway.node
+        gate = self._gate
         forwarded = request.headers.getall("X-Forwarded-For", [])
-        address = node.trusted_proxies.client_address(request.remote, forwarded)
-        node.events.emit(TrafficEvent("connect", address, detail="sse"))
+        address = self._node.trusted_proxies.client_address(request.remote, forwarded)
+        gate.connected(address, "sse")
         cors = self._cors(request)
         if cors is None:
             return _refuse(403, "origin not allowed", {})
-        if node.restrictions.banned("address", address):
-            node.events.emit(TrafficEvent("banned", address, detail="403"))
-            return _refuse(403, "banned", cors)
-        # The WebSocket handshake's limits: failed authentications, connect
-        # rate and concurrent connections of the address, then of the user.
-        admitted = await node.limiter.admit_connection(address)
-        if isinstance(admitted, Refusal):
-            node.events.emit(TrafficEvent("rate_limited", address, detail=admitted.limit))
-            return _too_many(admitted, cors)
+        # The WebSocket handshake's checks: a banned address, failed
+        # authentications, connect rate and concurrent connections of the
+        # address, then (after the token) a banned user and its connections.
+        admitted = await gate.admit(address)
+        if isinstance(admitted, Refused):
+            return _refused(admitted, cors)
         try:
             return await self._authorized(request, address, cors)
         finally:
-            node.limiter.release(admitted)
+            gate.release(admitted)
 
     async def _authorized(
         self, request: web.Request, address: str | None, cors: dict[str, str]
     ) -> web.StreamResponse:
-        gateway = self._gateway
-        node: Node = gateway.node
-        try:
-            principal = await gateway.verifier.verify(_token(request))
-        except AuthError as exc:
-            log.info("SSE request refused: %s", exc.reason)
-            node.events.emit(TrafficEvent("auth_failed", address, detail=exc.reason))
-            await node.limiter.record_auth_failure(address)
+        gate = self._gate
+        principal = await gate.authenticate(_credentials(request), address, "sse")
+        if isinstance(principal, Refused):
             cors["WWW-Authenticate"] = 'Bearer error="invalid_token"'
             return _refuse(401, "invalid or missing token", cors)
-        node.events.emit(TrafficEvent("auth_ok", address, principal.sub, detail="sse"))
-        if node.restrictions.banned("user", principal.sub):
-            node.events.emit(TrafficEvent("banned", address, principal.sub, detail="4403"))
-            return _refuse(403, "banned", cors)
-        user_slot = await node.limiter.admit_user(principal.sub)
-        if isinstance(user_slot, Refusal):
-            event = TrafficEvent("rate_limited", address, principal.sub, detail=user_slot.limit)
-            node.events.emit(event)
-            return _too_many(user_slot, cors)
+        user_slot = await gate.admit_user(principal, address)
+        if isinstance(user_slot, Refused):
+            return _refused(user_slot, cors)
         try:
             return await self._subscribed(request, principal, address, cors)
         finally:
-            node.limiter.release(user_slot)
+            gate.release(user_slot)
 
     async def _subscribed(
         self,
@@ -304,9 +294,8 @@ class SseEndpoint:
         address: str | None,
         cors: dict[str, str],
     ) -> web.StreamResponse:
-        node: Node = self._gateway.node
         channels = list(dict.fromkeys(request.query.getall("channel", [])))
-        limit = node.settings.limits.max_channels_per_connection
+        limit = self._settings.limits.max_channels_per_connection
         if not channels or len(channels) > limit:
             return _refuse(400, f"give 1 to {limit} channel parameters", cors)
         invalid = next((c for c in channels if not is_valid_channel(c)), None)
@@ -314,21 +303,12 @@ class SseEndpoint:
             return _refuse(400, "invalid channel name", cors)
         rules: dict[str, Rule] = {}
         for channel in channels:
-            decision = node.policies.decide(principal, "subscribe", channel)
-            if not decision.allowed or decision.rule is None:
-                denied = TrafficEvent(
-                    "denied",
-                    address,
-                    principal.sub,
-                    channel=channel,
-                    detail="subscribe",
-                    rule=getattr(decision.rule, "label", None),
-                )
-                node.events.emit(denied)
-                return _refuse(403, f"not allowed to subscribe to {channel}", cors)
-            rules[channel] = decision.rule
+            rule = self._gate.may_subscribe(principal, channel, address)
+            if isinstance(rule, Denied):
+                return _refuse(403, rule.message, cors)
+            rules[channel] = rule
         since = _since(request.headers.get("Last-Event-ID"), channels)
-        stream = SseStream(node, principal, address, channels, {})
+        stream = SseStream(self._gate, principal, address, channels, {})
         try:
             await stream.subscribe(rules, since)
         except BrokerUnavailable:
@@ -347,9 +327,9 @@ class SseEndpoint:
         stream: SseStream,
         cors: dict[str, str],
     ) -> web.StreamResponse:
-        node: Node = self._gateway.node
+        node = self._node
         logs.bind(session=stream.id, user=stream.principal.sub, address=stream.address)
-        node.sessions.add(stream)  # type: ignore[arg-type]
+        node.sessions.add(stream)
         self.streams.add(stream)
         response = web.StreamResponse(
             headers={
@@ -370,7 +350,7 @@ class SseEndpoint:
                 request.transport.abort()
         finally:
             self.streams.discard(stream)
-            node.sessions.discard(stream)  # type: ignore[arg-type]
+            node.sessions.discard(stream)
             stream.release()
             stream.emit("closed", detail=str(stream.end_code or CLOSE_NORMAL))
         return response
@@ -378,7 +358,7 @@ class SseEndpoint:
     def _cors(self, request: web.Request) -> dict[str, str] | None:
         """CORS headers for this request's Origin; None when the origin is refused."""
         origin = request.headers.get("Origin")
-        allowed = self._gateway.settings.allowed_origins
+        allowed = self._settings.allowed_origins
         if origin is None:
             return {}
         if not allowed:
@@ -389,17 +369,18 @@ class SseEndpoint:
         return None
 
 
-def _token(request: web.Request) -> str:
-    """The bearer token: the Authorization header, else ``?access_token=``."""
+def _credentials(request: web.Request) -> str | AuthError:
+    """The bearer token: the Authorization header, else ``?access_token=``
+    (or why there is none, which counts as a failed authentication)."""
     authorization = request.headers.get("Authorization")
     if authorization is not None:
         scheme, _, token = authorization.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
-            raise AuthError("malformed", "Authorization must be 'Bearer <token>'")
+            return AuthError("malformed", "Authorization must be 'Bearer <token>'")
         return token.strip()
     query_token = request.query.get("access_token")
     if not query_token:
-        raise AuthError("missing")
+        return AuthError("missing")
     return query_token
 
 
@@ -411,6 +392,13 @@ def _since(last_event_id: str | None, channels: list[str]) -> dict[str, int | No
     if positions is None:  # not one of ours: no channel can be recovered
         return dict.fromkeys(channels)
     return {channel: positions[channel] for channel in channels if channel in positions}
+
+
+def _refused(refused: Refused, headers: dict[str, str]) -> web.Response:
+    """A refusal of the gate before the stream starts: 403 (banned) or 429."""
+    if refused.limit is None:
+        return _refuse(403, refused.message, headers)
+    return _too_many(refused.limit, headers)
 
 
 def _too_many(refusal: Refusal, headers: dict[str, str]) -> web.Response:

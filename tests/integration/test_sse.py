@@ -132,7 +132,7 @@ async def until(check: Callable[[], bool], what: str, timeout: float = 10) -> No
 
 
 def sse_streams(gw: Gateway) -> list[Any]:
-    return [s for s in gw.node.sessions if getattr(s, "transport", None) == "sse"]
+    return [s for s in gw.node.sessions if s.kind == "sse"]
 
 
 async def test_an_sse_event_carries_the_same_json_as_a_websocket_message(
