@@ -21,16 +21,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from gateway.config import ConfigError, Settings, load_settings
+from gateway.commands import CliError
+from gateway.commands import add_config_flag as _add_config_flag
+from gateway.commands import settings_from_args as _settings
+from gateway.config import ConfigError, Settings
 from gateway.telemetry.logs import configure_logging
 
 DEV_SECRET_FILE = "jwt-dev.secret"
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
-
-
-class CliError(Exception):
-    """A failure reported as one line on stderr."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -107,18 +106,6 @@ def _parser() -> argparse.ArgumentParser:
 
     add_anomaly_commands(commands, _add_config_flag)
     return parser
-
-
-def _add_config_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--config",
-        default=os.environ.get("RABBITGATE_CONFIG"),
-        help="YAML config file (default: $RABBITGATE_CONFIG)",
-    )
-
-
-def _settings(args: argparse.Namespace, overrides: dict[str, Any] | None = None) -> Settings:
-    return load_settings(Path(args.config) if args.config else None, overrides=overrides)
 
 
 # --- serve ------------------------------------------------------------------

@@ -9,8 +9,9 @@ set here, with its default, so an operator finds them all in one place.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,6 @@ from typing import Any
 import yaml
 
 from anomaly.settings import AnomalySettings
-from gateway.core.client_address import TrustedProxies
 
 
 class ConfigError(Exception):
@@ -281,7 +281,7 @@ def _check(settings: Settings) -> Settings:
             "jwt.max_token_bytes must be positive and jwt.leeway_seconds not negative"
         )
     try:
-        TrustedProxies(settings.trusted_proxies)
+        parse_networks(settings.trusted_proxies)
     except ValueError as exc:
         raise ConfigError(f"trusted_proxies: {exc}") from None
     if not 0 <= settings.shutdown_delay_seconds <= MAX_SHUTDOWN_DELAY_SECONDS:
@@ -341,3 +341,18 @@ def _check_limits(limits: LimitSettings) -> None:
         raise ConfigError("limits.handshake_refusals_before_drop must not be negative (0: off)")
     if limits.idle_timeout_seconds < 0:
         raise ConfigError("limits.idle_timeout_seconds must not be negative (0 turns it off)")
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_networks(entries: Iterable[str]) -> tuple[Network, ...]:
+    """``trusted_proxies`` as networks (core/client_address.py uses them);
+    raises ValueError naming the first entry that is not an address or network."""
+    parsed: list[Network] = []
+    for entry in entries:
+        try:
+            parsed.append(ipaddress.ip_network(entry.strip(), strict=False))
+        except ValueError:
+            raise ValueError(f"{entry!r} is not an IP address or network") from None
+    return tuple(parsed)

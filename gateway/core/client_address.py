@@ -18,7 +18,8 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable, Sequence
 
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+from gateway.config import Network, parse_networks
+
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 # Hops read from the right of X-Forwarded-For: more trusted proxies in a row
@@ -29,13 +30,7 @@ MAX_HOPS = 16
 class TrustedProxies:
     def __init__(self, networks: Iterable[str]) -> None:
         """Raises ValueError naming the first entry that is not an address or network."""
-        parsed: list[Network] = []
-        for entry in networks:
-            try:
-                parsed.append(ipaddress.ip_network(entry.strip(), strict=False))
-            except ValueError:
-                raise ValueError(f"{entry!r} is not an IP address or network") from None
-        self.networks: tuple[Network, ...] = tuple(parsed)
+        self.networks: tuple[Network, ...] = parse_networks(networks)
 
     def __bool__(self) -> bool:
         return bool(self.networks)

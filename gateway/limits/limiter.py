@@ -42,7 +42,6 @@ from gateway.limits.buckets import BucketTable, TokenBucket
 from gateway.limits.redis_limits import LEASE_MS, REDIS_ERRORS, RedisLimits
 from gateway.policy.rules import Rule
 from gateway.protocol.frames import RequestId, error_frame
-from gateway.transports.admission import RefusalMemory
 
 log = logging.getLogger("rabbitgate.limits")
 
@@ -129,11 +128,6 @@ class Limiter:
         self._task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
         self.redis_failures = 0
-        # Addresses refused at the handshake that come back too soon (this
-        # process's own answers, so kept locally even with Redis).
-        self.refusals = RefusalMemory(
-            self.limits.handshake_refusals_before_drop, self.limits.bucket_table_size, clock
-        )
 
     # --- life cycle ---------------------------------------------------------
 

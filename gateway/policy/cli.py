@@ -26,7 +26,7 @@ from typing import Any
 
 from gateway.auth.principal import Principal
 from gateway.auth.tokens import AuthError, TokenVerifier
-from gateway.cli import CliError
+from gateway.commands import CliError
 from gateway.config import ConfigError, Settings, load_settings
 from gateway.policy.conditions import shown
 from gateway.policy.rules import PolicyError, PolicySet, load_policy_set

@@ -39,7 +39,7 @@ from gateway.protocol.codes import CLOSE_AUTH, CLOSE_AUTH_TIMEOUT, CLOSE_POLICY,
 from gateway.protocol.frames import Auth, FrameError, error_frame, parse_frame, welcome_frame
 from gateway.telemetry import logs
 from gateway.telemetry.events import TrafficEvent
-from gateway.transports.admission import AdmittedConnection, connection_class
+from gateway.transports.admission import AdmittedConnection, RefusalMemory, connection_class
 from gateway.transports.handshake_memory import forget_handshake
 from gateway.transports.heartbeat import Heartbeat, WebSocketLink
 from gateway.transports.heartbeat import run as run_heartbeat
@@ -120,6 +120,12 @@ class WebSocketListener:
             weakref.WeakKeyDictionary()
         )
         self._refused: weakref.WeakSet[ServerConnection] = weakref.WeakSet()
+        # Addresses refused at the handshake that come back too soon, dropped
+        # before TLS (this process's own answers, so kept locally even with Redis).
+        limits = settings.limits
+        self.refusals = RefusalMemory(
+            limits.handshake_refusals_before_drop, limits.bucket_table_size
+        )
         # Every connection's WebSocket pings, from one task (gateway/transports/heartbeat.py).
         self.heartbeat: Heartbeat[ServerConnection] | None = None
         self._heartbeat_task: asyncio.Task[None] | None = None
@@ -196,7 +202,7 @@ class WebSocketListener:
         # are recorded for the client behind it anyway).
         if self._node.trusted_proxies.trusts(peer):
             return False
-        return self._node.limiter.refusals.drop(peer)
+        return self.refusals.drop(peer)
 
     def _client_address(self, connection: ServerConnection, request: Request) -> str | None:
         """The peer, or the client a trusted proxy forwarded (then kept on the connection)."""
@@ -223,7 +229,7 @@ class WebSocketListener:
             if admitted.limit is None:
                 return connection.respond(HTTPStatus.FORBIDDEN, "banned\n")
             # Remembered, to drop before TLS one that ignores its Retry-After.
-            self._node.limiter.refusals.refused(address, admitted.limit.retry_after)
+            self.refusals.refused(address, admitted.limit.retry_after)
             return _too_many_requests(connection, admitted.limit)
         if admitted is not None:
             # Given back when the socket goes, however it ends (a failed handshake too).
