@@ -2,7 +2,7 @@
 
 Precedence, lowest first: the defaults below, the YAML file given with
 ``--config``, ``RABBITGATE_*`` environment variables, command-line flags.
-Every limit of the wire contract (``../shared/spec/protocol.md`` section 1) is
+Every limit of the wire protocol (``docs/protocol.md``, "Connecting") is
 set here, with its default, so an operator finds them all in one place.
 """
 
@@ -75,7 +75,7 @@ class LimitSettings:
     heartbeat_timeout_seconds: float = 20.0
     max_channels_per_connection: int = 100
     # Token buckets (rate per second, burst) and caps; see gateway/limits/limiter.py
-    # and the README's "Rate limits and defenses" for what each one guards.
+    # and docs/security.md "Rate limits and defenses" for what each one guards.
     frames_per_second: float = 100.0  # every frame of one connection
     frames_burst: int = 500
     subscribes_per_second: float = 10.0  # subscribe requests of one connection

@@ -12,7 +12,7 @@ expires (``exp``), the policies no longer allow any of its channels, the
 abuse protection bans its user or address, its buffer overflows (slow
 consumer), or the gateway stops.
 
-Extensions of the contract, documented in the README:
+Extensions of the contract, documented in docs/protocol.md:
 
 * ``?access_token=<jwt>`` instead of the Authorization header, here only,
   because a browser's ``EventSource`` cannot set headers. A URL can end up in

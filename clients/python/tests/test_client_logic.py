@@ -3,21 +3,23 @@
 from __future__ import annotations
 
 import base64
+import json
 import random
 
-import orjson
+import jwt
 import pytest
 
-from gateway.client import (
+from rabbitgate_client import RabbitgateClient
+from rabbitgate_client.client import (
     SeqTracker,
     backoff_delay,
+    check_url,
     handshake_refusal,
+    not_an_endpoint,
     refresh_delay,
     should_reconnect,
     token_expiry,
 )
-from gateway.config import JwtSettings
-from gateway.devtools.devtokens import mint_token
 
 
 def _upper(low: float, high: float) -> float:
@@ -47,7 +49,7 @@ def test_backoff_is_full_jitter_between_zero_and_the_ceiling() -> None:
 
 
 def _token(payload: object) -> str:
-    body = base64.urlsafe_b64encode(orjson.dumps(payload)).rstrip(b"=").decode()
+    body = base64.urlsafe_b64encode(json.dumps(payload).encode()).rstrip(b"=").decode()
     return f"eyJhbGciOiJIUzI1NiJ9.{body}.c2ln"
 
 
@@ -71,8 +73,7 @@ def test_token_expiry_reads_exp_without_verifying(token: str, expected: float | 
 
 
 def test_token_expiry_of_a_real_signed_token() -> None:
-    settings = JwtSettings(secret="x" * 32, issuer="i", audience="a")
-    token = mint_token(settings, sub="alice", ttl_seconds=100, now=1_800_000_000)
+    token = jwt.encode({"sub": "alice", "exp": 1_800_000_100}, "x" * 32, algorithm="HS256")
     assert token_expiry(token) == 1_800_000_100.0
 
 
@@ -217,3 +218,33 @@ def test_a_refused_handshake_maps_to_a_close_code_and_a_least_wait(
     status: int, retry_after: str | None, expected: tuple[int | None, float]
 ) -> None:
     assert handshake_refusal(status, retry_after) == expected
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["https://localhost:8443/ws", "http://localhost/ws", "localhost:8443/ws", "tcp://x/ws", ""],
+)
+def test_a_url_that_is_not_ws_or_wss_is_refused_before_any_io(url: str) -> None:
+    with pytest.raises(ValueError, match="must start with wss://"):
+        check_url(url)
+    with pytest.raises(ValueError, match="must start with wss://"):
+        RabbitgateClient(url, token="t")
+
+
+@pytest.mark.parametrize("url", ["wss://localhost:8443/ws", "WS://127.0.0.1:1/ws"])
+def test_ws_and_wss_urls_are_accepted(url: str) -> None:
+    check_url(url)
+
+
+@pytest.mark.parametrize(
+    ("status", "fatal"),
+    [(400, True), (404, True), (405, True), (426, True), (403, False), (429, False),
+     (401, False), (500, False), (502, False), (503, False)],
+)  # fmt: skip
+def test_which_upgrade_refusals_say_this_is_not_a_rabbitgate_endpoint(
+    status: int, fatal: bool
+) -> None:
+    reason = not_an_endpoint("wss://h/ws", status)
+    assert (reason is not None) is fatal
+    if reason is not None:
+        assert f"HTTP {status}" in reason and "not a rabbitgate endpoint" in reason

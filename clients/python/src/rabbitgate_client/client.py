@@ -12,6 +12,16 @@ token in band before it expires, resubscribes with ``since`` and drops messages
 it has already delivered, and queues publishes while disconnected. The pure
 decisions (backoff, token expiry, close codes, seq bookkeeping) are the small
 functions at the top; only ``RabbitgateClient`` does I/O.
+
+What retrying cannot fix fails at once, with a message saying what to change:
+a URL that is not ws:// or wss:// (ValueError from the constructor), a TLS
+certificate that does not verify, a wss:// URL for a port without TLS, a
+server that is not a rabbitgate endpoint (HTTP 400/404/405/426 to the upgrade,
+or no ``rabbitgate.v1`` subprotocol): ``connect()`` raises CannotConnect. Only
+network failures are retried.
+
+It depends on websockets alone (the standard library's json, not orjson: a
+client's frames are small, and one dependency less for every application).
 """
 
 from __future__ import annotations
@@ -21,18 +31,19 @@ import base64
 import contextlib
 import inspect
 import itertools
+import json
 import logging
 import random
 import ssl as ssl_module
 import time
+import urllib.parse
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus, InvalidURI
 from websockets.typing import Subprotocol
 
 log = logging.getLogger("rabbitgate.client")
@@ -48,6 +59,9 @@ STABLE_SECONDS = 10.0  # a connection that lasted this long resets the backoff
 OPEN_TIMEOUT = 10.0  # TCP + TLS + upgrade + welcome
 REQUEST_TIMEOUT = 10.0
 MAX_ATTEMPTS = 3  # per publish/subscribe, for `unavailable` or a connection lost before the ack
+# Answers to the upgrade that say "this is not a rabbitgate WebSocket endpoint":
+# the same request gets the same answer, so they are not retried.
+NOT_AN_ENDPOINT_STATUSES = frozenset({400, 404, 405, 426})
 
 
 class RabbitgateError(Exception):
@@ -82,6 +96,18 @@ class ClientClosed(RabbitgateError):
         self.close_code = close_code
 
 
+class CannotConnect(ClientClosed):
+    """A failure no retry can fix (certificate, not a rabbitgate endpoint); ``reason`` says
+    what to change."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(None, reason)
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
 @dataclass(frozen=True, slots=True)
 class Message:
     channel: str
@@ -105,8 +131,8 @@ def token_expiry(token: str) -> float | None:
     """The ``exp`` claim of a JWT, read WITHOUT verifying it: only to plan a refresh."""
     try:
         payload = token.split(".")[1]
-        claims = orjson.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
-    except (IndexError, ValueError):  # binascii.Error and JSONDecodeError are ValueErrors
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    except (IndexError, ValueError):  # binascii.Error, UnicodeDecodeError, JSONDecodeError
         return None
     exp = claims.get("exp") if isinstance(claims, dict) else None
     if isinstance(exp, bool) or not isinstance(exp, int | float):
@@ -131,6 +157,51 @@ def handshake_refusal(status: int, retry_after: str | None) -> tuple[int | None,
     except ValueError:  # an HTTP date: not worth parsing, the backoff still applies
         wait = 0.0
     return None, wait if 0.0 <= wait <= 3600.0 else 0.0
+
+
+def check_url(url: str) -> None:
+    """Raise ValueError for a URL the client can never connect to (checked before any I/O)."""
+    scheme = urllib.parse.urlsplit(url).scheme.lower()
+    if scheme not in ("ws", "wss"):
+        raise ValueError(
+            f"rabbitgate: the gateway URL must start with wss:// (or ws:// when the gateway runs "
+            f"without TLS), not {scheme + '://' if scheme else 'no scheme'}: {url!r}"
+        )
+
+
+def not_an_endpoint(url: str, status: int) -> str | None:
+    """The reason to stop for good when the upgrade was answered ``status``; None to retry."""
+    if status not in NOT_AN_ENDPOINT_STATUSES:
+        return None
+    return (
+        f"{url} answered the WebSocket upgrade with HTTP {status}: it is not a rabbitgate "
+        "endpoint (check the host, the port and the /ws path), or it refused the "
+        "rabbitgate.v1 subprotocol"
+    )
+
+
+def certificate_reason(url: str, exc: ssl_module.SSLCertVerificationError) -> str:
+    detail = exc.verify_message or str(exc)
+    return (
+        f"the TLS certificate of {url} does not verify ({detail}); pass "
+        "ssl=ssl.create_default_context(cafile=CA_FILE) with the CA that signed it "
+        "(the development gateway's is certs/ca.pem)"
+    )
+
+
+# OpenSSL's reasons for "the peer answered the ClientHello with something that is
+# not TLS": a plain listener (a wss:// URL for a ws:// port). Not transient.
+NOT_TLS_REASONS = frozenset({"WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "UNKNOWN_PROTOCOL"})
+
+
+def not_tls_reason(url: str, exc: ssl_module.SSLError) -> str | None:
+    """The reason to stop for good after a TLS handshake error; None to retry."""
+    if exc.reason not in NOT_TLS_REASONS:
+        return None
+    return (
+        f"{url} does not speak TLS on this port ({exc.reason}): use ws:// when the gateway "
+        "runs without TLS, or the port of its TLS listener"
+    )
 
 
 def should_reconnect(close_code: int | None, token_is_callback: bool) -> bool:
@@ -241,6 +312,7 @@ class RabbitgateClient:
         backoff_cap: float = 30.0,
         refresh_margin: float = 30.0,
     ) -> None:
+        check_url(url)
         self.url = url
         self._token = token
         self._connect_kwargs: dict[str, Any] = {} if ssl is None else {"ssl": ssl}
@@ -283,9 +355,11 @@ class RabbitgateClient:
     async def connect(self) -> None:
         """Start the connection loop; return at the first ``welcome``.
 
-        Raises ClientClosed when the gateway refuses for good (banned, policy,
-        a fixed token refused). Retries other failures forever: bound the wait
-        with ``asyncio.timeout`` if needed.
+        Raises CannotConnect at once for what no retry can fix (a certificate that
+        does not verify, a server that is not a rabbitgate endpoint), ClientClosed
+        when the gateway refuses for good (banned, policy, a fixed token refused).
+        Retries network failures forever, logging a WARNING for the first one:
+        bound the wait with ``asyncio.timeout`` if needed.
         """
         if self._runner is None:
             self._runner = asyncio.create_task(self._run())
@@ -339,9 +413,7 @@ class RabbitgateClient:
             raise QueueFull("queue_full", f"{len(self._queue)} publishes already wait")
         request_id = next(self._ids)
         frame = {"type": "publish", "id": request_id, "channel": channel, "data": data}
-        item = _Publish(
-            request_id, orjson.dumps(frame).decode(), asyncio.get_running_loop().create_future()
-        )
+        item = _Publish(request_id, _dumps(frame), asyncio.get_running_loop().create_future())
         self._queue.append(item)
         self._flush()
         await item.future
@@ -382,6 +454,7 @@ class RabbitgateClient:
             opened_at: float | None = None
             ws: ClientConnection | None = None
             at_least = 0.0
+            fatal: str | None = None
             try:
                 token = await self._fetch_token()
                 async with asyncio.timeout(OPEN_TIMEOUT):
@@ -391,27 +464,60 @@ class RabbitgateClient:
                         compression=None,
                         **self._connect_kwargs,
                     )
-                    await ws.send(orjson.dumps({"type": "auth", "token": token}).decode())
+                    if ws.subprotocol != SUBPROTOCOL:
+                        raise _NotAnEndpoint(
+                            f"{self.url} did not select the rabbitgate.v1 subprotocol: it is "
+                            "not a rabbitgate endpoint (check the host, the port and the /ws path)"
+                        )
+                    await ws.send(_dumps({"type": "auth", "token": token}))
                     welcome = await _await_welcome(ws)
                 opened_at = loop.time()
                 self._on_connected(ws, welcome, token)
                 async for raw in ws:
                     await self._handle(raw)
+            except ssl_module.SSLCertVerificationError as exc:
+                fatal = certificate_reason(self.url, exc)
+            except ssl_module.SSLError as exc:
+                fatal = not_tls_reason(self.url, exc)
+                if fatal is None:
+                    log.log(
+                        logging.WARNING if attempt == 0 else logging.INFO,
+                        "TLS with %s failed: %s; retrying",
+                        self.url,
+                        exc,
+                    )
+            except _NotAnEndpoint as exc:
+                fatal = str(exc)
+            except InvalidURI as exc:
+                fatal = f"rabbitgate: {exc}"
             except InvalidStatus as exc:
                 response = exc.response
+                fatal = not_an_endpoint(self.url, response.status_code)
                 log.info("connection to %s refused: HTTP %d", self.url, response.status_code)
                 close_code, at_least = handshake_refusal(
                     response.status_code, response.headers.get("Retry-After")
                 )
                 reason = f"HTTP {response.status_code}"
             except (OSError, TimeoutError, InvalidHandshake, ConnectionClosed, _NoToken) as exc:
-                log.info("connection to %s failed: %s", self.url, exc or type(exc).__name__)
+                # The first failure in a row is a WARNING (shown even without any
+                # logging set up), so that a client that cannot reach its gateway says so.
+                log.log(
+                    logging.WARNING if attempt == 0 else logging.INFO,
+                    "connection to %s failed: %s%s; retrying",
+                    self.url,
+                    exc or type(exc).__name__,
+                    _hint(self.url, exc),
+                )
             finally:
                 if ws is not None:
                     await ws.close()
                     close_code, reason = ws.close_code, ws.close_reason or ""
                 self._on_disconnected()
             if self._closed is not None:
+                return
+            if fatal is not None:
+                log.error("rabbitgate client: %s", fatal)
+                self._stop(CannotConnect(fatal), fatal=True)
                 return
             if not should_reconnect(close_code, callable(self._token)):
                 log.warning("gateway closed with %s (%s); not reconnecting", close_code, reason)
@@ -494,8 +600,8 @@ class RabbitgateClient:
     async def _handle(self, raw: str | bytes) -> None:
         """One frame from the gateway. Anything malformed is logged and skipped."""
         try:
-            frame = orjson.loads(raw)
-        except orjson.JSONDecodeError:
+            frame = json.loads(raw)
+        except ValueError:  # JSONDecodeError, or bytes that are not UTF-8
             log.warning("ignored a frame that is not JSON: %.80r", raw)
             return
         if not isinstance(frame, dict):
@@ -581,7 +687,7 @@ class RabbitgateClient:
         if subscribing is not None:
             self._subscribing[request_id] = subscribing
         try:
-            await ws.send(orjson.dumps({**frame, "id": request_id}).decode())
+            await ws.send(_dumps({**frame, "id": request_id}))
             async with asyncio.timeout(REQUEST_TIMEOUT):
                 return await waiter
         except ConnectionClosed:
@@ -681,16 +787,28 @@ class RabbitgateClient:
         return task
 
 
+def _hint(url: str, exc: BaseException) -> str:
+    """A closed connection before any HTTP answer, on ws://, is most often a TLS port;
+    it is still retried (a gateway also closes at once an address it throttles)."""
+    if url.lower().startswith("ws://") and isinstance(exc.__cause__, EOFError):
+        return " (closed before any HTTP answer: a TLS port? then the URL is wss://)"
+    return ""
+
+
 class _NoToken(Exception):
     """The token callback failed."""
+
+
+class _NotAnEndpoint(Exception):
+    """The server is not a rabbitgate WebSocket endpoint."""
 
 
 async def _await_welcome(ws: ClientConnection) -> dict[str, Any]:
     while True:
         raw = await ws.recv()
         try:
-            frame = orjson.loads(raw)
-        except orjson.JSONDecodeError:
+            frame = json.loads(raw)
+        except ValueError:
             frame = None
         if isinstance(frame, dict) and frame.get("type") == "welcome":
             return frame
