@@ -22,12 +22,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
 from typing import Any
 
 import orjson
 
 from gateway.presence.coalesce import PendingEvents, PresenceEvent, render
+from gateway.presence.seam import Deliver, WantsEvents
 from gateway.presence.store import (
     MAX_LISTED,
     PROCESS_TTL_MS,
@@ -49,8 +49,6 @@ LISTEN_POLL_SECONDS = 0.25
 # and rebuilt, so memory stays bounded whatever the churn.
 MAX_QUEUED_WRITES = 50_000
 
-Deliver = Callable[[str, str, list[bytes]], None]  # exchange, channel, frames
-WantsEvents = Callable[[str, str], bool]  # exchange, channel -> presence_events on?
 
 
 class PresenceService:
