@@ -96,6 +96,8 @@ class LimitSettings:
     rate_limited_strikes_before_close: int = 10
     rate_limited_strike_window_seconds: float = 10.0
     idle_timeout_seconds: float = 300.0  # no frame from the client this long: close 1000; 0 = off
+    presence_per_second: float = 2.0  # presence requests of one user (all processes with Redis)
+    presence_burst: int = 10
     bucket_table_size: int = 50_000  # buckets kept in memory per kind of limit
     redis_timeout_seconds: float = 0.25  # each Redis call; slower means "Redis down"
 
@@ -137,6 +139,9 @@ class Settings:
     # Share the rate limits between gateway processes (redis://, rediss://,
     # unix://). None: each process limits on its own, in memory.
     redis_url: str | None = None
+    # Presence (docs/presence.md): a process that dies is gone from every count
+    # after this long (its liveness key in Redis lapses). At most 30 (the contract).
+    presence_ttl_seconds: float = 20.0
     # Traffic anomaly detection and alert review (anomaly/settings.py); off by default.
     anomaly: AnomalySettings = field(default_factory=AnomalySettings)
 
@@ -297,6 +302,8 @@ def _check(settings: Settings) -> Settings:
         if value is not None and not 0 <= value < 65536:
             raise ConfigError(f"{name} {value} is out of range")
     _check_limits(settings.limits)
+    if not 1 <= settings.presence_ttl_seconds <= 30:
+        raise ConfigError("presence_ttl_seconds must be between 1 and 30")
     anomaly_problem = settings.anomaly.problem()
     if anomaly_problem is not None:
         raise ConfigError(anomaly_problem)
@@ -313,6 +320,7 @@ def _check_limits(limits: LimitSettings) -> None:
         "strikeouts_per_minute_per_address",
         "rate_limited_strike_window_seconds",
         "redis_timeout_seconds",
+        "presence_per_second",
         "max_frame_bytes",
         "send_buffer_bytes",
         "send_buffer_messages",
@@ -330,6 +338,7 @@ def _check_limits(limits: LimitSettings) -> None:
         "rate_limited_strikes_before_close",
         "bucket_table_size",
         "max_channels_per_connection",
+        "presence_burst",
     ]
     for name in positive:
         if not getattr(limits, name) > 0:

@@ -50,7 +50,6 @@ LISTEN_POLL_SECONDS = 0.25
 MAX_QUEUED_WRITES = 50_000
 
 
-
 class PresenceService:
     def __init__(
         self,

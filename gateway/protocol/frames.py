@@ -218,9 +218,8 @@ def presence_frame(
 ) -> bytes:
     """The answer to a ``presence`` request: ``clients`` are (user, session) pairs."""
     listed = [{"user": user, "session": session} for user, session in clients]
-    return orjson.dumps(
-        {"type": "presence", "id": request_id, "channel": channel, "count": count, "clients": listed}
-    )
+    frame = {"type": "presence", "id": request_id, "channel": channel, "count": count}
+    return orjson.dumps({**frame, "clients": listed})
 
 
 def message_frame(channel: str, seq: int, data: Any, sender: str | None, ts: int) -> bytes:
