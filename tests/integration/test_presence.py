@@ -305,3 +305,44 @@ async def test_a_killed_gateway_process_disappears_from_presence(
             await other.stop()
     finally:
         served.stop()
+
+
+async def test_the_python_client_lists_presence_and_hears_join_and_leave(
+    gateway: Gateway, client_ssl: ssl.SSLContext, make_token: Callable[..., str]
+) -> None:
+    from rabbitgate_client import PresenceEvent, RabbitgateClient, RabbitgateError
+
+    heard: list[PresenceEvent] = []
+    url = f"wss://localhost:{gateway.port}/ws"
+    async with (
+        RabbitgateClient(
+            url,
+            token=make_token("alice"),
+            ssl=client_ssl,
+            on_message=lambda m: None,
+            on_join=heard.append,
+            on_leave=heard.append,
+        ) as alice,
+        RabbitgateClient(url, token=make_token("bob"), ssl=client_ssl) as bob,
+    ):
+        await alice.subscribe("room.py")
+        await bob.subscribe("room.py")
+        info = await alice.presence("room.py")
+        assert info.count == 2
+        assert sorted(user for user, _ in info.clients) == ["alice", "bob"]
+
+        async def heard_of(kind: str) -> None:
+            for _ in range(200):
+                if any(e.kind == kind and e.user == "bob" for e in heard):
+                    return
+                await asyncio.sleep(0.05)
+
+        # A join and a leave within one tick net out: wait for the join first.
+        await heard_of("join")
+        await bob.unsubscribe("room.py")
+        await heard_of("leave")
+        kinds = [(e.kind, e.user) for e in heard if e.user == "bob"]
+        assert kinds == [("join", "bob"), ("leave", "bob")]
+        with pytest.raises(RabbitgateError) as refused:
+            await alice.presence("secret.x")
+        assert refused.value.code == "forbidden"
