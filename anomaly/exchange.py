@@ -14,9 +14,11 @@ import logging
 from typing import Any
 
 import aio_pika
-from aio_pika.abc import AbstractExchange, AbstractRobustConnection
+from aio_pika.abc import AbstractConnection, AbstractExchange
 
 from anomaly.alerts import AlertStore
+from gateway.amqp_urls import connect_order, redacted
+from gateway.config import split_urls
 
 log = logging.getLogger("rabbitgate.anomaly")
 
@@ -24,28 +26,47 @@ PUBLISH_TIMEOUT_SECONDS = 5.0
 
 
 class AlertPublisher:
-    """One robust AMQP connection of its own; ``close`` when done."""
+    """One AMQP connection of its own; ``close`` when done.
+
+    ``amqp_url`` may list a cluster's nodes (comma-separated, as the gateway's
+    setting): a publish that fails drops the connection, and the next one
+    connects to a node that answers, tried in random order (the outbox sends
+    what was not confirmed again).
+    """
 
     def __init__(self, amqp_url: str, exchange: str, connect_timeout: float = 10.0) -> None:
-        self._url = amqp_url
+        self._urls = split_urls(amqp_url) or (amqp_url,)
+        self._url = self._urls[0]
         self.exchange_name = exchange
         self._connect_timeout = connect_timeout
-        self._connection: AbstractRobustConnection | None = None
+        self._connection: AbstractConnection | None = None
         self._exchange: AbstractExchange | None = None
         self._lock = asyncio.Lock()
 
     async def _ready(self) -> AbstractExchange:
         async with self._lock:
             if self._exchange is None:
-                if self._connection is None:
-                    self._connection = await aio_pika.connect_robust(
-                        self._url, timeout=self._connect_timeout
-                    )
+                if self._connection is None or self._connection.is_closed:
+                    self._connection = await self._connect()
                 channel = await self._connection.channel(publisher_confirms=True)
                 self._exchange = await channel.declare_exchange(
                     self.exchange_name, aio_pika.ExchangeType.TOPIC, durable=True
                 )
             return self._exchange
+
+    async def _connect(self) -> AbstractConnection:
+        failure: Exception | None = None
+        for url in connect_order(self._urls, self._url):
+            try:
+                connection = await aio_pika.connect(url, timeout=self._connect_timeout)
+            except Exception as exc:
+                log.warning("alerts: RabbitMQ node %s did not answer: %s", redacted(url), exc)
+                failure = exc
+                continue
+            self._url = url
+            return connection
+        assert failure is not None
+        raise failure
 
     async def publish(self, alert: dict[str, Any]) -> None:
         """Publish and wait for the broker's confirm; raises on any failure."""

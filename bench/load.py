@@ -119,17 +119,31 @@ def _specs(args: argparse.Namespace, endpoint: dict[str, Any]) -> tuple[list[dic
     return subscriber_specs, publisher_spec
 
 
-def run_target(kind: str, args: argparse.Namespace, log: Any) -> dict[str, Any]:
+def run_target(
+    kind: str,
+    args: argparse.Namespace,
+    log: Any,
+    *,
+    gateway_settings: dict[str, Any] | None = None,
+    broker_ports: tuple[int, ...] = (5672,),
+    ready: Any = None,
+) -> dict[str, Any]:
+    """One measurement. ``gateway_settings``: extra settings of the gateway
+    (bench.fleet: workers, a cluster's amqp_url); ``broker_ports``: the nodes
+    whose CPU counts as the broker's; ``ready(gateway)``: waits until it serves."""
     gateway = None
     subscribers = publishers = None
+    gateway_pids: list[int] = []
     try:
         if kind == "gateway":
-            gateway = start_gateway(tls=args.tls, source=args.gateway_src)
+            gateway = start_gateway(tls=args.tls, source=args.gateway_src, extra=gateway_settings)
+            if ready is not None:
+                ready(gateway)
             endpoint = gateway.endpoint()
         else:
             ensure_webstomp(args.subscribers + args.publishers)
             endpoint = webstomp_endpoint()
-        brokers = broker_pids()
+        brokers = [pid for port in broker_ports for pid in broker_pids(port)]
         idle_before = total_cpu_seconds(brokers)
         time.sleep(args.idle_seconds)
         broker_idle = (total_cpu_seconds(brokers) - idle_before) / args.idle_seconds
@@ -137,22 +151,23 @@ def run_target(kind: str, args: argparse.Namespace, log: Any) -> dict[str, Any]:
         log(f"[{kind}] connecting {args.subscribers} subscribers in {len(sub_specs)} worker(s)")
         started = time.monotonic()
         subscribers = Pool(worker_main, sub_specs)
-        ready = subscribers.wait_ready(SETUP_TIMEOUT_SECONDS)
+        answers = subscribers.wait_ready(SETUP_TIMEOUT_SECONDS)
         connect_seconds = time.monotonic() - started
         publishers = Pool(worker_main, [pub_spec])
-        ready += publishers.wait_ready(SETUP_TIMEOUT_SECONDS)
-        connected = sum(r["subscribers"] for r in ready)
+        answers += publishers.wait_ready(SETUP_TIMEOUT_SECONDS)
+        connected = sum(r["subscribers"] for r in answers)
         failures: dict[str, int] = {}
-        for r in ready:
+        for r in answers:
             for reason, count in r["failures"].items():
                 failures[reason] = failures.get(reason, 0) + count
-        if connected == 0 or sum(r["publishers"] for r in ready) == 0:
+        if connected == 0 or sum(r["publishers"] for r in answers) == 0:
             raise RuntimeError(f"[{kind}] no connection could be set up: {failures}")
         log(f"[{kind}] {connected} subscribers ready in {connect_seconds:.1f}s; publishing")
         publishers.ask("publish_on")
         time.sleep(args.warmup)
 
-        server_pids = brokers + ([gateway.pid] if gateway else [])
+        gateway_pids = gateway.pids() if gateway else []
+        server_pids = brokers + gateway_pids
         cpu_before = {pid: cpu_seconds(pid) for pid in server_pids}
         clients_before = subscribers.cpu_seconds() + publishers.cpu_seconds()
         profiler = None
@@ -180,7 +195,7 @@ def run_target(kind: str, args: argparse.Namespace, log: Any) -> dict[str, Any]:
             gateway.stop()
 
     broker_cpu = sum(cpu_after[p] - cpu_before[p] for p in brokers)
-    gateway_cpu = cpu_after[gateway.pid] - cpu_before[gateway.pid] if gateway else 0.0
+    gateway_cpu = sum(cpu_after[p] - cpu_before[p] for p in gateway_pids)
     latencies = (
         np.concatenate([np.frombuffer(s["latencies_ns"], dtype=np.int64) for s in sub_stats]) / 1e6
     )

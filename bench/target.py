@@ -108,10 +108,19 @@ class GatewayProcess:
     exchange: str
     ca_file: Path | None = None
     log_file: Path = field(default_factory=Path)
+    amqp_url: str = AMQP_URL
 
     @property
     def pid(self) -> int:
         return self.process.pid
+
+    def pids(self) -> list[int]:
+        """The gateway's process and its children (a supervisor's workers)."""
+        found = [self.pid]
+        with contextlib.suppress(OSError):
+            children = Path(f"/proc/{self.pid}/task/{self.pid}/children").read_text()
+            found += [int(child) for child in children.split()]
+        return found
 
     def token(self, sub: str, ttl_seconds: float = 3600) -> str:
         return mint_token(self.jwt, sub=sub, roles=["bench"], ttl_seconds=ttl_seconds)
@@ -150,7 +159,7 @@ class GatewayProcess:
                 self.process.wait(timeout=5)
         shutil.rmtree(self.workdir, ignore_errors=True)
         with contextlib.suppress(Exception):
-            asyncio.run(delete_exchange(self.exchange))
+            asyncio.run(delete_exchange(self.exchange, self.amqp_url.split(",")[0]))
 
 
 def _gateway_preexec() -> None:  # runs in the child before exec
@@ -158,12 +167,17 @@ def _gateway_preexec() -> None:  # runs in the child before exec
 
 
 def start_gateway(
-    *, tls: bool, log_level: str = "WARNING", source: Path | None = None
+    *,
+    tls: bool,
+    log_level: str = "WARNING",
+    source: Path | None = None,
+    extra: dict[str, object] | None = None,
 ) -> GatewayProcess:
     """Start a gateway on a free port; raises RuntimeError when it does not come up.
 
     ``source``: a folder holding another copy of the ``gateway`` package to run
     instead of the installed one (to measure a change before making it).
+    ``extra``: settings on top of the bench's own (workers, amqp_url, ...).
     """
     workdir = Path(tempfile.mkdtemp(prefix="rabbitgate-bench-"))
     exchange = f"rgbench-{secrets.token_hex(4)}"
@@ -201,6 +215,7 @@ def start_gateway(
             "issuer": ISSUER,
             "audience": AUDIENCE,
         },
+        **(extra or {}),
     }
     ca_file = None
     if tls:
@@ -232,7 +247,9 @@ def start_gateway(
             preexec_fn=_gateway_preexec,
         )
     jwt = JwtSettings(algorithms=("HS256",), secret=secret, issuer=ISSUER, audience=AUDIENCE)
-    gateway = GatewayProcess(process, port, tls, workdir, jwt, exchange, ca_file, log_file)
+    gateway = GatewayProcess(
+        process, port, tls, workdir, jwt, exchange, ca_file, log_file, str(config["amqp_url"])
+    )
     deadline = time.monotonic() + READY_TIMEOUT_SECONDS
     while not port_open(port):
         if process.poll() is not None or time.monotonic() > deadline:
@@ -243,11 +260,11 @@ def start_gateway(
     return gateway
 
 
-async def delete_exchange(exchange: str) -> None:
+async def delete_exchange(exchange: str, amqp_url: str = AMQP_URL) -> None:
     """Delete a run's exchange and its history stream (best effort)."""
     import aio_pika
 
-    connection = await aio_pika.connect(AMQP_URL)
+    connection = await aio_pika.connect(amqp_url)
     try:
         channel = await connection.channel()
         await channel.queue_delete(f"rabbitgate.stream.{exchange}")

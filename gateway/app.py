@@ -28,6 +28,7 @@ from gateway.operations.malloc import fix_mmap_threshold
 from gateway.operations.operations import Operations
 from gateway.policy.rules import PolicySet
 from gateway.presence.service import PresenceService
+from gateway.transports.admission import RefusalMemory
 from gateway.transports.heartbeat import Heartbeat
 from gateway.transports.outbox import fan_out
 from gateway.transports.websocket import WebSocketListener
@@ -87,6 +88,10 @@ class Gateway:
     @property
     def heartbeat(self) -> Heartbeat[ServerConnection] | None:
         return self.websocket.heartbeat
+
+    @property
+    def handshake_refusals(self) -> RefusalMemory:
+        return self.websocket.refusals
 
     @property
     def admin_port(self) -> int:

@@ -34,7 +34,9 @@ EXIT_FAILURE = 1
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    args.argv = argv  # `serve --workers N` runs each worker with the same command line
     try:
         return int(args.run(args) or 0)
     except (CliError, ConfigError) as exc:
@@ -67,6 +69,13 @@ def _parser() -> argparse.ArgumentParser:
         "--admin-port", type=int, help="admin port: /metrics, /healthz, /readyz (default 9090)"
     )
     serve.add_argument("--sse-port", type=int, help="Server-Sent Events port (default 8444)")
+    serve.add_argument(
+        "--workers",
+        help="worker processes sharing the ports: a number or auto (default 1; >1 needs redis_url)",
+    )
+    # Set by the supervisor for each of its workers (gateway/operations/supervisor.py).
+    serve.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
+    serve.add_argument("--worker-admin-socket", help=argparse.SUPPRESS)
     serve.set_defaults(run=_serve)
 
     certs = commands.add_parser(
@@ -121,16 +130,58 @@ def _serve(args: argparse.Namespace) -> int:
         "log_format": args.log_format,
         "admin_port": args.admin_port,
         "sse_port": args.sse_port,
+        "workers": args.workers,
     }
     if args.no_tls:
         overrides["tls.enabled"] = False
+    worker = args.worker_index is not None
+    if worker:
+        # One of a supervisor's workers: a single gateway on the shared ports,
+        # its admin app on the supervisor's socket for it.
+        overrides.update(
+            {"workers": "1", "reuse_port": True, "admin_socket": args.worker_admin_socket}
+        )
     settings = _settings(args, overrides)
-    configure_logging(settings.log_level, settings.log_format)
+    handler = configure_logging(settings.log_level, settings.log_format)
+    if worker:
+        handler.addFilter(_WorkerField(args.worker_index))
+    from gateway.config import worker_count
+
+    count = worker_count(settings.workers)
+    if count > 1:
+        return _supervise(settings, args.argv, count)
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
         return asyncio.run(_run_gateway(settings))
     return uvloop.run(_run_gateway(settings))
+
+
+class _WorkerField(logging.Filter):
+    """Every log line of a worker says which one (a JSON field ``worker``)."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__()
+        self._index = index
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.worker = self._index
+        return True
+
+
+def _supervise(settings: Settings, argv: list[str], count: int) -> int:
+    from gateway.operations.supervisor import Supervisor, SupervisorError, fleet_problem
+
+    problem = fleet_problem(settings, count)
+    if problem is not None:
+        raise CliError(problem)
+    # Each worker is `serve` with the same arguments (the supervisor adds the
+    # ports it holds and the worker flags; the last --port wins).
+    supervisor = Supervisor(settings, argv, count)
+    try:
+        return asyncio.run(supervisor.run())
+    except SupervisorError as exc:
+        raise CliError(str(exc)) from None
 
 
 async def _run_gateway(settings: Settings) -> int:

@@ -33,11 +33,16 @@ from aio_pika.abc import (
     AbstractIncomingMessage,
     AbstractQueue,
 )
+from aiormq.abc import DeliveredMessage
 from yarl import URL
 
+from gateway.amqp_urls import connect_order, default_cluster_size
+from gateway.amqp_urls import redacted as redacted
 from gateway.broker import amqpwire
 from gateway.broker.envelope import sender_of, timestamp_ms_of
+from gateway.broker.history import HistoryReader, HistoryScan, ReadFailed
 from gateway.broker.publisher import ConfirmedPublisher, Expired
+from gateway.config import split_urls
 
 log = logging.getLogger("rabbitgate.broker")
 
@@ -52,6 +57,10 @@ STREAM_PREFETCH = 2000
 ACK_EVERY = STREAM_PREFETCH // 4
 RECONNECT_BASE_SECONDS = 0.25
 RECONNECT_CAP_SECONDS = 5.0
+# One cluster node that does not answer (a partition, a hung host) may hold a
+# reconnect this long before the next node is tried; a node that is down
+# refuses at once.
+NODE_CONNECT_TIMEOUT_SECONDS = 3.0
 DEFAULT_EXCHANGE = amqpwire.short_string("")
 
 
@@ -76,16 +85,11 @@ class Replay:
     recovered: bool
     deliveries: list[Delivery]
     tail: int  # offset of the marker that ended the read
+    scanned: int = 0  # stream messages the read went through (what it cost)
 
 
 def stream_name(exchange: str) -> str:
     return STREAM_PREFIX + exchange
-
-
-def redacted(url: str) -> str:
-    """The AMQP URL without its password, for logs and errors."""
-    parsed = URL(url)
-    return str(parsed.with_password("***")) if parsed.password else str(parsed)
 
 
 class Broker:
@@ -99,8 +103,11 @@ class Broker:
         confirm_timeout: float,
         connect_timeout: float,
         on_state_change: Callable[[bool], None] | None = None,
+        initial_cluster_size: int | None = None,
     ) -> None:
-        self._url = url
+        # `url` is one node or the comma-separated nodes of a cluster.
+        self._urls = split_urls(url) or (url,)
+        self._url = self._urls[0]  # the node of the current (or last) connection
         self._on_delivery = on_delivery
         self._on_state_change = on_state_change
         self._stream_arguments: dict[str, Any] = {
@@ -108,9 +115,14 @@ class Broker:
             "x-max-length-bytes": stream_max_bytes,
             "x-max-age": stream_max_age,
         }
+        replicas = default_cluster_size(self._urls, initial_cluster_size)
+        if replicas > 1:
+            # Leader and replicas on different nodes: a confirm means a majority
+            # of them wrote the message, so it outlives the loss of one node.
+            self._stream_arguments["x-initial-cluster-size"] = replicas
         self._confirm_timeout = confirm_timeout
         self._connect_timeout = connect_timeout
-        self.user: str = URL(url).user or "guest"
+        self.user: str = URL(self._url).user or "guest"
         # Recorded state, replayed after every reconnect.
         self._declared: set[str] = set()
         self._following: dict[str, int | None] = {}
@@ -129,6 +141,8 @@ class Broker:
         self._lock = asyncio.Lock()
         self._supervisor: asyncio.Task[None] | None = None
         self._closing = False
+        # Replays read on a connection of their own (gateway/history.py).
+        self.history = HistoryReader(self._urls, connect_timeout)
 
     @property
     def connected(self) -> bool:
@@ -152,8 +166,9 @@ class Broker:
                 raise
             except Exception as exc:
                 if time.monotonic() >= deadline:
+                    where = ", ".join(redacted(url) for url in self._urls)
                     raise BrokerUnavailable(
-                        f"cannot reach RabbitMQ at {redacted(self._url)}: {_describe(exc)}"
+                        f"cannot reach RabbitMQ at {where}: {_describe(exc)}"
                     ) from None
                 attempt += 1
                 await asyncio.sleep(min(1.0, 0.1 * attempt))
@@ -165,6 +180,7 @@ class Broker:
             self._supervisor.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._supervisor
+        await self.history.close()
         if self._connection is not None:
             with contextlib.suppress(Exception):
                 await self._connection.close()
@@ -262,8 +278,11 @@ class Broker:
         the message at ``since`` is still in the stream and belongs to
         ``channel`` (so nothing after it can have been dropped) and at most
         ``history`` messages of the channel followed it. A ``since`` at or
-        beyond the marker means the history was reset: not recovered.
-        Raises BrokerUnavailable on outage or timeout.
+        beyond the marker means the history was reset: not recovered. The
+        read stops as soon as the answer is known, and after ``scan_limit``
+        stream messages or ``timeout`` (then: not recovered); it runs on the
+        history reader's own connection (gateway/history.py).
+        Raises BrokerUnavailable on outage, or when the read could not start.
         """
         tail = await self._mark(exchange, timeout)
         if since >= tail:
@@ -280,48 +299,30 @@ class Broker:
         scan_limit: int,
         timeout: float,
     ) -> Replay:
-        connection = self._connection_or_fail()
+        # On the history reader's own connection (gateway/history.py): a read
+        # never touches the connection that publishes and fans out.
         found: list[Delivery] = []
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        scan = _Scan()
+        scan = HistoryScan(channel, since, tail, history, scan_limit)
 
-        async def on_message(message: AbstractIncomingMessage) -> None:
-            scan.received += 1
-            if scan.received % ACK_EVERY == 0:  # keep the credit flowing
-                await message.ack(multiple=True)
-            headers = message.headers or {}
-            offset = headers.get("x-stream-offset")
-            # A consumer starts at a chunk boundary: skip what lies before `since`.
-            if done.done() or not isinstance(offset, int) or offset < since:
-                return
-            if offset >= tail:
-                done.set_result(None)
-                return
-            if scan.first is None:
-                # Retention only ever drops a stream's oldest messages: if the one
-                # at `since` is still there, so is everything after it.
-                scan.continuous = offset == since
-                scan.first = offset
-            scan.scanned += 1
-            if scan.scanned > scan_limit:
-                scan.continuous = False  # too far behind: as good as lost
-                done.set_result(None)
-            elif offset > since and message.routing_key == channel and not _is_marker(message):
-                found.append(self._delivery(exchange, offset, message))
+        def keep(offset: int, message: DeliveredMessage) -> None:
+            properties = message.header.properties
+            headers = properties.headers
+            found.append(
+                Delivery(
+                    exchange=exchange,
+                    channel=message.routing_key or "",
+                    seq=offset,
+                    body=message.body,
+                    sender=sender_of(headers, properties.user_id, properties.app_id, self.user),
+                    ts_ms=timestamp_ms_of(headers, properties.timestamp, int(time.time() * 1000)),
+                )
+            )
 
-        reader = await connection.channel(publisher_confirms=False)
         try:
-            await reader.set_qos(prefetch_count=STREAM_PREFETCH)
-            queue = await reader.get_queue(stream_name(exchange), ensure=False)
-            await queue.consume(on_message, arguments={"x-stream-offset": since})
-            await asyncio.wait_for(done, timeout)
-        except (TimeoutError, aio_pika.exceptions.AMQPError, aiormq.AMQPError, ConnectionError):
+            result = await self.history.read(stream_name(exchange), scan, keep, timeout)
+        except ReadFailed:
             raise BrokerUnavailable("could not read the channel's history") from None
-        finally:
-            with contextlib.suppress(Exception):
-                await reader.close()
-        recovered = scan.continuous and len(found) <= history
-        return Replay(recovered, found if recovered else [], tail)
+        return Replay(result.recovered, found if result.recovered else [], tail, result.received)
 
     async def _mark(self, exchange: str, timeout: float) -> int:
         """Write a marker into a followed stream; its offset once the live consumer sees it."""
@@ -354,9 +355,35 @@ class Broker:
 
     # --- connection life cycle ---------------------------------------------
 
+    @property
+    def node(self) -> str:
+        """The node of the current (or last) connection, without its password."""
+        return redacted(self._url)
+
+    async def _open(self) -> AbstractConnection:
+        """A connection to one node that answers, tried in ``connect_order``.
+
+        Raises the last node's error when none answers.
+        """
+        if len(self._urls) == 1:
+            return await aio_pika.connect(self._url, timeout=self._connect_timeout)
+        timeout = min(self._connect_timeout, NODE_CONNECT_TIMEOUT_SECONDS)
+        failure: BaseException | None = None
+        for url in connect_order(self._urls, self._url):
+            try:
+                connection = await aio_pika.connect(url, timeout=timeout)
+            except Exception as exc:
+                log.warning("RabbitMQ node %s did not answer: %s", redacted(url), _describe(exc))
+                failure = exc
+                continue
+            self._url = url
+            return connection
+        assert failure is not None
+        raise failure
+
     async def _connect(self) -> None:
         async with self._lock:
-            connection = await aio_pika.connect(self._url, timeout=self._connect_timeout)
+            connection = await self._open()
             try:
                 self._publish_channel = await connection.channel(publisher_confirms=True)
                 # Only the publisher writes on this channel (it numbers the
@@ -419,9 +446,25 @@ class Broker:
             declaring = await self._connection_or_fail().channel(publisher_confirms=False)
             try:
                 await declaring.declare_exchange(name, aio_pika.ExchangeType.TOPIC, durable=True)
-                stream = await declaring.declare_queue(
-                    stream_name(name), durable=True, arguments=self._stream_arguments
-                )
+                try:
+                    stream = await declaring.declare_queue(
+                        stream_name(name), durable=True, arguments=self._stream_arguments
+                    )
+                except aiormq.exceptions.ChannelPreconditionFailed as exc:
+                    if "x-initial-cluster-size" not in str(exc):
+                        raise
+                    # Declared earlier with another replica count (before the
+                    # cluster, or with another setting): RabbitMQ cannot change
+                    # it, so the stream is used as it is.
+                    log.warning(
+                        "stream %s keeps the replica count it was declared with "
+                        "(x-initial-cluster-size cannot change)",
+                        stream_name(name),
+                    )
+                    with contextlib.suppress(Exception):
+                        await declaring.close()
+                    declaring = await self._connection_or_fail().channel(publisher_confirms=False)
+                    stream = await declaring.declare_queue(stream_name(name), passive=True)
                 await stream.bind(name, routing_key="#")
             except aiormq.exceptions.ChannelPreconditionFailed as exc:
                 raise BrokerUnavailable(
@@ -488,14 +531,6 @@ class Broker:
         if self._connection is None:
             raise BrokerUnavailable("broker unavailable")
         return self._connection
-
-
-@dataclass
-class _Scan:
-    received: int = 0
-    scanned: int = 0
-    first: int | None = None
-    continuous: bool = False
 
 
 def publish_error(future: asyncio.Future[object]) -> BrokerUnavailable | None:

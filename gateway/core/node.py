@@ -18,9 +18,10 @@ from gateway.broker.broker import Broker, Delivery
 from gateway.config import Settings
 from gateway.core.client_address import TrustedProxies
 from gateway.core.deadlines import Deadlines
-from gateway.core.hub import Hub
+from gateway.core.hub import Hub, Route
 from gateway.core.transport import FanOut, send_each
 from gateway.limits.limiter import Limiter
+from gateway.limits.replays import ReplayGate, Ticket
 from gateway.limits.restrictions import Restrictions
 from gateway.policy.rules import PolicySet
 from gateway.presence.local import LocalPresence
@@ -38,9 +39,6 @@ log = logging.getLogger("rabbitgate.node")
 # An exchange without local subscribers is still followed this long, so that
 # a client hopping between channels does not restart the stream consumer.
 UNFOLLOW_GRACE_SECONDS = 30.0
-# How many stream messages (of all channels of an exchange) one replay may
-# read; a client that was away for longer gets recovered: false.
-REPLAY_SCAN_LIMIT = 200_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,22 +65,25 @@ class Node:
             stream_max_age=settings.stream_max_age,
             confirm_timeout=settings.publish_confirm_timeout_seconds,
             connect_timeout=settings.broker_connect_timeout_seconds,
+            initial_cluster_size=settings.stream_initial_cluster_size,
         )
         self.sessions: set[Subscriber] = set()
         self.events = EventBus()
         self.metrics = Metrics()  # its own registry; the Gateway serves it on /metrics
         self.limiter = Limiter(settings)  # rate limits and connection caps
+        # What history replays may cost, per user and per process (gateway/replays.py).
+        self.replays = ReplayGate(settings.limits)
         # Bans and throttles put on subjects by the anomaly detector's responses.
         self.restrictions = Restrictions()
         # Whose X-Forwarded-For names the client (gateway/core/client_address.py).
         self.trusted_proxies = TrustedProxies(settings.trusted_proxies)
         # Every session's wake-up (token expiry, idle timeout) on one loop timer.
         self.deadlines = Deadlines()
-        # Latest seq seen per channel (what a subscribe ack reports).
-        self._latest_seq: dict[str, int] = {}
+        # Latest seq seen per route (exchange, channel): what a subscribe ack reports.
+        self._latest_seq: dict[Route, int] = {}
         self._following: dict[str, asyncio.Future[None]] = {}
-        # channel -> sessions reading its history, each with what arrived live meanwhile
-        self._recovering: dict[str, dict[Subscriber, list[tuple[int, bytes]]]] = {}
+        # route -> sessions reading its history, each with what arrived live meanwhile
+        self._recovering: dict[Route, dict[Subscriber, list[tuple[int, bytes]]]] = {}
         self._unfollow_timers: dict[str, asyncio.TimerHandle] = {}
         self.dropped_messages = 0
         self.shutting_down = False
@@ -133,21 +134,42 @@ class Node:
         the frames to send right after it (the replay, then what was delivered
         meanwhile, each exactly once and in seq order). The caller must send
         them before it awaits anything, so that nothing overtakes them.
-        Raises BrokerUnavailable when the stream cannot be followed or read.
+        Raises BrokerUnavailable when the stream cannot be followed or read,
+        and ReplayRefused (before any read) when ``since`` asks for a replay
+        the replay limits refuse.
         """
+        ticket = None
+        if since is not None:
+            ticket = await self.replays.admit(session.principal.sub)
+        try:
+            return await self._add_subscriber(session, channel, exchange, since, history, ticket)
+        finally:
+            if ticket is not None:
+                self.replays.release(ticket)
+
+    async def _add_subscriber(
+        self,
+        session: Subscriber,
+        channel: str,
+        exchange: str,
+        since: int | None,
+        history: int,
+        ticket: Ticket | None,
+    ) -> Subscribed:
         await self._ensure_following(exchange)
+        route = (exchange, channel)
         if since is None:
             self._join(session, channel, exchange)
             # The channel's latest seq, or else where the exchange's stream is
             # now: either is a `since` from which nothing will be missed.
-            seq = self._latest_seq.get(channel)
+            seq = self._latest_seq.get(route)
             if seq is None:
                 seq = self.broker.position(exchange)
             return Subscribed(seq, None, [])
         # Buffer what arrives live while the history is read; the stream read
         # ends at a marker written after buffering began, so the two overlap
         # and together miss nothing.
-        waiting = self._recovering.setdefault(channel, {})
+        waiting = self._recovering.setdefault(route, {})
         buffered: list[tuple[int, bytes]] = []
         waiting[session] = buffered
         try:
@@ -156,13 +178,15 @@ class Node:
                 channel,
                 since,
                 history=history,
-                scan_limit=REPLAY_SCAN_LIMIT,
-                timeout=self.settings.publish_confirm_timeout_seconds * 2,
+                scan_limit=self.settings.limits.replay_scan_limit,
+                timeout=self.settings.limits.replay_timeout_seconds,
             )
+            if ticket is not None:
+                ticket.scanned = replay.scanned
         finally:
             del waiting[session]
             if not waiting:
-                del self._recovering[channel]
+                del self._recovering[route]
         backlog: list[bytes] = []
         last = since
         if replay.recovered:
@@ -176,7 +200,7 @@ class Node:
                 backlog.append(frame)
                 last = seq
         # `since` itself counts only once the stream proved it is this channel's.
-        candidates = [self._latest_seq.get(channel)]
+        candidates = [self._latest_seq.get(route)]
         if replay.recovered or last != since:
             candidates.append(last)
         latest = max((seq for seq in candidates if seq is not None), default=None)
@@ -188,20 +212,20 @@ class Node:
         self.presence.joined(exchange, channel, session.id, session.principal.sub)
 
     def remove_subscriber(self, session: Subscriber, channel: str) -> None:
-        exchange = self.hub.exchange_of(channel)
-        if exchange is not None and session in self.hub.subscribers(channel):
+        exchange = self.hub.exchange_of(channel, session)
+        if exchange is not None:
             self.presence.left(exchange, channel, session.id)
         emptied = self.hub.remove(channel, session)
-        if not self.hub.subscribers(channel):
-            self._latest_seq.pop(channel, None)
+        if exchange is not None and not self.hub.subscribers(channel, exchange):
+            self._latest_seq.pop((exchange, channel), None)
         if emptied is not None and emptied not in self._unfollow_timers:
             loop = asyncio.get_running_loop()
             self._unfollow_timers[emptied] = loop.call_later(
                 UNFOLLOW_GRACE_SECONDS, self._unfollow_if_idle, emptied
             )
 
-    def latest_seq(self, channel: str) -> int | None:
-        return self._latest_seq.get(channel)
+    def latest_seq(self, channel: str, exchange: str) -> int | None:
+        return self._latest_seq.get((exchange, channel))
 
     async def _ensure_following(self, exchange: str) -> None:
         timer = self._unfollow_timers.pop(exchange, None)
@@ -230,14 +254,16 @@ class Node:
     # --- delivery -----------------------------------------------------------
 
     def deliver(self, delivery: Delivery) -> None:
-        """Fan one broker message out to this process's subscribers of its channel."""
-        subscribers = self.hub.subscribers(delivery.channel)
-        recovering = self._recovering.get(delivery.channel)
+        """Fan one broker message out to this process's subscribers of its route:
+        its channel on the exchange it came from (gateway/hub.py)."""
+        route = (delivery.exchange, delivery.channel)
+        subscribers = self.hub.subscribers(delivery.channel, delivery.exchange)
+        recovering = self._recovering.get(route)
         if not subscribers and not recovering:
             # Not remembered: an ack for it reports the stream position instead,
             # so this map holds only channels with local subscribers.
             return
-        self._latest_seq[delivery.channel] = delivery.seq
+        self._latest_seq[route] = delivery.seq
         frame = self._frame(delivery)
         if frame is None:
             return
@@ -254,7 +280,7 @@ class Node:
     def wants_presence_events(self, exchange: str, channel: str) -> bool:
         """Whether this process has subscribers of ``channel`` (on ``exchange``)
         whose rule asks for join and leave events."""
-        if self.hub.exchange_of(channel) != exchange:
+        if not self.hub.subscribers(channel, exchange):
             return False
         found = self.policies.rule_for(channel)
         return found is not None and found[0].exchange == exchange and found[0].presence_events
@@ -264,23 +290,26 @@ class Node:
         subscribers of the channel, when its rule (as in force now) has presence_events."""
         if not self.wants_presence_events(exchange, channel):
             return
-        subscribers = list(self.hub.subscribers(channel))
+        subscribers = list(self.hub.subscribers(channel, exchange))
         for frame in frames:
             self._fan_out((session.outbox for session in subscribers), frame)
 
     def _frame(self, delivery: Delivery) -> bytes | None:
-        """The message frame, serialized once for every subscriber; None if undeliverable."""
+        """The message frame, serialized once for every subscriber; None if undeliverable.
+
+        A backend may publish anything: a message that cannot be framed is
+        skipped and counted (``rabbitgate_messages_dropped``), for live
+        subscribers and replays alike, never fatal to either.
+        """
         try:
             data = data_from_body(delivery.body)
-        except ValueError:
-            self.dropped_messages += 1
-            log.warning(
-                "dropped a message on %s (seq %d): body is neither JSON nor UTF-8",
-                delivery.channel,
-                delivery.seq,
+            return message_frame(
+                delivery.channel, delivery.seq, data, delivery.sender, delivery.ts_ms
             )
+        except ValueError as exc:
+            self.dropped_messages += 1
+            log.warning("dropped a message on %s (seq %d): %s", delivery.channel, delivery.seq, exc)
             return None
-        return message_frame(delivery.channel, delivery.seq, data, delivery.sender, delivery.ts_ms)
 
 
 def _log_failure(task: asyncio.Future[None]) -> None:

@@ -27,6 +27,7 @@ from gateway.broker.envelope import ClientStamp
 from gateway.core.deadlines import CLOCK_SLACK_SECONDS, Deadline, loop_time_of
 from gateway.core.gate import Denied
 from gateway.limits.limiter import Refusal, rate_limited_frame
+from gateway.limits.replays import ReplayRefused
 from gateway.policy.rules import Principal, Rule
 from gateway.presence.store import PresenceUnavailable
 from gateway.protocol.codes import CLOSE_AUTH, CLOSE_IDLE, CLOSE_RATE_LIMITED
@@ -267,7 +268,7 @@ class Session:
             self._refuse(refusal, _request_id(text))
             return
         try:
-            frame = parse_frame(text)
+            frame = parse_frame(text, self.node.settings.limits.max_data_depth)
             await self._dispatch(frame)
         except FrameError as exc:
             self._answer_error(exc, len(text))
@@ -334,7 +335,8 @@ class Session:
                 raise FrameError(
                     "bad_request", f"already subscribed to {channel}; unsubscribe first", frame.id
                 )
-            self.send(ack_frame(frame.id, seq=self.node.latest_seq(channel)))
+            seq = self.node.latest_seq(channel, self.subscriptions[channel])
+            self.send(ack_frame(frame.id, seq=seq))
             return
         limit = self.node.settings.limits.max_channels_per_connection
         if len(self.subscriptions) + self._joining >= limit:
@@ -347,6 +349,9 @@ class Session:
             )
         except BrokerUnavailable:
             raise FrameError("unavailable", "broker unavailable, retry later", frame.id) from None
+        except ReplayRefused as refused:  # the replay limits (gateway/replays.py)
+            self._refuse(refused.refusal, frame.id)
+            return
         finally:
             self._joining -= 1
         if self.node.policies is not policies:

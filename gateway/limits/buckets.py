@@ -65,6 +65,12 @@ class TokenBucket:
             self.tat = new_tat
         return allowed, retry_after
 
+    def charge(self, now: float, cost: float) -> None:
+        """Take ``cost`` tokens whatever is there, into debt if need be: for a
+        cost known only after the work was done (a replay's messages read).
+        Nothing is admitted until the debt is paid back at the bucket's rate."""
+        self.tat = max(self.tat, now) + cost * self.interval
+
     def check(self, now: float, cost: float = 1) -> tuple[bool, float]:
         """What ``take`` would answer, without taking anything."""
         allowed, retry_after, _ = self._decide(now, cost)
@@ -122,6 +128,12 @@ class BucketTable:
         """
         bucket = self._bucket(key, rate_per_second, burst, now)
         return bucket.take(now, cost)
+
+    def charge(
+        self, key: str, rate_per_second: float, burst: float, now: float, cost: float
+    ) -> None:
+        """``TokenBucket.charge`` on the bucket of ``key`` (created full if absent)."""
+        self._bucket(key, rate_per_second, burst, now).charge(now, cost)
 
     def check(
         self, key: str, rate_per_second: float, burst: float, now: float, cost: float = 1

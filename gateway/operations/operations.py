@@ -20,7 +20,8 @@ from gateway.core.node import Node
 from gateway.core.reloader import PolicyReloader
 from gateway.operations.admin import build_admin_app
 from gateway.telemetry.audit import audit_sink
-from gateway.transports.httplistener import HttpListener
+from gateway.transports.admission import RefusalMemory
+from gateway.transports.httplistener import HandshakeLimits, HttpListener
 from gateway.transports.sse_server import SSE_PATH, SseEndpoint
 
 log = logging.getLogger("rabbitgate.server")
@@ -39,6 +40,11 @@ class GatewayParts(Protocol):
     def gate(self) -> Gate: ...
 
     @property
+    def handshake_refusals(self) -> RefusalMemory:
+        """Addresses that ignore Retry-After, dropped before TLS on every public port."""
+        ...
+
+    @property
     def reloader(self) -> PolicyReloader: ...
 
     @property
@@ -52,6 +58,7 @@ class Operations:
         node.events.subscribe(audit_sink)
         node.metrics.watch(gateway)
         self._settings = gateway.settings
+        self._gateway = gateway
         self.admin_app: web.Application = build_admin_app(gateway)
         sse_port = gateway.settings.sse_port
         self.sse = SseEndpoint(gateway.gate, gateway.settings) if sse_port is not None else None
@@ -74,12 +81,33 @@ class Operations:
         """
         s = self._settings
         if self.sse is not None and s.sse_port is not None:
+            node = self._gateway.node
+            proxies = node.trusted_proxies
+            # What /ws has: the handshake timeout and per-address caps before
+            # any request is parsed (slowloris, gateway/httplistener.py).
+            handshake = HandshakeLimits(
+                timeout=s.limits.handshake_timeout_seconds,
+                max_per_address=s.limits.max_connections_per_address,
+                drop=self._gateway.handshake_refusals.drop,
+                exempt=proxies.trusts,
+            )
             self._sse = HttpListener(
-                self.sse.app, s.host, s.sse_port, ssl_context=ssl_context, handler_cancellation=True
+                self.sse.app,
+                s.host,
+                s.sse_port,
+                ssl_context=ssl_context,
+                handler_cancellation=True,
+                handshake=handshake,
+                reuse_port=s.reuse_port,
             )
             await _bind(self._sse, s.host, s.sse_port)
             scheme = "https" if ssl_context else "http"
             log.info("SSE on %s://%s:%d%s", scheme, s.host, self._sse.port, SSE_PATH)
+        if s.admin_socket is not None:
+            # A supervisor's worker: the supervisor serves the admin port.
+            self._admin = HttpListener(self.admin_app, "", 0, unix_path=s.admin_socket)
+            await _bind(self._admin, str(s.admin_socket), 0)
+            return
         self._admin = HttpListener(self.admin_app, s.admin_host, s.admin_port)
         await _bind(self._admin, s.admin_host, s.admin_port)
         log.info("admin on http://%s:%d (/metrics /healthz /readyz)", s.admin_host, self.admin_port)

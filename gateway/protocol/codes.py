@@ -3,9 +3,9 @@
 The contract (``protocol.md``, "Close codes" and "Error codes") names them;
 every transport maps them onto its wire: a WebSocket closes with the code
 itself, an SSE stream ends with a ``gateway-error`` event (or an HTTP status
-before the stream starts), STOMP sends an ``ERROR`` frame. The Python client
-(``gateway/client.py``) still has its own copy of the ones it reads; it moves
-out into clients/python and should import nothing from the server.
+before the stream starts), STOMP sends an ``ERROR`` frame. The clients (clients/python, clients/js)
+keep their own copy of the ones they read, on purpose: a client package
+imports nothing of the server.
 """
 
 from __future__ import annotations

@@ -20,6 +20,12 @@ RequestId = str | int
 MAX_ID_CHARS = 64
 # Integer ids beyond 2**53 would lose precision in a JavaScript client.
 MAX_ID_INT = 2**53
+# How deeply a publish's `data` may nest (arrays and objects; a scalar is 0),
+# ``limits.max_data_depth``. orjson serializes at most 254 levels: a deeper
+# `data` could be acked and then never be delivered (nor replayed), so it is
+# refused before it reaches RabbitMQ. (``gateway/config.py`` keeps the
+# setting well below orjson's limit.)
+DEFAULT_MAX_DATA_DEPTH = 32
 
 
 class FrameError(Exception):
@@ -76,11 +82,12 @@ class Presence:
 ClientFrame = Subscribe | Unsubscribe | Publish | Ping | Auth | Presence
 
 
-def parse_frame(text: str | bytes) -> ClientFrame:
-    """Parse one client frame. Raises FrameError("bad_request", ...) on anything malformed."""
+def parse_frame(text: str | bytes, max_depth: int = DEFAULT_MAX_DATA_DEPTH) -> ClientFrame:
+    """Parse one client frame. Raises FrameError("bad_request", ...) on anything
+    malformed, and nothing else for any input (fuzzed: tests/security)."""
     try:
         obj = orjson.loads(text)
-    except orjson.JSONDecodeError:
+    except orjson.JSONDecodeError:  # also: nested past orjson's 1024 levels
         raise FrameError("bad_request", "frame is not valid JSON") from None
     if not isinstance(obj, dict):
         raise FrameError("bad_request", "frame must be a JSON object")
@@ -93,7 +100,7 @@ def parse_frame(text: str | bytes) -> ClientFrame:
     if parser is None:
         shown = kind[:32].encode("ascii", "backslashreplace").decode()
         raise FrameError("bad_request", f"unknown frame type {shown!r}", request_id)
-    return parser(obj, request_id)
+    return parser(obj, request_id, max_depth)
 
 
 def _optional_id(obj: dict[str, Any]) -> RequestId | None:
@@ -131,7 +138,7 @@ def _channel(obj: dict[str, Any], request_id: RequestId | None) -> str:
     return channel
 
 
-def _parse_subscribe(obj: dict[str, Any], request_id: RequestId | None) -> Subscribe:
+def _parse_subscribe(obj: dict[str, Any], request_id: RequestId | None, _: int) -> Subscribe:
     request_id = _required_id(request_id, "subscribe")
     channel = _channel(obj, request_id)
     since = obj.get("since")
@@ -140,35 +147,62 @@ def _parse_subscribe(obj: dict[str, Any], request_id: RequestId | None) -> Subsc
     return Subscribe(request_id, channel, since)
 
 
-def _parse_unsubscribe(obj: dict[str, Any], request_id: RequestId | None) -> Unsubscribe:
+def _parse_unsubscribe(obj: dict[str, Any], request_id: RequestId | None, _: int) -> Unsubscribe:
     request_id = _required_id(request_id, "unsubscribe")
     return Unsubscribe(request_id, _channel(obj, request_id))
 
 
-def _parse_publish(obj: dict[str, Any], request_id: RequestId | None) -> Publish:
+def _parse_publish(obj: dict[str, Any], request_id: RequestId | None, max_depth: int) -> Publish:
     channel = _channel(obj, request_id)
     if "data" not in obj:
         raise FrameError("bad_request", "a publish frame needs 'data'", request_id)
-    return Publish(request_id, channel, orjson.dumps(obj["data"]))
+    data = obj["data"]
+    if nested_deeper_than(data, max_depth):
+        raise FrameError(
+            "bad_request", f"field 'data' nests deeper than {max_depth} levels", request_id
+        )
+    try:
+        body = orjson.dumps(data)
+    except (orjson.JSONEncodeError, TypeError):  # cannot happen after the depth check
+        raise FrameError("bad_request", "field 'data' cannot be serialized", request_id) from None
+    return Publish(request_id, channel, body)
 
 
-def _parse_ping(obj: dict[str, Any], request_id: RequestId | None) -> Ping:
+def nested_deeper_than(value: Any, limit: int) -> bool:
+    """True when arrays/objects in ``value`` nest more than ``limit`` levels
+    (a scalar: 0, ``[]``: 1, ``[{}]``: 2). Iterative: no recursion limit to hit."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > limit:
+            return True
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return False
+
+
+def _parse_ping(obj: dict[str, Any], request_id: RequestId | None, _: int) -> Ping:
     return Ping(_required_id(request_id, "ping"))
 
 
-def _parse_auth(obj: dict[str, Any], request_id: RequestId | None) -> Auth:
+def _parse_auth(obj: dict[str, Any], request_id: RequestId | None, _: int) -> Auth:
     token = obj.get("token")
     if not isinstance(token, str) or not token:
         raise FrameError("bad_request", "field 'token' must be a non-empty string", request_id)
     return Auth(token, request_id)
 
 
-def _parse_presence(obj: dict[str, Any], request_id: RequestId | None) -> Presence:
+def _parse_presence(obj: dict[str, Any], request_id: RequestId | None, _: int) -> Presence:
     request_id = _required_id(request_id, "presence")
     return Presence(request_id, _channel(obj, request_id))
 
 
-_PARSERS: dict[str, Callable[[dict[str, Any], RequestId | None], ClientFrame]] = {
+_PARSERS: dict[str, Callable[[dict[str, Any], RequestId | None, int], ClientFrame]] = {
     "subscribe": _parse_subscribe,
     "unsubscribe": _parse_unsubscribe,
     "publish": _parse_publish,
@@ -223,10 +257,24 @@ def presence_frame(
 
 
 def message_frame(channel: str, seq: int, data: Any, sender: str | None, ts: int) -> bytes:
-    """One ``message`` frame, serialized once and shared by every subscriber."""
-    return orjson.dumps(
-        {"type": "message", "channel": channel, "seq": seq, "data": data, "from": sender, "ts": ts}
-    )
+    """One ``message`` frame, serialized once and shared by every subscriber.
+
+    Raises ValueError when it cannot be serialized (a backend's body nested
+    past orjson's limit): the caller skips and counts that message.
+    """
+    try:
+        return orjson.dumps(
+            {
+                "type": "message",
+                "channel": channel,
+                "seq": seq,
+                "data": data,
+                "from": sender,
+                "ts": ts,
+            }
+        )
+    except (orjson.JSONEncodeError, TypeError):
+        raise ValueError("message cannot be framed (nested too deeply)") from None
 
 
 def data_from_body(body: bytes) -> Any:

@@ -282,7 +282,8 @@ class _LiveCollector:
         )
         yield CounterMetricFamily(
             "rabbitgate_messages_dropped",
-            "Broker messages dropped because their body was neither JSON nor UTF-8.",
+            "Broker messages dropped because they cannot be framed for delivery: a body neither "
+            "JSON nor UTF-8, or nested too deeply to serialize.",
             value=node.dropped_messages,
         )
         yield from _limits(node.limiter)

@@ -29,8 +29,10 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from websockets.asyncio.server import ServerConnection
+from websockets.frames import Frame, Opcode
 from websockets.server import ServerProtocol
 
+from gateway.limits.buckets import TokenBucket
 from gateway.transports.handshake_memory import forget_request_in_parser
 
 Clock = Callable[[], float]
@@ -39,6 +41,9 @@ SHUTDOWN_TIMEOUT_SECONDS = 5.0
 # What a connection may send before websockets takes it: a ClientHello, then
 # the HTTP request (itself limited by websockets to 8 KiB a line).
 MAX_EARLY_BYTES = 256 * 1024
+# Close codes of the control-frame limits (see AdmittedConnection.process_event).
+CLOSE_RATE_LIMITED = 4429
+_CONTROL = (Opcode.PING, Opcode.PONG)
 
 
 @dataclass(slots=True)
@@ -95,6 +100,10 @@ def connection_class(
     on_drop: Callable[[str | None], None],
     ssl_context: ssl.SSLContext | None,
     tls_timeout: float,
+    *,
+    control_frames_per_second: float = 100.0,
+    control_frames_burst: int = 500,
+    max_unread_bytes: int | None = None,
 ) -> type[AdmittedConnection]:
     """A websockets connection class that asks ``drop(address)`` at TCP accept
     and aborts at once when told to; otherwise it starts TLS itself (when
@@ -111,6 +120,9 @@ def connection_class(
             "ssl_context": ssl_context,
             "tls_timeout": tls_timeout,
             "tls_handshakes": set(),
+            "control_rate": control_frames_per_second,
+            "control_burst": control_frames_burst,
+            "max_unread_bytes": max_unread_bytes,
         },
     )
 
@@ -134,6 +146,15 @@ class AdmittedConnection(ServerConnection):
     tls_timeout: float
     # TLS handshakes in progress: a task must be referenced until it ends.
     tls_handshakes: set[asyncio.Task[None]]
+    # Control frames (pings, pongs) a peer may send: the frame limits of data
+    # frames (limits.frames_per_second / frames_burst), in a bucket of their
+    # own, made at the first one (most peers never ping).
+    control_rate: float
+    control_burst: int
+    _control: TokenBucket | None = None
+    # What the transport may hold unsent (limits.send_buffer_bytes plus a
+    # frame) before the peer counts as not reading; None: no bound.
+    max_unread_bytes: int | None
     _handed_over = False  # websockets has the connection (and its state to wind up)
     _tls_started = False
     _fed = False  # the TLS protocol has the bytes read before it existed
@@ -233,6 +254,16 @@ class AdmittedConnection(ServerConnection):
     def data_received(self, data: bytes) -> None:
         if self._handed_over:
             super().data_received(data)
+            # websockets answers every ping with a pong written at once, with
+            # no backpressure: a peer that pings and never reads would grow
+            # the send buffer without bound (and a close frame would queue
+            # behind it). Past the send buffer limit it is a slow consumer;
+            # dropped here, since it would read no close frame anyway.
+            limit = self.max_unread_bytes
+            transport = self.transport
+            if limit is not None and transport is not None:
+                if transport.get_write_buffer_size() > limit:
+                    transport.abort()
             return
         self._early_bytes += len(data)
         if self._early_bytes > MAX_EARLY_BYTES:
@@ -241,6 +272,28 @@ class AdmittedConnection(ServerConnection):
             self._early = [data]
         else:
             self._early.append(data)
+
+    def process_event(self, event: object) -> None:
+        if isinstance(event, Frame) and event.opcode in _CONTROL:
+            # Pings and pongs never reach recv(), where data frames are
+            # metered: metered here, with the same limits.
+            bucket = self._control
+            if bucket is None:
+                bucket = self._control = TokenBucket(self.control_rate, self.control_burst)
+            allowed, _ = bucket.take(self.loop.time())
+            if not allowed:
+                # Stops the parser too: no more pongs for what is still unread.
+                self.protocol.fail(CLOSE_RATE_LIMITED, "rate limits broken too often")
+                self.send_data()
+                # A peer that does not read never answers the close either.
+                self.loop.call_later(self.close_timeout or 0, self._abort_unless_closed)
+                return
+        super().process_event(event)  # type: ignore[arg-type]
+
+    def _abort_unless_closed(self) -> None:
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.abort()
 
     def eof_received(self) -> None:
         if self._handed_over:

@@ -46,6 +46,7 @@ from gateway.core.deadlines import Deadline, loop_time_of
 from gateway.core.gate import Denied, Gate, Refused
 from gateway.core.transport import TransportKind
 from gateway.limits.limiter import Refusal
+from gateway.limits.replays import ReplayRefused
 from gateway.policy.rules import Principal, Rule
 from gateway.protocol.channels import is_valid_channel
 from gateway.protocol.codes import (
@@ -323,6 +324,12 @@ class SseEndpoint:
         except BrokerUnavailable:
             stream.release()
             return _refuse(503, "broker unavailable, retry later", cors)
+        except ReplayRefused as refused:  # Last-Event-ID asked for too much replaying
+            stream.release()
+            refusal = refused.refusal
+            event = TrafficEvent("rate_limited", address, principal.sub, detail=refusal.limit)
+            self._node.events.emit(event)
+            return _too_many(refusal, cors)
         except BaseException:  # the client left (handler cancelled) while joining
             stream.release()
             raise

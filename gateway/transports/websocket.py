@@ -30,7 +30,7 @@ from websockets.protocol import State
 from websockets.typing import Subprotocol
 
 from gateway.auth.principal import AuthError, Principal
-from gateway.config import Settings
+from gateway.config import ConfigError, Settings
 from gateway.core.gate import Gate, Refused
 from gateway.core.session import Session
 from gateway.core.transport import TransportKind
@@ -46,6 +46,7 @@ from gateway.transports.heartbeat import run as run_heartbeat
 from gateway.transports.outbox import Outbox
 
 log = logging.getLogger("rabbitgate.server")
+CLOSE_TIMEOUT_SECONDS = 5.0  # websockets' close_timeout, as passed to serve()
 
 SUBPROTOCOL = Subprotocol("rabbitgate.v1")
 WS_PATH = "/ws"
@@ -149,27 +150,39 @@ class WebSocketListener:
             self._dropped_before_tls,
             ssl_context,
             tls_timeout=limits.handshake_timeout_seconds,
+            control_frames_per_second=limits.frames_per_second,
+            control_frames_burst=limits.frames_burst,
+            max_unread_bytes=limits.send_buffer_bytes + limits.max_frame_bytes,
         )
-        self.server = await serve(
-            self._handle,
-            self._settings.host,
-            self._settings.port,
-            create_connection=self._connection_class,
-            process_request=self._process_request,
-            select_subprotocol=select_subprotocol,
-            subprotocols=[SUBPROTOCOL],
-            compression="deflate" if self._settings.compression else None,
-            server_header=None,
-            open_timeout=limits.handshake_timeout_seconds,
-            # Pings come from self.heartbeat, not a keepalive task per connection.
-            ping_interval=None,
-            close_timeout=5,
-            max_size=limits.max_frame_bytes,
-            max_queue=16,
-            # A reconnect storm brings hundreds of handshakes at once; the
-            # default listen backlog (100) overflows and costs clients seconds.
-            backlog=1024,
-        )
+        try:
+            self.server = await serve(
+                self._handle,
+                self._settings.host,
+                self._settings.port,
+                create_connection=self._connection_class,
+                process_request=self._process_request,
+                select_subprotocol=select_subprotocol,
+                subprotocols=[SUBPROTOCOL],
+                compression="deflate" if self._settings.compression else None,
+                server_header=None,
+                open_timeout=limits.handshake_timeout_seconds,
+                # Pings come from self.heartbeat, not a keepalive task per connection.
+                ping_interval=None,
+                close_timeout=CLOSE_TIMEOUT_SECONDS,
+                max_size=limits.max_frame_bytes,
+                max_queue=16,
+                # A reconnect storm brings hundreds of handshakes at once; the
+                # default listen backlog (100) overflows and costs clients seconds.
+                backlog=1024,
+                # Workers of one supervisor share the port (gateway/operations/supervisor.py).
+                reuse_port=self._settings.reuse_port or None,
+            )
+        except OSError as exc:
+            # The port in use, say: one line, as the SSE and admin ports give.
+            raise ConfigError(
+                f"cannot listen on {self._settings.host}:{self._settings.port}: "
+                f"{exc.strerror or exc}"
+            ) from None
         log.info(
             "listening on %s://%s:%d%s",
             "wss" if ssl_context else "ws",
@@ -341,7 +354,9 @@ class WebSocketListener:
                 if refusal is not None:
                     if guard.strike():
                         await self._node.limiter.record_strikeout(_address(connection))
-                        await connection.close(CLOSE_RATE_LIMITED, "rate limits broken too often")
+                        await _close_within(
+                            connection, CLOSE_RATE_LIMITED, "rate limits broken too often"
+                        )
                         return None
                     await connection.send(rate_limited_frame(refusal), text=True)
                     continue
@@ -351,8 +366,13 @@ class WebSocketListener:
                     )
                     continue
                 try:
-                    frame = parse_frame(message)
+                    frame = parse_frame(message, self._settings.limits.max_data_depth)
                 except FrameError as exc:
+                    # Counted like a malformed frame after authentication.
+                    malformed = TrafficEvent(
+                        "malformed", _address(connection), size=len(message), detail=exc.code
+                    )
+                    self._node.events.emit(malformed)
                     await connection.send(
                         error_frame("unauthorized", "authenticate first", exc.request_id), text=True
                     )
@@ -371,11 +391,27 @@ class WebSocketListener:
                     return None
                 return principal
         except TimeoutError:
-            with contextlib.suppress(ConnectionClosed):
-                await connection.close(CLOSE_AUTH_TIMEOUT, "no auth frame in time")
+            await _close_within(connection, CLOSE_AUTH_TIMEOUT, "no auth frame in time")
             return None
         except ConnectionClosed:
             return None
+
+
+async def _close_within(connection: ServerConnection, code: int, reason: str) -> None:
+    """Close, and drop the TCP connection if that takes longer than the close timeout.
+
+    websockets' close() first waits for the send buffer to drain, without a
+    timeout: a peer that does not read (but pings, say) would keep the
+    connection past its auth timeout until the next heartbeat.
+    """
+    try:
+        async with asyncio.timeout(connection.close_timeout or CLOSE_TIMEOUT_SECONDS):
+            await connection.close(code, reason)
+    except TimeoutError:
+        if connection.transport is not None:
+            connection.transport.abort()
+    except ConnectionClosed:
+        pass
 
 
 def _release_slot(limiter: Limiter, slot: Slot, _: object) -> None:

@@ -402,7 +402,7 @@ async def test_a_delivery_is_encoded_once_for_every_subscriber_and_counted() -> 
     for transport in transports:
         assert isinstance(transport, RecordingTransport)
         assert transport.frames[-1]["seq"] == 42
-    assert parts.node.latest_seq("chat.a") == 42
+    assert parts.node.latest_seq("chat.a", "t.chat") == 42
     parts.node.deliver(Delivery("t.chat", "chat.a", 43, b"\xff", None, 1000))
     assert parts.node.dropped_messages == 1  # neither JSON nor UTF-8
 
