@@ -189,11 +189,15 @@ def load_settings(
     config_file: Path | None = None,
     environ: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
+    *,
+    check_jwt: bool = True,
 ) -> Settings:
     """Build Settings from the YAML file, then the environment, then ``overrides``.
 
     ``overrides`` uses dotted keys (``"jwt.secret"``, ``"port"``) as the CLI
     flags do. Raises ConfigError with a one-line message on any bad value.
+    ``check_jwt=False`` is for commands that verify no token (``alerts``,
+    ``policy explain --claims``): they must not fail on a missing secret.
     """
     raw: dict[str, Any] = {}
     if config_file is not None:
@@ -202,7 +206,7 @@ def load_settings(
         except OSError as exc:
             raise ConfigError(f"cannot read config file {config_file}: {exc.strerror}") from None
         except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {config_file} is not valid YAML: {exc}") from None
+            raise ConfigError(_yaml_problem(config_file, exc)) from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {config_file} must hold a mapping")
         raw = loaded
@@ -212,7 +216,17 @@ def load_settings(
         if value is not None:
             _set_dotted(raw, key, value)
     settings = _build(Settings, raw, "")
-    return _check(settings)
+    return _check(settings, check_jwt=check_jwt)
+
+
+def _yaml_problem(config_file: Path, exc: yaml.YAMLError) -> str:
+    """One line naming the file, line and column; PyYAML's own text is several
+    lines and names the parsed string ``<unicode string>``, not the file."""
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
+        mark = exc.problem_mark
+        problem = exc.problem or exc.context or "syntax error"
+        return f"{config_file}:{mark.line + 1}:{mark.column + 1}: not valid YAML: {problem}"
+    return f"{config_file}: not valid YAML: {' '.join(str(exc).split())}"
 
 
 def _from_environment(environ: Mapping[str, str]) -> dict[str, str]:
@@ -265,7 +279,7 @@ def _coerce(f: dataclasses.Field[Any], value: Any, name: str) -> Any:
                     raise ValueError(value)
                 return lowered in {"1", "true", "yes", "on"}
             return bool(value)
-        if value is None:
+        if value is None or (_numeric_optional(kind) and isinstance(value, str) and _is_off(value)):
             if "None" in kind:
                 return None
             raise ValueError("null")
@@ -295,8 +309,28 @@ def _coerce(f: dataclasses.Field[Any], value: Any, name: str) -> Any:
     return value
 
 
-def _check(settings: Settings) -> Settings:
-    jwt = settings.jwt
+# What an environment variable says to turn an optional number off
+# (RABBITGATE_SSE_PORT=off): YAML's null is not available there. Only for
+# numbers: a string setting (jwt.audience, say) keeps "none" as a value.
+_OFF = frozenset({"", "off", "null", "none", "~"})
+
+
+def _numeric_optional(kind: str) -> bool:
+    return "None" in kind and kind.startswith(("int", "float"))
+
+
+def _is_off(text: str) -> bool:
+    return text.strip().lower() in _OFF
+
+
+def _check(settings: Settings, *, check_jwt: bool = True) -> Settings:
+    if check_jwt:
+        _check_jwt(settings.jwt)
+    _check_rest(settings)
+    return settings
+
+
+def _check_jwt(jwt: JwtSettings) -> None:
     algorithms = set(jwt.algorithms)
     if not algorithms:
         raise ConfigError("jwt.algorithms is empty: no token could ever be verified")
@@ -319,6 +353,9 @@ def _check(settings: Settings) -> Settings:
         raise ConfigError(
             "jwt.max_token_bytes must be positive and jwt.leeway_seconds not negative"
         )
+
+
+def _check_rest(settings: Settings) -> None:
     try:
         parse_networks(settings.trusted_proxies)
     except ValueError as exc:
@@ -342,7 +379,6 @@ def _check(settings: Settings) -> Settings:
     anomaly_problem = settings.anomaly.problem()
     if anomaly_problem is not None:
         raise ConfigError(anomaly_problem)
-    return settings
 
 
 def amqp_urls(settings: Settings) -> tuple[str, ...]:

@@ -164,6 +164,13 @@ class Broker:
                 break
             except BrokerUnavailable:
                 raise
+            except (aiormq.ProbableAuthenticationError, aiormq.AuthenticationError) as exc:
+                # RabbitMQ answered and refused the login (ACCESS_REFUSED, 403):
+                # the same credentials fail the same way until the operator
+                # changes them, so waiting out the connect timeout helps nobody.
+                raise BrokerUnavailable(
+                    f"RabbitMQ at {redacted(self._url)} refused the login: {_describe(exc)}"
+                ) from None
             except Exception as exc:
                 if time.monotonic() >= deadline:
                     where = ", ".join(redacted(url) for url in self._urls)

@@ -30,7 +30,7 @@ from websockets.protocol import State
 from websockets.typing import Subprotocol
 
 from gateway.auth.principal import AuthError, Principal
-from gateway.config import ConfigError, Settings
+from gateway.config import Settings
 from gateway.core.gate import Gate, Refused
 from gateway.core.session import Session
 from gateway.core.transport import TransportKind
@@ -154,35 +154,29 @@ class WebSocketListener:
             control_frames_burst=limits.frames_burst,
             max_unread_bytes=limits.send_buffer_bytes + limits.max_frame_bytes,
         )
-        try:
-            self.server = await serve(
-                self._handle,
-                self._settings.host,
-                self._settings.port,
-                create_connection=self._connection_class,
-                process_request=self._process_request,
-                select_subprotocol=select_subprotocol,
-                subprotocols=[SUBPROTOCOL],
-                compression="deflate" if self._settings.compression else None,
-                server_header=None,
-                open_timeout=limits.handshake_timeout_seconds,
-                # Pings come from self.heartbeat, not a keepalive task per connection.
-                ping_interval=None,
-                close_timeout=CLOSE_TIMEOUT_SECONDS,
-                max_size=limits.max_frame_bytes,
-                max_queue=16,
-                # A reconnect storm brings hundreds of handshakes at once; the
-                # default listen backlog (100) overflows and costs clients seconds.
-                backlog=1024,
-                # Workers of one supervisor share the port (gateway/operations/supervisor.py).
-                reuse_port=self._settings.reuse_port or None,
-            )
-        except OSError as exc:
-            # The port in use, say: one line, as the SSE and admin ports give.
-            raise ConfigError(
-                f"cannot listen on {self._settings.host}:{self._settings.port}: "
-                f"{exc.strerror or exc}"
-            ) from None
+        # A port in use raises OSError: the command says so in one line (gateway/cli.py).
+        self.server = await serve(
+            self._handle,
+            self._settings.host,
+            self._settings.port,
+            create_connection=self._connection_class,
+            process_request=self._process_request,
+            select_subprotocol=select_subprotocol,
+            subprotocols=[SUBPROTOCOL],
+            compression="deflate" if self._settings.compression else None,
+            server_header=None,
+            open_timeout=limits.handshake_timeout_seconds,
+            # Pings come from self.heartbeat, not a keepalive task per connection.
+            ping_interval=None,
+            close_timeout=CLOSE_TIMEOUT_SECONDS,
+            max_size=limits.max_frame_bytes,
+            max_queue=16,
+            # A reconnect storm brings hundreds of handshakes at once; the
+            # default listen backlog (100) overflows and costs clients seconds.
+            backlog=1024,
+            # Workers of one supervisor share the port (gateway/operations/supervisor.py).
+            reuse_port=self._settings.reuse_port or None,
+        )
         log.info(
             "listening on %s://%s:%d%s",
             "wss" if ssl_context else "ws",
@@ -337,7 +331,7 @@ class WebSocketListener:
             max_messages=limits.send_buffer_messages,
         )
         session = Session(self._gate, transport, principal, address)
-        logs.bind(session=session.id, user=principal.sub, address=address)
+        logs.bind_connection(connection, session=session.id, user=principal.sub, address=address)
         self._node.sessions.add(session)
         return session
 
