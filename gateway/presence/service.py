@@ -152,6 +152,9 @@ class PresenceService:
         # Bounded: a Redis call that ignores cancellation must not hold up shutdown.
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=STOP_TIMEOUT_SECONDS)
+        # The leaves of the connections the shutdown just closed: written and
+        # told to the other processes (flush never raises; bounded by its timeout).
+        await self.flush()
         entries = [(key, s) for key, members in self._local.items() for s in members]
         with contextlib.suppress(*REDIS_ERRORS):
             await self.store.forget_process(entries)

@@ -346,3 +346,21 @@ async def test_the_python_client_lists_presence_and_hears_join_and_leave(
         with pytest.raises(RabbitgateError) as refused:
             await alice.presence("secret.x")
         assert refused.value.code == "forbidden"
+
+
+async def test_a_gateway_that_stops_cleanly_leaves_at_once_and_says_so(
+    two_gateways: tuple[Gateway, Gateway], connect_client: ConnectFn, redis_settings: Settings
+) -> None:
+    one, _ = two_gateways
+    third = Gateway(redis_settings, load_policy_set(redis_settings.policies_dir))
+    await third.start()
+    watcher = await connect_client("watcher", gw=one)
+    await watcher.request("subscribe", channel="room.stop")
+    leaving = await connect_client("leaving", gw=third)
+    await leaving.request("subscribe", channel="room.stop")
+    await next_of(watcher, {"join"}, user="leaving")
+    await third.stop()
+    leave = await next_of(watcher, {"leave"}, user="leaving")
+    assert leave["channel"] == "room.stop"
+    answer = await presence(watcher, "room.stop")
+    assert answer["count"] == 1 and [c["user"] for c in answer["clients"]] == ["watcher"]
