@@ -364,3 +364,40 @@ async def test_a_gateway_that_stops_cleanly_leaves_at_once_and_says_so(
     assert leave["channel"] == "room.stop"
     answer = await presence(watcher, "room.stop")
     assert answer["count"] == 1 and [c["user"] for c in answer["clients"]] == ["watcher"]
+
+
+async def test_stomp_subscribers_count_and_get_join_and_leave_as_x_event_messages(
+    gateway: Gateway,
+    connect_client: ConnectFn,
+    client_ssl: ssl.SSLContext,
+    make_token: Callable[..., str],
+) -> None:
+    import orjson
+
+    from tests.integration.stomp_wire import frame, open_wire
+
+    stomp = await open_wire(gateway.port, client_ssl)
+    assert (await stomp.connect(make_token("stella"))).command == "CONNECTED"
+    await stomp.send(frame("SUBSCRIBE", id="sub-0", destination="/topic/room.st", receipt="r1"))
+    assert (await stomp.recv()).command == "RECEIPT"
+    bob = await connect_client("bob")
+    await bob.request("subscribe", channel="room.st")
+    answer = await eventually_count(bob, "room.st", 2)
+    assert sorted(c["user"] for c in answer["clients"]) == ["bob", "stella"]
+    events = []
+    while not any(e["user"] == "bob" for e in events):
+        message = await stomp.until("MESSAGE", timeout=10)
+        assert message.headers["subscription"] == "sub-0"
+        assert message.headers["destination"] == "/topic/room.st"
+        assert message.headers["x-event"] == "join"
+        events.append(orjson.loads(message.body))
+    assert events[-1] == {
+        "type": "join",
+        "channel": "room.st",
+        "user": "bob",
+        "session": bob.welcome["session"],  # type: ignore[attr-defined]
+    }
+    await bob.request("unsubscribe", channel="room.st")
+    leave = await stomp.until("MESSAGE", timeout=10)
+    assert leave.headers["x-event"] == "leave" and orjson.loads(leave.body)["user"] == "bob"
+    await stomp.ws.close()
