@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
+import uuid
 from typing import TYPE_CHECKING
 
 from websockets.asyncio.server import Server, ServerConnection
@@ -24,6 +27,7 @@ from gateway.devtools.devcerts import server_ssl_context
 from gateway.operations.malloc import fix_mmap_threshold
 from gateway.operations.operations import Operations
 from gateway.policy.rules import PolicySet
+from gateway.presence.service import PresenceService
 from gateway.transports.admission import RefusalMemory
 from gateway.transports.heartbeat import Heartbeat
 from gateway.transports.outbox import fan_out
@@ -44,6 +48,18 @@ class Gateway:
         self.reloader = PolicyReloader(
             self.node, settings.policies_dir, watch=settings.policy_watch
         )
+        # Presence across every process through Redis (gateway/presence/); without
+        # redis_url the node keeps its own process-local table.
+        if settings.redis_url is not None:
+            node = self.node
+            self.node.presence = PresenceService(
+                settings.redis_url,
+                f"{socket.gethostname()}/{os.getpid()}/{uuid.uuid4().hex}",
+                timeout=settings.limits.redis_timeout_seconds,
+                deliver=node.deliver_presence,
+                wants_events=node.wants_presence_events,
+                process_ttl_ms=int(settings.presence_ttl_seconds * 1000),
+            )
         self.verifier = TokenVerifier(settings.jwt)
         # Who may connect and subscribe, for every transport (gateway/core/gate.py).
         self.gate = Gate(self.node, self.verifier)
@@ -94,6 +110,7 @@ class Gateway:
             )
         await self.verifier.start()
         await self.node.start()
+        await self.node.presence.start()
         if self.anomaly is not None:
             await self.anomaly.start()
         await self.reloader.start()  # watches policies_dir; SIGHUP calls reload_soon
@@ -127,6 +144,9 @@ class Gateway:
             if sessions:
                 await asyncio.gather(*(session.drain() for session in sessions))
         await self.websocket.close()
+        # After every connection ended: a clean stop takes this process's
+        # entries out of Redis at once instead of letting them lapse.
+        await self.node.presence.stop()
         if self.anomaly is not None:
             await self.anomaly.stop()
         await self.node.stop()

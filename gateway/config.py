@@ -101,6 +101,8 @@ class LimitSettings:
     rate_limited_strikes_before_close: int = 10
     rate_limited_strike_window_seconds: float = 10.0
     idle_timeout_seconds: float = 300.0  # no frame from the client this long: close 1000; 0 = off
+    presence_per_second: float = 2.0  # presence requests of one user (all processes with Redis)
+    presence_burst: int = 10
     # History replays (subscribe with `since`, SSE Last-Event-ID; gateway/replays.py).
     # One read ends after this long or this many stream messages (recovered: false).
     replay_timeout_seconds: float = 5.0
@@ -158,6 +160,9 @@ class Settings:
     # Share the rate limits between gateway processes (redis://, rediss://,
     # unix://). None: each process limits on its own, in memory.
     redis_url: str | None = None
+    # Presence (docs/presence.md): a process that dies is gone from every count
+    # after this long (its liveness key in Redis lapses). At most 30 (the contract).
+    presence_ttl_seconds: float = 20.0
     # Worker processes of `rabbitgate serve` (gateway/operations/supervisor.py): a number,
     # or "auto" for the CPUs this process may run on. More than one needs
     # redis_url, so that the caps and rate limits hold across workers.
@@ -372,6 +377,8 @@ def _check_rest(settings: Settings) -> None:
         if value is not None and not 0 <= value < 65536:
             raise ConfigError(f"{name} {value} is out of range")
     _check_limits(settings.limits)
+    if not 1 <= settings.presence_ttl_seconds <= 30:
+        raise ConfigError("presence_ttl_seconds must be between 1 and 30")
     _check_fleet(settings)
     anomaly_problem = settings.anomaly.problem()
     if anomaly_problem is not None:
@@ -451,6 +458,7 @@ def _check_limits(limits: LimitSettings) -> None:
         "strikeouts_per_minute_per_address",
         "rate_limited_strike_window_seconds",
         "redis_timeout_seconds",
+        "presence_per_second",
         "max_frame_bytes",
         "send_buffer_bytes",
         "send_buffer_messages",
@@ -470,6 +478,7 @@ def _check_limits(limits: LimitSettings) -> None:
         "rate_limited_strikes_before_close",
         "bucket_table_size",
         "max_channels_per_connection",
+        "presence_burst",
         "replay_scan_limit",
         "replays_per_user",
         "replays_in_flight",

@@ -15,6 +15,24 @@ export interface Message {
   ts: number | null;
 }
 
+/** A join or leave of a channel whose rule has presence_events, or the
+ * presence_changed summary sent instead under churn (user and session null). */
+export interface PresenceEvent {
+  type: "join" | "leave" | "presence_changed";
+  channel: string;
+  user: string | null;
+  session: string | null;
+  joined: number;
+  left: number;
+}
+
+/** The answer to presence(channel): count exact, at most 1,000 clients listed. */
+export interface PresenceInfo {
+  channel: string;
+  count: number;
+  clients: { user: string; session: string }[];
+}
+
 export interface RabbitgateClientOptions {
   token: TokenSource;
   onMessage?: (message: Message) => void | Promise<void>;
@@ -22,6 +40,9 @@ export interface RabbitgateClientOptions {
   onRecoveryLost?: (channel: string) => void | Promise<void>;
   /** Errors no call waits for (a subscription the policies ended, a refused resubscribe). */
   onError?: (error: RabbitgateError) => void | Promise<void>;
+  onJoin?: (event: PresenceEvent) => void | Promise<void>;
+  onLeave?: (event: PresenceEvent) => void | Promise<void>;
+  onPresenceChanged?: (event: PresenceEvent) => void | Promise<void>;
   /** Publishes kept while disconnected (default 1000); beyond, publish() rejects with QueueFull. */
   maxQueuedPublishes?: number;
   /** Reconnect delay: random() * min(backoffCap, backoffBase * 2 ** attempt); defaults 0.5 and 30. */
@@ -89,6 +110,7 @@ export class RabbitgateClient {
   publish(channel: string, data: unknown): Promise<void>;
   /** Round trip in seconds. */
   ping(): Promise<number>;
+  presence(channel: string): Promise<PresenceInfo>;
   /** Each message once, in order, when there is no onMessage. */
   messages(): AsyncGenerator<Message, void, undefined>;
 }

@@ -175,7 +175,8 @@ export class RabbitgateClient {
   /**
    * @param {string} url  wss://host:port/ws
    * @param {object} options  token: string or () => string | Promise<string>;
-   *   onMessage(message), onRecoveryLost(channel), onError(error): plain or async,
+   *   onMessage(message), onRecoveryLost(channel), onError(error), and the presence
+   *   events onJoin(event), onLeave(event), onPresenceChanged(event): plain or async,
    *   called in order with the messages; maxQueuedPublishes (1000), backoffBase (0.5 s),
    *   backoffCap (30 s), refreshMargin (30 s).
    */
@@ -186,6 +187,9 @@ export class RabbitgateClient {
     this._onMessage = options.onMessage ?? null;
     this._onRecoveryLost = options.onRecoveryLost ?? null;
     this._onError = options.onError ?? null;
+    this._onJoin = options.onJoin ?? null;
+    this._onLeave = options.onLeave ?? null;
+    this._onPresenceChanged = options.onPresenceChanged ?? null;
     this.maxQueuedPublishes = options.maxQueuedPublishes ?? 1000;
     this.backoffBase = options.backoffBase ?? 0.5;
     this.backoffCap = options.backoffCap ?? 30;
@@ -263,6 +267,19 @@ export class RabbitgateClient {
       this._queue.push({ id, text, resolve, reject, attempts: 0 });
       this._flush();
     });
+  }
+
+  /** Who is subscribed to `channel` on every gateway process:
+   * {channel, count, clients: [{user, session}]} (count exact, at most 1,000 listed).
+   * Rejects with a RabbitgateError (forbidden, unavailable, rate_limited). */
+  async presence(channel) {
+    const conn = await this._waitReady();
+    const frame = await this._request(conn, { type: "presence", channel });
+    if (frame.type !== "presence") throw toError(frame);
+    const clients = Array.isArray(frame.clients)
+      ? frame.clients.map((c) => ({ user: String(c?.user), session: String(c?.session) }))
+      : [];
+    return { channel, count: intOrNull(frame.count) ?? 0, clients };
   }
 
   /** Round trip in seconds. */
@@ -452,7 +469,18 @@ export class RabbitgateClient {
       }
       return;
     }
-    if (!["ack", "error", "pong"].includes(frame.type)) return;
+    if (["join", "leave", "presence_changed"].includes(frame.type)) {
+      if (typeof frame.channel !== "string") return;
+      const event = {
+        type: frame.type, channel: frame.channel,
+        user: typeof frame.user === "string" ? frame.user : null,
+        session: typeof frame.session === "string" ? frame.session : null,
+        joined: intOrNull(frame.joined) ?? 0, left: intOrNull(frame.left) ?? 0,
+      };
+      this._deliver(frame.type, event);
+      return;
+    }
+    if (!["ack", "error", "pong", "presence"].includes(frame.type)) return;
     const id = intOrNull(frame.id);
     const item = id === null ? undefined : this._inflight.get(id);
     const request = id === null ? undefined : this._requests.get(id);
@@ -593,7 +621,10 @@ export class RabbitgateClient {
 
   /** Run an application callback (plain or async); its failure is logged, never ours. */
   async _sideEffect(kind, value) {
-    const callback = { message: this._onMessage, recoveryLost: this._onRecoveryLost, error: this._onError }[kind];
+    const callback = {
+      message: this._onMessage, recoveryLost: this._onRecoveryLost, error: this._onError,
+      join: this._onJoin, leave: this._onLeave, presence_changed: this._onPresenceChanged,
+    }[kind];
     try {
       if (callback) await callback(value);
     } catch (error) {

@@ -80,10 +80,13 @@ class Denied:
 
     channel: str
     rule: str | None
-    action: Literal["subscribe", "publish"] = "subscribe"
+    action: Literal["subscribe", "publish", "presence"] = "subscribe"
 
     @property
     def message(self) -> str:
+        if self.action == "presence":
+            # The same words whether a rule matched or not: reveals nothing.
+            return f"not allowed to see presence of {self.channel}"
         return f"not allowed to {self.action} to {self.channel}"
 
 
@@ -164,9 +167,16 @@ class Gate:
         """The rule that allows ``principal`` to publish to ``channel``, or a Denied."""
         return self._may("publish", principal, channel, address, session)
 
+    def may_see_presence(
+        self, principal: Principal, channel: str, address: str | None, session: str | None = None
+    ) -> Rule | Denied:
+        """The rule whose ``presence`` conditions let ``principal`` list ``channel``'s
+        subscribers, or a Denied that says the same whatever the reason."""
+        return self._may("presence", principal, channel, address, session)
+
     def _may(
         self,
-        action: Literal["subscribe", "publish"],
+        action: Literal["subscribe", "publish", "presence"],
         principal: Principal,
         channel: str,
         address: str | None,

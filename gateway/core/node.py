@@ -24,6 +24,7 @@ from gateway.limits.limiter import Limiter
 from gateway.limits.replays import ReplayGate, Ticket
 from gateway.limits.restrictions import Restrictions
 from gateway.policy.rules import PolicySet
+from gateway.presence.local import LocalPresence
 from gateway.protocol.codes import CLOSE_SLOW_CONSUMER
 from gateway.protocol.frames import data_from_body, message_frame
 from gateway.telemetry.events import EventBus
@@ -31,6 +32,7 @@ from gateway.telemetry.metrics import Metrics
 
 if TYPE_CHECKING:
     from gateway.core.transport import Subscriber
+    from gateway.presence.seam import Presence
 
 log = logging.getLogger("rabbitgate.node")
 
@@ -85,6 +87,9 @@ class Node:
         self._unfollow_timers: dict[str, asyncio.TimerHandle] = {}
         self.dropped_messages = 0
         self.shutting_down = False
+        # Who is subscribed where (spec section 11): this process's table unless
+        # the Gateway puts the Redis service here (gateway/presence/).
+        self.presence: Presence = LocalPresence(self.deliver_presence, self.wants_presence_events)
 
     async def swap_policies(self, policies: PolicySet) -> int:
         """Put a validated policy set in force and re-check every live subscription.
@@ -155,7 +160,7 @@ class Node:
         await self._ensure_following(exchange)
         route = (exchange, channel)
         if since is None:
-            self.hub.add(channel, exchange, session)
+            self._join(session, channel, exchange)
             # The channel's latest seq, or else where the exchange's stream is
             # now: either is a `since` from which nothing will be missed.
             seq = self._latest_seq.get(route)
@@ -200,11 +205,17 @@ class Node:
         if replay.recovered or last != since:
             candidates.append(last)
         latest = max((seq for seq in candidates if seq is not None), default=None)
-        self.hub.add(channel, exchange, session)
+        self._join(session, channel, exchange)
         return Subscribed(latest, replay.recovered, backlog)
+
+    def _join(self, session: Subscriber, channel: str, exchange: str) -> None:
+        self.hub.add(channel, exchange, session)
+        self.presence.joined(exchange, channel, session.id, session.principal.sub)
 
     def remove_subscriber(self, session: Subscriber, channel: str) -> None:
         exchange = self.hub.exchange_of(channel, session)
+        if exchange is not None:
+            self.presence.left(exchange, channel, session.id)
         emptied = self.hub.remove(channel, session)
         if exchange is not None and not self.hub.subscribers(channel, exchange):
             self._latest_seq.pop((exchange, channel), None)
@@ -266,6 +277,23 @@ class Node:
                     session.close(CLOSE_SLOW_CONSUMER, "slow consumer")
                 else:
                     buffered.append((delivery.seq, frame))
+
+    def wants_presence_events(self, exchange: str, channel: str) -> bool:
+        """Whether this process has subscribers of ``channel`` (on ``exchange``)
+        whose rule asks for join and leave events."""
+        if not self.hub.subscribers(channel, exchange):
+            return False
+        found = self.policies.rule_for(channel)
+        return found is not None and found[0].exchange == exchange and found[0].presence_events
+
+    def deliver_presence(self, exchange: str, channel: str, frames: list[bytes]) -> None:
+        """Fan one tick's join/leave (or presence_changed) frames out to the local
+        subscribers of the channel, when its rule (as in force now) has presence_events."""
+        if not self.wants_presence_events(exchange, channel):
+            return
+        subscribers = list(self.hub.subscribers(channel, exchange))
+        for frame in frames:
+            self._fan_out((session.outbox for session in subscribers), frame)
 
     def _frame(self, delivery: Delivery) -> bytes | None:
         """The message frame, serialized once for every subscriber; None if undeliverable.

@@ -29,12 +29,14 @@ from gateway.core.gate import Denied
 from gateway.limits.limiter import Refusal, rate_limited_frame
 from gateway.limits.replays import ReplayRefused
 from gateway.policy.rules import Principal, Rule
+from gateway.presence.store import PresenceUnavailable
 from gateway.protocol.codes import CLOSE_AUTH, CLOSE_IDLE, CLOSE_RATE_LIMITED
 from gateway.protocol.frames import (
     Auth,
     ClientFrame,
     FrameError,
     Ping,
+    Presence,
     Publish,
     RequestId,
     Subscribe,
@@ -43,6 +45,7 @@ from gateway.protocol.frames import (
     error_frame,
     parse_frame,
     pong_frame,
+    presence_frame,
 )
 from gateway.telemetry.events import EventKind, TrafficEvent
 
@@ -287,6 +290,32 @@ class Session:
                 self.send(pong_frame(frame.id))
             case Auth():
                 await self._refresh(frame)
+            case Presence():
+                await self._presence(frame)
+
+    async def _presence(self, frame: Presence) -> None:
+        # Policy first, then the rate limit: a refused channel costs no Redis call
+        # and is answered the same whether or not it has a rule or subscribers.
+        rule = self.gate.may_see_presence(self.principal, frame.channel, self.address, self.id)
+        if isinstance(rule, Denied):
+            raise FrameError("forbidden", rule.message, frame.id)
+        refusal = await self.node.limiter.take_presence(self.principal.sub)
+        if refusal is not None:
+            self._refuse(refusal, frame.id)
+            return
+        # The Redis read runs beside the frame loop: a slow Redis delays only
+        # this answer (bounded by the Redis timeout), never a publish of this
+        # connection nor any delivery.
+        self._keep(asyncio.get_running_loop().create_task(self._answer_presence(frame, rule)))
+
+    async def _answer_presence(self, frame: Presence, rule: Rule) -> None:
+        try:
+            snapshot = await self.node.presence.snapshot(rule.exchange, frame.channel)
+        except PresenceUnavailable:
+            self.send(error_frame("unavailable", "presence unavailable, retry later", frame.id))
+            return
+        clients = [(m.user, m.session) for m in snapshot.members]
+        self.send(presence_frame(frame.id, frame.channel, snapshot.count, clients))
 
     async def _subscribe(self, frame: Subscribe) -> None:
         # A subject the anomaly detector throttled (gateway/limits/restrictions.py) counts too.

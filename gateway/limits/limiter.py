@@ -254,6 +254,14 @@ class Limiter:
         decision = await self._bucket("publish", f"{rule.label}:{user}", rate, burst or 1)
         return _refusal("publish", decision)
 
+    async def take_presence(self, user: str) -> Refusal | None:
+        """One presence request by ``user`` (shared across processes with Redis)."""
+        limits = self.limits
+        decision = await self._bucket(
+            "presence", user, limits.presence_per_second, limits.presence_burst
+        )
+        return _refusal("presence", decision)
+
     def release(self, slot: Slot | None) -> None:
         """Give back a lease (idempotent); Redis is told in the background."""
         if slot is None:

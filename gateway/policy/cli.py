@@ -82,7 +82,7 @@ def add_policy_commands(
     )
     add_config_flag(explain)
     explain.add_argument("--channel", required=True, help="the channel, e.g. chat.lobby")
-    explain.add_argument("--action", required=True, choices=("subscribe", "publish"))
+    explain.add_argument("--action", required=True, choices=("subscribe", "publish", "presence"))
     who = explain.add_mutually_exclusive_group(required=True)
     who.add_argument(
         "--claims",

@@ -49,7 +49,8 @@ __all__ = [
     "parse_policy_files",
 ]
 
-Action = Literal["subscribe", "publish"]
+Action = Literal["subscribe", "publish", "presence"]
+ACTIONS: tuple[Action, ...] = ("subscribe", "publish", "presence")
 
 # Limits on what an operator's (or an attacker's) file may ask of us.
 MAX_FILE_BYTES = 1024 * 1024
@@ -118,6 +119,9 @@ class Rule:
     publish: tuple[Condition, ...] = ()
     limits: RuleLimits = RuleLimits()
     history: int = DEFAULT_HISTORY
+    # Who may list the channel's subscribers (spec section 11); missing means nobody.
+    presence: tuple[Condition, ...] = ()
+    presence_events: bool = False  # subscribers get join/leave events
     number: int = 1  # position within its file, 1-based, as messages show it
     # Precompiled pattern: segment count, (position, literal), (position, placeholder),
     # and each segment as its literal or None for a placeholder.
@@ -144,6 +148,8 @@ class Rule:
             return self.subscribe
         if action == "publish":
             return self.publish
+        if action == "presence":
+            return self.presence
         raise ValueError(f"unknown action {action!r}")
 
     def match(self, channel: str) -> dict[str, str] | None:
@@ -271,7 +277,7 @@ class PolicySet:
         return None
 
     def decide(self, principal: Principal, action: Action, channel: str) -> Decision:
-        if action not in ("subscribe", "publish"):
+        if action not in ACTIONS:
             raise ValueError(f"unknown action {action!r}")
         hit = self.rule_for(channel)
         if hit is None:
@@ -330,6 +336,10 @@ class PolicySet:
                 )
             if all(is_nobody(c) for c in (*rule.subscribe, *rule.publish)):
                 texts.append("nobody may subscribe or publish: its channels are unusable")
+            if any(isinstance(c, Anyone) for c in rule.presence):
+                texts.append("anyone may list who is subscribed (presence: [anyone])")
+            if rule.presence_events and all(is_nobody(c) for c in rule.subscribe):
+                texts.append("presence_events is on but nobody may subscribe to receive them")
             unlimited = rule.limits.publish_per_second is None
             if unlimited and any(isinstance(c, Anyone) for c in rule.publish):
                 texts.append("anyone may publish, with no 'publish' limit")
@@ -384,6 +394,8 @@ def _digest(rules: tuple[Rule, ...], files: tuple[str, ...]) -> str:
                 [str(c) for c in r.publish],
                 [r.limits.publish_per_second, r.limits.burst, r.limits.max_bytes],
                 r.history,
+                [str(c) for c in r.presence],
+                r.presence_events,
             ]
             for r in rules
         ],
@@ -466,7 +478,16 @@ def _parse_file(text: str, source: str, display: str, first_index: int) -> list[
     ]
 
 
-_RULE_FIELDS = ("channel", "exchange", "subscribe", "publish", "limits", "history")
+_RULE_FIELDS = (
+    "channel",
+    "exchange",
+    "subscribe",
+    "publish",
+    "presence",
+    "presence_events",
+    "limits",
+    "history",
+)
 T = TypeVar("T")
 
 
@@ -518,6 +539,8 @@ def _parse_rule(node: yaml.Node, source: str, display: str, number: int, index: 
         publish=value("publish", lambda n: _parse_conditions(_plain(n), names), ()),
         limits=value("limits", _parse_limits, RuleLimits()),
         history=value("history", _parse_history, DEFAULT_HISTORY),
+        presence=value("presence", lambda n: _parse_conditions(_plain(n), names), ()),
+        presence_events=value("presence_events", _parse_flag, False),
         number=number,
     )
 
@@ -626,6 +649,13 @@ def _parse_rate(raw: object) -> float:
     if count <= 0:
         raise _Invalid("the rate must be more than 0 (use publish: [nobody] to forbid publishing)")
     return count / _UNIT_SECONDS[match[2].lower()]
+
+
+def _parse_flag(node: yaml.Node) -> bool:
+    raw = _plain(node)
+    if type(raw) is not bool:
+        raise _Invalid(f"must be true or false, not {shown(raw)}")
+    return raw
 
 
 def _parse_history(node: yaml.Node) -> int:

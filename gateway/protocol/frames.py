@@ -1,4 +1,4 @@
-"""Frames of the wire contract (sections 3 and 4) <-> plain values. No I/O.
+"""Frames of the wire contract (sections 3, 4 and 11) <-> plain values. No I/O.
 
 ``parse_frame`` turns one text frame from a client into a dataclass or raises
 ``FrameError`` with the spec's error code; the ``*_frame`` functions build the
@@ -71,7 +71,15 @@ class Auth:
     id: RequestId | None
 
 
-ClientFrame = Subscribe | Unsubscribe | Publish | Ping | Auth
+@dataclass(frozen=True, slots=True)
+class Presence:
+    """Who is subscribed to ``channel`` (spec section 11)."""
+
+    id: RequestId
+    channel: str
+
+
+ClientFrame = Subscribe | Unsubscribe | Publish | Ping | Auth | Presence
 
 
 def parse_frame(text: str | bytes, max_depth: int = DEFAULT_MAX_DATA_DEPTH) -> ClientFrame:
@@ -189,12 +197,18 @@ def _parse_auth(obj: dict[str, Any], request_id: RequestId | None, _: int) -> Au
     return Auth(token, request_id)
 
 
+def _parse_presence(obj: dict[str, Any], request_id: RequestId | None, _: int) -> Presence:
+    request_id = _required_id(request_id, "presence")
+    return Presence(request_id, _channel(obj, request_id))
+
+
 _PARSERS: dict[str, Callable[[dict[str, Any], RequestId | None, int], ClientFrame]] = {
     "subscribe": _parse_subscribe,
     "unsubscribe": _parse_unsubscribe,
     "publish": _parse_publish,
     "ping": _parse_ping,
     "auth": _parse_auth,
+    "presence": _parse_presence,
 }
 
 
@@ -231,6 +245,15 @@ def error_frame(
 
 def pong_frame(request_id: RequestId) -> bytes:
     return orjson.dumps({"type": "pong", "id": request_id})
+
+
+def presence_frame(
+    request_id: RequestId, channel: str, count: int, clients: list[tuple[str, str]]
+) -> bytes:
+    """The answer to a ``presence`` request: ``clients`` are (user, session) pairs."""
+    listed = [{"user": user, "session": session} for user, session in clients]
+    frame = {"type": "presence", "id": request_id, "channel": channel, "count": count}
+    return orjson.dumps({**frame, "clients": listed})
 
 
 def message_frame(channel: str, seq: int, data: Any, sender: str | None, ts: int) -> bytes:

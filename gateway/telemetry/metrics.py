@@ -73,6 +73,7 @@ RATE_LIMITS = (
     "replays",
     "replays_in_flight",
     "replay_budget",
+    "presence",  # presence requests of one user (docs/presence.md)
 )
 MALFORMED_CODES = ("bad_request", "too_large")
 ACTIONS = ("subscribe", "publish")

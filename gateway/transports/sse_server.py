@@ -76,6 +76,9 @@ _END_FRAMES = {
 }
 
 
+PRESENCE_EVENTS = frozenset({"join", "leave", "presence_changed"})
+
+
 class SseStream:
     """One SSE client: a ``Subscriber`` of the node (``node.sessions``, the hub)
     that takes no commands; its channels are subscribed when it opens."""
@@ -219,6 +222,12 @@ class SseStream:
         kind = parsed.get("type")
         if kind == "recovery":
             return format_event("recovery", frame)
+        if kind in PRESENCE_EVENTS:
+            # join / leave / presence_changed (docs/presence.md), no event id:
+            # they are not replayed on reconnect.
+            if parsed.get("channel") not in self.subscriptions:
+                return b""
+            return format_event(kind, frame)
         if kind != "message":
             return format_event("gateway-error", frame)
         channel = parsed["channel"]

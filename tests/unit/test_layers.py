@@ -21,6 +21,7 @@ LAYERS = [
     ("gateway.telemetry",),
     ("gateway.policy",),
     ("gateway.limits",),
+    ("gateway.presence",),
     ("gateway.broker",),
     ("gateway.core",),
     ("gateway.devtools",),

@@ -4,6 +4,8 @@ import {
   CannotConnect,
   ClientClosed,
   type Message,
+  type PresenceEvent,
+  type PresenceInfo,
   QueueFull,
   RabbitgateClient,
   RabbitgateError,
@@ -19,6 +21,12 @@ const client = new RabbitgateClient("wss://localhost:8443/ws", {
   },
   onRecoveryLost: async (channel: string) => { void channel; },
   onError: (error) => console.warn(error.code, error.retryAfter, error.channel),
+  onJoin: (event: PresenceEvent) => {
+    const user: string | null = event.user;
+    void [user, event.channel, event.session];
+  },
+  onLeave: async (event) => { void event.type; },
+  onPresenceChanged: (event) => { const n: number = event.joined + event.left; void n; },
   maxQueuedPublishes: 10,
   backoffBase: 0.5,
   backoffCap: 30,
@@ -28,6 +36,10 @@ const client = new RabbitgateClient("wss://localhost:8443/ws", {
 async function use(): Promise<void> {
   await client.connect();
   await client.subscribe("chat.lobby");
+  const who: PresenceInfo = await client.presence("chat.lobby");
+  const count: number = who.count;
+  const firstUser: string | undefined = who.clients[0]?.user;
+  void [count, firstUser];
   try {
     await client.publish("chat.lobby", { text: "hi" });
   } catch (error) {

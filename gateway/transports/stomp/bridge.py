@@ -45,6 +45,7 @@ from gateway.transports.stomp.mapping import (
     message_frame,
     message_tail,
     parse_request,
+    presence_event_frame,
     receipt_frame,
 )
 
@@ -94,6 +95,7 @@ class StompBridge:
     _pending: dict[int, _Pending] = field(default_factory=dict)
     _recovered: dict[str, bool] = field(default_factory=dict)  # for the id's first MESSAGE
     _next_id: int = 0
+    _events: int = 0  # presence events sent: their message-ids
     closed: bool = False  # an ERROR went out: nothing more is sent
 
     # --- client -> gateway ------------------------------------------------------
@@ -189,7 +191,23 @@ class StompBridge:
             return self._acked(parsed), None
         if kind == "error":
             return self._failed(parsed)
+        if kind in ("join", "leave", "presence_changed"):
+            return self._presence_event(str(kind), parsed.get("channel"), frame), None
         return [], None  # pong, welcome: nothing in STOMP
+
+    def _presence_event(self, kind: str, channel: object, frame: bytes) -> list[bytes]:
+        """One MESSAGE with ``x-event`` per subscription of the channel."""
+        if not isinstance(channel, str):
+            return []
+        self._events += 1
+        out = []
+        for sub_id in self.by_channel.get(channel, ()):
+            destination = self.subscriptions[sub_id].text
+            message_id = f"{channel}@presence-{self._events}"
+            out.append(
+                presence_event_frame(sub_id, destination, kind, frame, message_id, self.version)
+            )
+        return out
 
     def _messages(self, frame: bytes) -> list[bytes]:
         message = _shared_message(frame, self.version)

@@ -358,5 +358,20 @@ def message_frame(
     return b"".join((lines, tail.headers, b"\n", tail.body, b"\0"))
 
 
+def presence_event_frame(
+    subscription: str, destination: str, kind: str, body: bytes, message_id: str, version: Version
+) -> bytes:
+    """A presence event (join, leave, presence_changed; docs/presence.md) on one
+    subscription: a MESSAGE with ``x-event`` and the gateway's JSON frame as body."""
+    headers = [
+        ("subscription", subscription),
+        ("destination", destination),
+        ("message-id", message_id),
+        ("content-type", JSON),
+        ("x-event", kind),
+    ]
+    return serialize("MESSAGE", headers, body, version=version)
+
+
 def _bool(value: bool) -> str:
     return "true" if value else "false"

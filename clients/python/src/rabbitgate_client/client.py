@@ -287,6 +287,28 @@ class _Publish:
 # --- the client -------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class PresenceEvent:
+    """A ``join``/``leave`` of a channel whose rule has presence_events, or
+    ``presence_changed`` (``user``/``session`` None) when many came in one tick."""
+
+    kind: str  # "join", "leave" or "presence_changed"
+    channel: str
+    user: str | None
+    session: str | None
+    joined: int = 0  # presence_changed only: how many joined and left in that tick
+    left: int = 0
+
+
+@dataclass(frozen=True)
+class PresenceInfo:
+    """The answer to ``presence(channel)``: ``count`` is exact, ``clients`` at most 1,000."""
+
+    channel: str
+    count: int
+    clients: list[tuple[str, str]]  # (user, session)
+
+
 class RabbitgateClient:
     """Call ``connect()`` (or use ``async with``), then subscribe/publish; ``close()`` at the end.
 
@@ -295,7 +317,10 @@ class RabbitgateClient:
     ``on_recovery_lost(channel)`` may be plain functions or coroutines; both run in
     order with the messages, off the reader. Without ``on_message``, read
     ``messages()``. ``on_error(error)`` hears errors no call waits for (a
-    subscription ended by the policies, a resubscribe refused).
+    subscription ended by the policies, a resubscribe refused). ``on_join(event)``
+    and ``on_leave(event)`` hear presence events (``PresenceEvent``) of channels
+    whose rule has presence_events; ``on_presence_changed(event)`` the summary sent
+    instead under churn (then ask ``presence(channel)`` again).
     """
 
     def __init__(
@@ -307,6 +332,9 @@ class RabbitgateClient:
         on_message: Callable[[Message], Any] | None = None,
         on_recovery_lost: Callable[[str], Any] | None = None,
         on_error: Callable[[RabbitgateError], Any] | None = None,
+        on_join: Callable[[PresenceEvent], Any] | None = None,
+        on_leave: Callable[[PresenceEvent], Any] | None = None,
+        on_presence_changed: Callable[[PresenceEvent], Any] | None = None,
         max_queued_publishes: int = 1000,
         backoff_base: float = 0.5,
         backoff_cap: float = 30.0,
@@ -321,6 +349,11 @@ class RabbitgateClient:
             on_recovery_lost,
             on_error,
         )
+        self._on_presence: dict[str, Callable[[PresenceEvent], Any] | None] = {
+            "join": on_join,
+            "leave": on_leave,
+            "presence_changed": on_presence_changed,
+        }
         self.max_queued_publishes = max_queued_publishes
         self.backoff_base, self.backoff_cap = backoff_base, backoff_cap
         self.refresh_margin = refresh_margin
@@ -417,6 +450,20 @@ class RabbitgateClient:
         self._queue.append(item)
         self._flush()
         await item.future
+
+    async def presence(self, channel: str) -> PresenceInfo:
+        """Who is subscribed to ``channel`` on every gateway process; raises
+        RabbitgateError (``forbidden``, ``unavailable``, ``rate_limited``) if refused."""
+        ws = await self._wait_ready()
+        frame = await self._request(ws, {"type": "presence", "channel": channel})
+        if frame.get("type") != "presence":
+            raise _error(frame)
+        clients = [
+            (str(c.get("user")), str(c.get("session")))
+            for c in frame.get("clients") or []
+            if isinstance(c, dict)
+        ]
+        return PresenceInfo(channel, int(frame.get("count") or 0), clients)
 
     async def ping(self) -> float:
         """Round trip to the gateway in seconds; raises Disconnected if the connection drops."""
@@ -620,7 +667,18 @@ class RabbitgateClient:
                 )  # fmt: skip
                 await self._inbox.put(("message", message))
             return
-        if kind not in ("ack", "error", "pong"):
+        if kind in ("join", "leave", "presence_changed"):
+            channel, user, session = frame.get("channel"), frame.get("user"), frame.get("session")
+            if isinstance(channel, str):
+                event = PresenceEvent(
+                    str(kind), channel,
+                    user if isinstance(user, str) else None,
+                    session if isinstance(session, str) else None,
+                    _int_or_none(frame.get("joined")) or 0, _int_or_none(frame.get("left")) or 0,
+                )  # fmt: skip
+                await self._inbox.put(("presence", event))
+            return
+        if kind not in ("ack", "error", "pong", "presence"):
             log.debug("ignored a frame of type %.40r", kind)
             return
         request_id = _int_or_none(frame.get("id"))
@@ -774,6 +832,10 @@ class RabbitgateClient:
         kind, value = item
         if kind == "recovery_lost" and self._on_recovery_lost is not None:
             await _call(self._on_recovery_lost, value)
+        elif kind == "presence":
+            callback = self._on_presence.get(value.kind)
+            if callback is not None:
+                await _call(callback, value)
         elif kind == "error":
             log.warning("gateway error: %s", value)
             if self._on_error is not None:
