@@ -18,8 +18,8 @@ import time
 import redis.asyncio as aioredis
 from limits import RateLimitItemPerDay, storage
 from limits.aio.strategies import FixedWindowRateLimiter
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
+
+from gateway.limits.redis_limits import bounded_pool
 
 NAMESPACE = "tenant-messages"
 
@@ -39,19 +39,12 @@ class DailyQuotas:
         self.timeout = timeout
         self._memory = FixedWindowRateLimiter(storage.storage_from_string("async+memory://"))
         self._shared: FixedWindowRateLimiter | None = None
-        self._pool: aioredis.BlockingConnectionPool | None = None
+        self._pool: aioredis.ConnectionPool | None = None
         if redis_url is not None:
             # limits over redis-py (its "redispy" implementation) with a pool of
             # ours: the same client library and timeouts as the other shared
             # limits, no second Redis client package, and a pool we can close.
-            self._pool = aioredis.BlockingConnectionPool.from_url(
-                redis_url,
-                max_connections=16,
-                timeout=timeout,
-                socket_timeout=timeout,
-                socket_connect_timeout=timeout,
-                retry=Retry(NoBackoff(), 0),
-            )
+            self._pool = bounded_pool(redis_url, timeout=timeout, max_connections=16)
             shared = storage.storage_from_string(
                 _async_url(redis_url),
                 implementation="redispy",

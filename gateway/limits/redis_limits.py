@@ -94,21 +94,29 @@ return 1
 """
 
 
+def bounded_pool(url: str, *, timeout: float, max_connections: int) -> aioredis.ConnectionPool:
+    """A connection pool whose every wait, connect and read is bounded by ``timeout``.
+
+    No retries: a retry would only stretch the time a request waits. Every
+    shared-state client of the gateway (limits, day quotas, presence) uses one.
+    """
+    return aioredis.BlockingConnectionPool.from_url(
+        url,
+        max_connections=max_connections,
+        timeout=timeout,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        retry=Retry(NoBackoff(), 0),
+    )
+
+
 class RedisLimits:
     """Shared buckets and leases. Every method may raise one of ``REDIS_ERRORS``."""
 
     def __init__(self, url: str, *, timeout: float, prefix: str = "rabbitgate:") -> None:
         self.timeout = timeout
         self.prefix = prefix
-        # No retries: a retry would only stretch the time a request waits.
-        pool = aioredis.BlockingConnectionPool.from_url(
-            url,
-            max_connections=64,
-            timeout=timeout,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            retry=Retry(NoBackoff(), 0),
-        )
+        pool = bounded_pool(url, timeout=timeout, max_connections=64)
         self.client = aioredis.Redis(connection_pool=pool)
         self._take = self.client.register_script(_TAKE)
         self._acquire = self.client.register_script(_ACQUIRE)

@@ -35,9 +35,9 @@ from dataclasses import dataclass
 
 import orjson
 import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
+
+from gateway.limits.redis_limits import bounded_pool
 
 PROCESS_TTL_MS = 20_000
 # At most this many members are listed; ``count`` is always exact.
@@ -116,14 +116,7 @@ class PresenceStore:
         self.timeout = timeout
         self.prefix = prefix
         self.events_channel = f"{prefix}~events"
-        pool = aioredis.BlockingConnectionPool.from_url(
-            url,
-            max_connections=16,
-            timeout=timeout,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            retry=Retry(NoBackoff(), 0),
-        )
+        pool = bounded_pool(url, timeout=timeout, max_connections=16)
         self.client = aioredis.Redis(connection_pool=pool)
         self._list = self.client.register_script(_LIST)
         self._process_key = f"{prefix}~proc:{process}"
