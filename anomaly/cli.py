@@ -22,7 +22,8 @@ from anomaly.alerts import RESOLUTIONS, STATUSES, STORE_FILE, AlertStore, Review
 from anomaly.settings import SEVERITIES
 
 # Every failure the operator can cause ends as one line (gateway/cli.py prints it).
-from gateway.cli import CliError, _settings
+from gateway.commands import CliError
+from gateway.commands import settings_from_args as _settings
 from gateway.config import ConfigError, Settings
 
 AddConfigFlag = Callable[[argparse.ArgumentParser], None]

@@ -32,8 +32,8 @@ import logging
 import math
 import time
 import weakref
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Collection
+from typing import TYPE_CHECKING, Any, Protocol
 
 from anomaly.alerts import STORE_FILE, AlertStore, Restriction, make_alert
 from anomaly.child import WorkerGone, WorkerProcess
@@ -42,8 +42,13 @@ from anomaly.features import OVERFLOW, SubjectWindow
 from anomaly.model import MODEL_FILE, AnomalyModel
 from anomaly.settings import AnomalySettings
 from anomaly.worker import Outcome, Scored, event_tuple
-from gateway.events import TrafficEvent
-from gateway.restrictions import CLOSE_BANNED, Rule
+from gateway.limits.restrictions import Restrictions, Rule
+from gateway.protocol.codes import CLOSE_BANNED
+from gateway.telemetry.events import EventBus, TrafficEvent
+
+if TYPE_CHECKING:
+    from gateway.core.transport import Subscriber
+    from gateway.telemetry.metrics import Metrics
 
 __all__ = ["Detector", "Scored"]
 
@@ -66,12 +71,50 @@ _SEVERITY_RANK = {"low": 0, "medium": 1, "high": 2, "critical": 3}
 Listener = Callable[[list[Scored]], None]
 
 
+class HostNode(Protocol):
+    """What the detector uses of the gateway's node: its events, its
+    restrictions, its live connections (to close what a ban names)."""
+
+    @property
+    def events(self) -> EventBus: ...
+
+    @property
+    def restrictions(self) -> Restrictions: ...
+
+    @property
+    def sessions(self) -> Collection[Subscriber]: ...
+
+
+class HostSettings(Protocol):
+    @property
+    def anomaly(self) -> AnomalySettings: ...
+
+    @property
+    def amqp_url(self) -> str: ...
+
+
+class Host(Protocol):
+    """The gateway a detector attaches to (``gateway.app.Gateway`` is one)."""
+
+    @property
+    def node(self) -> HostNode: ...
+
+    @property
+    def settings(self) -> HostSettings: ...
+
+
 class Detector:
     """Attach to a gateway with ``Detector(gateway)``; ``start``/``stop`` with it."""
 
-    def __init__(self, gateway: Any, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        gateway: Host,
+        clock: Callable[[], float] = time.time,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.gateway = gateway
         self.node = gateway.node
+        self.metrics = metrics  # the gateway's, for the worker restarts counter
         self.settings: AnomalySettings = gateway.settings.anomaly
         self._clock = clock
         s = self.settings
@@ -94,7 +137,7 @@ class Detector:
         self._window_start = 0.0  # when the current window began (our clock)
         self._recent: dict[tuple[str, str], tuple[str, float, str]] = {}  # subject -> alert
         self._pending: list[TrafficEvent] = []
-        self._banned: weakref.WeakSet[Any] = weakref.WeakSet()  # sessions closed with 4403
+        self._banned: weakref.WeakSet[Subscriber] = weakref.WeakSet()  # closed with 4403
         self._tasks: list[asyncio.Task[None]] = []
         self._worker_ready = asyncio.Event()
         self._stopping = False
@@ -177,9 +220,8 @@ class Detector:
             code = worker.process.exitcode
             await worker.close()
             self.worker_restarts += 1
-            metrics = getattr(self.node, "metrics", None)
-            if metrics is not None and hasattr(metrics, "anomaly_worker_restarts"):
-                metrics.anomaly_worker_restarts.inc()
+            if self.metrics is not None:
+                self.metrics.anomaly_worker_restarts.inc()
             now = time.monotonic()
             delay = (
                 min(max(1.0, 2 * delay), MAX_RESTART_DELAY)

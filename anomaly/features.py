@@ -11,7 +11,7 @@ each kind per window; any further subject's events are counted into one
 ``OVERFLOW`` subject of that kind, which the detector reports by itself (an
 attacker cycling through addresses cannot grow the table).
 
-``payload_entropy``: events carry sizes, never bodies (``gateway/events.py``),
+``payload_entropy``: events carry sizes, never bodies (``gateway/telemetry/events.py``),
 so this is the Shannon entropy, in bits, of the distribution of payload
 *sizes* in the window. A bot replaying one template scores near 0; people
 typing messages of varied length score 1.5-4.
@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
-from gateway.events import TrafficEvent
+from gateway.telemetry.events import TrafficEvent
 
 SubjectKind = Literal["user", "address"]
 

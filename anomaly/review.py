@@ -37,7 +37,7 @@ from aiohttp import web
 from anomaly.alerts import RESOLUTIONS, STATUSES, AlertStore, ReviewError, UnknownAlert
 from anomaly.passwords import check_login
 from anomaly.settings import SEVERITIES, AnomalySettings
-from gateway.buckets import TokenBucket
+from gateway.limits.buckets import TokenBucket
 
 PREFIX = "/alerts"
 SESSION_COOKIE = "rabbitgate_review"

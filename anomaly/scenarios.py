@@ -301,10 +301,10 @@ class Environment:
         self.port = 0
 
     async def __aenter__(self) -> Environment:
+        from gateway.app import Gateway
         from gateway.config import JwtSettings, LimitSettings, Settings, TlsSettings
-        from gateway.devcerts import make_dev_certificates
-        from gateway.policy import load_policy_set
-        from gateway.server import Gateway
+        from gateway.devtools.devcerts import make_dev_certificates
+        from gateway.policy.rules import load_policy_set
 
         certs = make_dev_certificates(self.root / "certs")
         policies = self.root / "policies"
@@ -371,20 +371,20 @@ class ClientEnv:
     """What the clients need, in the client process: the port, the CA, the token key."""
 
     def __init__(self, port: int, ca_cert: str, jwt: Any) -> None:
-        from gateway.devcerts import client_ssl_context
+        from gateway.devtools.devcerts import client_ssl_context
 
         self.port = port
         self.client_ssl = client_ssl_context(Path(ca_cert))
         self.jwt = jwt
 
     def token(self, sub: str, ttl: float = 3600, **claims: Any) -> str:
-        from gateway.devtokens import mint_token
+        from gateway.devtools.devtokens import mint_token
 
         return mint_token(self.jwt, sub=sub, roles=["member"], ttl_seconds=ttl, extra=claims)
 
     def forged_token(self, sub: str) -> str:
         """A well-formed token signed with the wrong key (what stuffing lists hold)."""
-        from gateway.devtokens import mint_token
+        from gateway.devtools.devtokens import mint_token
 
         wrong = replace(self.jwt, secret=secrets.token_hex(32))
         return mint_token(wrong, sub=sub, roles=["member"], ttl_seconds=3600)

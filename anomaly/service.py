@@ -8,21 +8,35 @@ router still takes routes), and starts and stops it with itself.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Protocol
 
-from anomaly.detector import Detector
+from aiohttp import web
+
+from anomaly.detector import Detector, Host
+from gateway.telemetry.metrics import Metrics
+
+
+class ServiceHost(Host, Protocol):
+    """The gateway the service is part of (``gateway.app.Gateway`` is one)."""
+
+    @property
+    def admin_app(self) -> web.Application: ...
+
+    @property
+    def metrics(self) -> Metrics: ...
+
 
 log = logging.getLogger("rabbitgate.anomaly")
 
 
 class AnomalyService:
-    def __init__(self, gateway: Any) -> None:
+    def __init__(self, gateway: ServiceHost) -> None:
         self.gateway = gateway
-        self.detector = Detector(gateway)
+        self.detector = Detector(gateway, metrics=gateway.metrics)
         self.review = None
         settings = gateway.settings.anomaly
-        admin_app = getattr(gateway, "admin_app", None)
-        if settings.reviewers_file is not None and admin_app is not None:
+        admin_app = gateway.admin_app
+        if settings.reviewers_file is not None:
             from anomaly.review import ReviewPages
 
             self.review = ReviewPages(self.detector, settings)

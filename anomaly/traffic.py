@@ -18,7 +18,7 @@ from dataclasses import asdict, fields
 from pathlib import Path
 
 from anomaly.features import WindowAggregator, merge_states, subject_windows
-from gateway.events import TrafficEvent
+from gateway.telemetry.events import TrafficEvent
 
 _FIELDS = {f.name for f in fields(TrafficEvent)}
 

@@ -49,8 +49,8 @@ from anomaly.features import (
 from anomaly.model import MAX_KEPT_ROWS, MIN_ROWS, MODEL_FILE, AnomalyModel, ModelError, Reason
 from anomaly.settings import AnomalySettings
 from anomaly.traffic import baseline_rows, model_key, read_events, write_events
-from gateway.events import TrafficEvent
-from gateway.logs import configure_logging
+from gateway.telemetry.events import TrafficEvent
+from gateway.telemetry.logs import configure_logging
 
 log = logging.getLogger("rabbitgate.anomaly")
 

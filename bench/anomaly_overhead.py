@@ -40,7 +40,7 @@ from anomaly.features import WindowAggregator, subject_windows
 from anomaly.model import MODEL_FILE, AnomalyModel
 from anomaly.traffic import baseline_rows
 from anomaly.worker import event_tuple
-from gateway.events import EventBus, TrafficEvent
+from gateway.telemetry.events import EventBus, TrafficEvent
 
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 WINDOW = 5.0  # short, so that swaps and scoring happen during each round
@@ -148,10 +148,10 @@ async def one_round(detector: bool, seconds: float, rate: float, background: flo
     from websockets.asyncio.client import connect
 
     from anomaly.settings import AnomalySettings
+    from gateway.app import Gateway
     from gateway.config import JwtSettings, LimitSettings, Settings, TlsSettings
-    from gateway.devtokens import mint_token
-    from gateway.policy import load_policy_set
-    from gateway.server import Gateway
+    from gateway.devtools.devtokens import mint_token
+    from gateway.policy.rules import load_policy_set
 
     prefix = f"bench{uuid.uuid4().hex[:8]}"
     with tempfile.TemporaryDirectory() as tmp:

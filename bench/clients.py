@@ -31,7 +31,7 @@ import orjson
 
 from bench.wire import WsClient, open_ws
 from gateway.config import JwtSettings
-from gateway.devtokens import mint_token
+from gateway.devtools.devtokens import mint_token
 
 _SEND_TIME = re.compile(rb'"t":(\d+)')
 _BODY_OVERHEAD = len(b'{"t":1234567890123456789,"p":""}')

@@ -62,8 +62,8 @@ from bench.target import (
 )
 from bench.wire import OP_TEXT, HandshakeRefused, WsClient, client_frame, open_ws
 from gateway.config import JwtSettings
-from gateway.devcerts import client_ssl_context, make_dev_certificates
-from gateway.devtokens import mint_token
+from gateway.devtools.devcerts import client_ssl_context, make_dev_certificates
+from gateway.devtools.devtokens import mint_token
 
 SETUP_TIMEOUT_SECONDS = 120.0
 # After the window: wait for what is still in flight, until everything arrived

@@ -31,8 +31,8 @@ import yaml
 
 from bench.proc import broker_pids, open_files
 from gateway.config import JwtSettings, LimitSettings, Settings
-from gateway.devcerts import client_ssl_context, make_dev_certificates
-from gateway.devtokens import mint_token
+from gateway.devtools.devcerts import client_ssl_context, make_dev_certificates
+from gateway.devtools.devtokens import mint_token
 
 HOST = "127.0.0.1"
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"

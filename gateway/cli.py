@@ -21,16 +21,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from gateway.config import ConfigError, Settings, load_settings
-from gateway.logs import configure_logging
+from gateway.commands import CliError
+from gateway.commands import add_config_flag as _add_config_flag
+from gateway.commands import settings_from_args as _settings
+from gateway.config import ConfigError, Settings
+from gateway.telemetry.logs import configure_logging
 
 DEV_SECRET_FILE = "jwt-dev.secret"
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
-
-
-class CliError(Exception):
-    """A failure reported as one line on stderr."""
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -74,7 +73,7 @@ def _parser() -> argparse.ArgumentParser:
         "--workers",
         help="worker processes sharing the ports: a number or auto (default 1; >1 needs redis_url)",
     )
-    # Set by the supervisor for each of its workers (gateway/supervisor.py).
+    # Set by the supervisor for each of its workers (gateway/operations/supervisor.py).
     serve.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
     serve.add_argument("--worker-admin-socket", help=argparse.SUPPRESS)
     serve.set_defaults(run=_serve)
@@ -107,7 +106,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     token.set_defaults(run=_token)
 
-    from gateway.policy_cli import add_policy_commands
+    from gateway.policy.cli import add_policy_commands
 
     add_policy_commands(commands, _add_config_flag)
 
@@ -116,18 +115,6 @@ def _parser() -> argparse.ArgumentParser:
 
     add_anomaly_commands(commands, _add_config_flag)
     return parser
-
-
-def _add_config_flag(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--config",
-        default=os.environ.get("RABBITGATE_CONFIG"),
-        help="YAML config file (default: $RABBITGATE_CONFIG)",
-    )
-
-
-def _settings(args: argparse.Namespace, overrides: dict[str, Any] | None = None) -> Settings:
-    return load_settings(Path(args.config) if args.config else None, overrides=overrides)
 
 
 # --- serve ------------------------------------------------------------------
@@ -183,7 +170,7 @@ class _WorkerField(logging.Filter):
 
 
 def _supervise(settings: Settings, argv: list[str], count: int) -> int:
-    from gateway.supervisor import Supervisor, SupervisorError, fleet_problem
+    from gateway.operations.supervisor import Supervisor, SupervisorError, fleet_problem
 
     problem = fleet_problem(settings, count)
     if problem is not None:
@@ -198,9 +185,9 @@ def _supervise(settings: Settings, argv: list[str], count: int) -> int:
 
 
 async def _run_gateway(settings: Settings) -> int:
-    from gateway.broker import BrokerUnavailable
-    from gateway.policy import PolicyError, load_policy_set
-    from gateway.server import Gateway
+    from gateway.app import Gateway
+    from gateway.broker.broker import BrokerUnavailable
+    from gateway.policy.rules import PolicyError, load_policy_set
 
     try:
         policies = load_policy_set(settings.policies_dir)
@@ -234,7 +221,7 @@ async def _run_gateway(settings: Settings) -> int:
 
 
 def _certs(args: argparse.Namespace) -> int:
-    from gateway.devcerts import make_dev_certificates
+    from gateway.devtools.devcerts import make_dev_certificates
 
     directory = Path(args.dir)
     hosts = tuple(args.hosts) if args.hosts else ("localhost", "127.0.0.1", "::1")
@@ -276,7 +263,7 @@ def parse_duration(text: str) -> float:
 
 
 def _token(args: argparse.Namespace) -> int:
-    from gateway.devtokens import mint_token
+    from gateway.devtools.devtokens import mint_token
 
     settings = _settings(args)
     extra: dict[str, Any] = {}

@@ -2,15 +2,16 @@
 
 Precedence, lowest first: the defaults below, the YAML file given with
 ``--config``, ``RABBITGATE_*`` environment variables, command-line flags.
-Every limit of the wire contract (``../shared/spec/protocol.md`` section 1) is
+Every limit of the wire protocol (``docs/protocol.md``, "Connecting") is
 set here, with its default, so an operator finds them all in one place.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,8 +19,7 @@ from typing import Any
 import yaml
 
 from anomaly.settings import AnomalySettings
-from gateway.brokerurls import redacted, url_problem
-from gateway.client_address import TrustedProxies
+from yarl import URL
 
 
 class ConfigError(Exception):
@@ -32,6 +32,8 @@ ASYMMETRIC_ALGORITHMS = frozenset(
 SYMMETRIC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
 # Longer than any orchestrator waits for a process to end after SIGTERM.
 MAX_SHUTDOWN_DELAY_SECONDS = 600.0
+# limits.max_data_depth at most: well inside what orjson can serialize (254).
+MAX_DATA_DEPTH = 128
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,8 @@ class LimitSettings:
     """Connection-level limits; per-rule publish limits live in the policies."""
 
     max_frame_bytes: int = 64 * 1024
+    # How deeply a publish's `data` may nest (arrays/objects); deeper: bad_request.
+    max_data_depth: int = 32
     send_buffer_bytes: int = 1024 * 1024
     send_buffer_messages: int = 1000
     auth_timeout_seconds: float = 5.0
@@ -75,8 +79,8 @@ class LimitSettings:
     heartbeat_seconds: float = 20.0
     heartbeat_timeout_seconds: float = 20.0
     max_channels_per_connection: int = 100
-    # Token buckets (rate per second, burst) and caps; see gateway/limiter.py
-    # and the README's "Rate limits and defenses" for what each one guards.
+    # Token buckets (rate per second, burst) and caps; see gateway/limits/limiter.py
+    # and docs/security.md "Rate limits and defenses" for what each one guards.
     frames_per_second: float = 100.0  # every frame of one connection
     frames_burst: int = 500
     subscribes_per_second: float = 10.0  # subscribe requests of one connection
@@ -97,6 +101,15 @@ class LimitSettings:
     rate_limited_strikes_before_close: int = 10
     rate_limited_strike_window_seconds: float = 10.0
     idle_timeout_seconds: float = 300.0  # no frame from the client this long: close 1000; 0 = off
+    # History replays (subscribe with `since`, SSE Last-Event-ID; gateway/replays.py).
+    # One read ends after this long or this many stream messages (recovered: false).
+    replay_timeout_seconds: float = 5.0
+    replay_scan_limit: int = 50_000
+    replays_per_user: int = 2  # reads of one user at once (more: rate_limited)
+    replays_in_flight: int = 4  # reads of this process at once (more wait, up to the timeout)
+    # Stream messages one user's reads may go through: a token bucket in messages.
+    replay_scan_per_second_per_user: float = 1000.0
+    replay_scan_burst: int = 100_000
     bucket_table_size: int = 50_000  # buckets kept in memory per kind of limit
     redis_timeout_seconds: float = 0.25  # each Redis call; slower means "Redis down"
 
@@ -112,7 +125,7 @@ class Settings:
     # picked at random, and moves to another when it is lost (gateway/broker.py).
     amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
     broker_connect_timeout_seconds: float = 15.0
-    # Retention of each exchange's history stream (see gateway/broker.py).
+    # Retention of each exchange's history stream (see gateway/broker/broker.py).
     stream_max_bytes: int = 256 * 1024 * 1024
     stream_max_age: str = "7D"
     # Replicas of each history stream on a cluster (x-initial-cluster-size).
@@ -130,22 +143,22 @@ class Settings:
     compression: bool = False
     allowed_origins: tuple[str, ...] = ()
     # Proxies (addresses or networks) whose X-Forwarded-For names the client
-    # (gateway/client_address.py). Empty: the TCP peer is the client.
+    # (gateway/core/client_address.py). Empty: the TCP peer is the client.
     trusted_proxies: tuple[str, ...] = ()
     log_level: str = "INFO"
-    # "json": one JSON object a line (gateway/logs.py); "text": plain lines.
+    # "json": one JSON object a line (gateway/telemetry/logs.py); "text": plain lines.
     log_format: str = "json"
-    # Admin listener: /metrics, /healthz, /readyz (gateway/admin.py). It has no
+    # Admin listener: /metrics, /healthz, /readyz (gateway/operations/admin.py). It has no
     # authentication: keep it on loopback or a monitoring network. 0: any free port.
     admin_host: str = "127.0.0.1"
     admin_port: int = 9090
-    # Server-Sent Events, GET /events (gateway/sse_server.py): a second public
+    # Server-Sent Events, GET /events (gateway/transports/sse_server.py): a second public
     # port on `host`, with the same TLS as the WebSocket one. null: off.
     sse_port: int | None = 8444
     # Share the rate limits between gateway processes (redis://, rediss://,
     # unix://). None: each process limits on its own, in memory.
     redis_url: str | None = None
-    # Worker processes of `rabbitgate serve` (gateway/supervisor.py): a number,
+    # Worker processes of `rabbitgate serve` (gateway/operations/supervisor.py): a number,
     # or "auto" for the CPUs this process may run on. More than one needs
     # redis_url, so that the caps and rate limits hold across workers.
     workers: str = "1"
@@ -302,7 +315,7 @@ def _check(settings: Settings) -> Settings:
             "jwt.max_token_bytes must be positive and jwt.leeway_seconds not negative"
         )
     try:
-        TrustedProxies(settings.trusted_proxies)
+        parse_networks(settings.trusted_proxies)
     except ValueError as exc:
         raise ConfigError(f"trusted_proxies: {exc}") from None
     if not 0 <= settings.shutdown_delay_seconds <= MAX_SHUTDOWN_DELAY_SECONDS:
@@ -332,6 +345,34 @@ def amqp_urls(settings: Settings) -> tuple[str, ...]:
 
 def split_urls(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+AMQP_SCHEMES = frozenset({"amqp", "amqps"})
+
+
+def redacted(url: str) -> str:
+    """The AMQP URL without its password, for logs and errors."""
+    parsed = URL(url)
+    return str(parsed.with_password("***")) if parsed.password else str(parsed)
+
+
+def url_problem(url: str) -> str | None:
+    """Why ``url`` cannot name a RabbitMQ node, or None when it can."""
+    try:
+        parsed = URL(url)
+        port = parsed.port
+    except (ValueError, TypeError) as exc:
+        # yarl's reasons ("Port out of range 0-65535") never quote the URL;
+        # anything that might is left out.
+        reason = str(exc).splitlines()[0] if str(exc) else ""
+        return f"not a URL ({reason})" if reason and "@" not in reason else "not a URL"
+    if parsed.scheme not in AMQP_SCHEMES:
+        return "must start with amqp:// or amqps://"
+    if not parsed.host:
+        return "has no host"
+    if port is not None and not 0 < port < 65536:
+        return f"port {port} is out of range"
+    return None
 
 
 def worker_count(value: str, cpus: int | None = None) -> int:
@@ -403,6 +444,8 @@ def _check_limits(limits: LimitSettings) -> None:
         "send_buffer_messages",
         "auth_timeout_seconds",
         "handshake_timeout_seconds",
+        "replay_timeout_seconds",
+        "replay_scan_per_second_per_user",
     ]
     at_least_one = [
         "frames_burst",
@@ -415,6 +458,10 @@ def _check_limits(limits: LimitSettings) -> None:
         "rate_limited_strikes_before_close",
         "bucket_table_size",
         "max_channels_per_connection",
+        "replay_scan_limit",
+        "replays_per_user",
+        "replays_in_flight",
+        "replay_scan_burst",
     ]
     for name in positive:
         if not getattr(limits, name) > 0:
@@ -422,7 +469,25 @@ def _check_limits(limits: LimitSettings) -> None:
     for name in at_least_one:
         if getattr(limits, name) < 1:
             raise ConfigError(f"limits.{name} must be at least 1")
+    if not 1 <= limits.max_data_depth <= MAX_DATA_DEPTH:
+        # orjson frames at most 254 levels; a message frame adds its own.
+        raise ConfigError(f"limits.max_data_depth must be between 1 and {MAX_DATA_DEPTH}")
     if limits.handshake_refusals_before_drop < 0:
         raise ConfigError("limits.handshake_refusals_before_drop must not be negative (0: off)")
     if limits.idle_timeout_seconds < 0:
         raise ConfigError("limits.idle_timeout_seconds must not be negative (0 turns it off)")
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_networks(entries: Iterable[str]) -> tuple[Network, ...]:
+    """``trusted_proxies`` as networks (core/client_address.py uses them);
+    raises ValueError naming the first entry that is not an address or network."""
+    parsed: list[Network] = []
+    for entry in entries:
+        try:
+            parsed.append(ipaddress.ip_network(entry.strip(), strict=False))
+        except ValueError:
+            raise ValueError(f"{entry!r} is not an IP address or network") from None
+    return tuple(parsed)

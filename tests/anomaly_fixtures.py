@@ -16,9 +16,9 @@ from anomaly.features import FEATURES
 from anomaly.model import MODEL_FILE, AnomalyModel
 from anomaly.settings import AnomalySettings
 from anomaly.traffic import model_key
+from gateway.app import Gateway
 from gateway.config import Settings
-from gateway.policy import load_policy_set
-from gateway.server import Gateway
+from gateway.policy.rules import load_policy_set
 
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 WINDOW = 3600.0  # the timer never fires in a test: windows close with detector.tick()

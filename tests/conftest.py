@@ -13,8 +13,8 @@ import aio_pika
 import pytest
 
 from gateway.config import JwtSettings, LimitSettings, Settings, TlsSettings
-from gateway.devcerts import make_dev_certificates
-from gateway.devtokens import mint_token
+from gateway.devtools.devcerts import make_dev_certificates
+from gateway.devtools.devtokens import mint_token
 
 # The real-gateway fixtures (gateway, connect_client, client_ssl, Client).
 pytest_plugins = ["gateway_fixtures", "anomaly_fixtures"]

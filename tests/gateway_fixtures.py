@@ -12,10 +12,10 @@ import orjson
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 
+from gateway.app import Gateway
 from gateway.config import Settings
-from gateway.devcerts import client_ssl_context
-from gateway.policy import load_policy_set
-from gateway.server import Gateway
+from gateway.devtools.devcerts import client_ssl_context
+from gateway.policy.rules import load_policy_set
 
 
 class Client:

@@ -6,7 +6,14 @@
 // refreshes the token in band before it expires, resubscribes with `since` and
 // drops messages it already delivered, and queues publishes while disconnected.
 // Times are in seconds, as in the wire contract. Same behaviour as the Python
-// client in gateway/client.py.
+// client in clients/python (rabbitgate_client).
+//
+// What retrying cannot fix fails at once: a URL that is not ws:// or wss://
+// (TypeError from the constructor); and, where the runtime reports it (Node's
+// `ws` package does, browsers do not: they say 1006 for every failure), a
+// certificate that does not verify, an HTTP refusal of the upgrade saying this
+// is not a rabbitgate endpoint, or a server that did not select rabbitgate.v1:
+// connect() rejects with CannotConnect. Network failures are retried.
 
 const SUBPROTOCOL = "rabbitgate.v1";
 const CLOSE_AUTH = 4401;
@@ -16,6 +23,14 @@ const STABLE_SECONDS = 10; // a connection that lasted this long resets the back
 const OPEN_TIMEOUT_SECONDS = 10; // upgrade + welcome
 const REQUEST_TIMEOUT_SECONDS = 10;
 const MAX_ATTEMPTS = 3; // per publish/subscribe, for `unavailable` or a connection lost before the ack
+// Node's TLS verification error codes (what the `ws` package passes on): no retry fixes them.
+const CERTIFICATE_ERRORS = new Set([
+  "UNABLE_TO_VERIFY_LEAF_SIGNATURE", "SELF_SIGNED_CERT_IN_CHAIN", "DEPTH_ZERO_SELF_SIGNED_CERT",
+  "UNABLE_TO_GET_ISSUER_CERT_LOCALLY", "UNABLE_TO_GET_ISSUER_CERT", "CERT_HAS_EXPIRED",
+  "CERT_NOT_YET_VALID", "CERT_UNTRUSTED", "CERT_REVOKED", "ERR_TLS_CERT_ALTNAME_INVALID",
+]);
+// Answers to the upgrade that say "not a rabbitgate endpoint": the same request gets them again.
+const NOT_AN_ENDPOINT_STATUSES = new Set([400, 404, 405, 426]);
 
 export class RabbitgateError extends Error {
   constructor(code, message, { retryAfter = null, channel = null } = {}) {
@@ -30,6 +45,12 @@ export class ClientClosed extends RabbitgateError {
   constructor(closeCode, reason) {
     super("closed", reason);
     this.closeCode = closeCode;
+  }
+}
+/** What no retry can fix (a certificate, not a rabbitgate endpoint); `message` says what to change. */
+export class CannotConnect extends ClientClosed {
+  constructor(reason) {
+    super(null, reason);
   }
 }
 
@@ -50,6 +71,43 @@ export function tokenExpiry(token) {
     return null;
   }
 }
+
+/** Throws TypeError for a URL the client can never connect to (checked before any I/O). */
+export function checkUrl(url) {
+  const scheme = /^([a-z][a-z0-9+.-]*):\/\//i.exec(String(url))?.[1]?.toLowerCase();
+  if (scheme !== "ws" && scheme !== "wss") {
+    throw new TypeError(
+      `rabbitgate: the gateway URL must start with wss:// (or ws:// when the gateway runs without TLS), not ${JSON.stringify(String(url))}`,
+    );
+  }
+}
+
+/** Why to stop for good after a WebSocket `error` event, or null to retry (a network failure).
+ * Browsers give no detail (so: null); Node's `ws` package gives the Error. */
+export function fatalConnectError(url, event) {
+  const error = event?.error ?? null;
+  const code = error?.code ?? null;
+  const text = String(error?.message ?? event?.message ?? "");
+  if (CERTIFICATE_ERRORS.has(code)) {
+    return `the TLS certificate of ${url} does not verify (${code}): trust the CA that signed it ` +
+      "(the development gateway's is certs/ca.pem; Node: NODE_EXTRA_CA_CERTS=certs/ca.pem)";
+  }
+  if (code === "ERR_SSL_WRONG_VERSION_NUMBER" || /wrong version number/i.test(text)) {
+    return `${url} does not speak TLS on this port: use ws:// when the gateway runs without TLS, ` +
+      "or the port of its TLS listener";
+  }
+  const status = /Unexpected server response: (\d{3})/.exec(text)?.[1];
+  if (status && NOT_AN_ENDPOINT_STATUSES.has(Number(status))) {
+    return `${url} answered the WebSocket upgrade with HTTP ${status}: it is not a rabbitgate ` +
+      "endpoint (check the host, the port and the /ws path)";
+  }
+  if (/subprotocol/i.test(text)) return notSelected(url);
+  return null;
+}
+
+const notSelected = (url) =>
+  `${url} did not select the rabbitgate.v1 subprotocol: it is not a rabbitgate endpoint ` +
+  "(check the host, the port and the /ws path)";
 
 export function shouldReconnect(closeCode, tokenIsCallback) {
   if (FATAL_CLOSE_CODES.has(closeCode)) return false;
@@ -122,6 +180,7 @@ export class RabbitgateClient {
    *   backoffCap (30 s), refreshMargin (30 s).
    */
   constructor(url, options = {}) {
+    checkUrl(url);
     this.url = url;
     this._token = options.token;
     this._onMessage = options.onMessage ?? null;
@@ -255,10 +314,29 @@ export class RabbitgateClient {
     const conn = { ws, token, openedAt: null, timers: new Set() };
     this._conn = conn;
     this._later(conn, OPEN_TIMEOUT_SECONDS, () => this._drop(conn, "no welcome in time"));
-    ws.onopen = () => ws.send(JSON.stringify({ type: "auth", token }));
+    ws.onopen = () => {
+      if (ws.protocol !== SUBPROTOCOL) return this._fail(conn, notSelected(this.url));
+      ws.send(JSON.stringify({ type: "auth", token }));
+    };
     ws.onmessage = (event) => this._handle(conn, event.data);
     ws.onclose = (event) => this._onClosed(conn, event.code, event.reason);
-    ws.onerror = () => {}; // onclose follows with the code
+    ws.onerror = (event) => { // onclose follows with the code, unless this cannot be retried
+      const fatal = fatalConnectError(this.url, event);
+      if (fatal !== null) this._fail(conn, fatal);
+      else if (conn.openedAt === null && this._attempt === 0) {
+        console.warn(`rabbitgate: cannot connect to ${this.url}; retrying (a browser does not say ` +
+          "why: a network failure, a certificate it does not trust, or not a rabbitgate endpoint)");
+      }
+    };
+  }
+
+  /** Stop for good on what no retry can fix. */
+  _fail(conn, reason) {
+    console.error(`rabbitgate: ${reason}`);
+    this._detach(conn);
+    try { conn.ws.close(1000); } catch { /* not open yet */ }
+    this._stop(new CannotConnect(reason), true);
+    this._onClosed(conn, null, reason);
   }
 
   _onConnected(conn, welcome) {

@@ -11,7 +11,7 @@ from typing import Any
 import aio_pika
 from websockets.asyncio.client import ClientConnection, connect
 
-from gateway.server import Gateway
+from gateway.app import Gateway
 
 
 async def open_ws(

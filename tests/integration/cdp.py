@@ -17,6 +17,7 @@ import signal
 import subprocess
 import tempfile
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,8 @@ CHROMIUM = Path("/usr/bin/chromium")
 
 
 class Browser:
-    def __init__(self) -> None:
+    def __init__(self, extra_args: Sequence[str] = ()) -> None:
+        self._extra_args = list(extra_args)  # more chromium flags (a certificate to trust)
         self._profile = tempfile.mkdtemp(prefix="rabbitgate-chromium-")
         self._process: subprocess.Popen[bytes] | None = None
         self._ws: ClientConnection | None = None
@@ -51,6 +53,7 @@ class Browser:
                 "--no-first-run",
                 "--remote-debugging-port=0",
                 f"--user-data-dir={profile}",
+                *self._extra_args,
                 "about:blank",
             ],
             stdout=subprocess.DEVNULL,

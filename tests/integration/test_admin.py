@@ -15,9 +15,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
+from gateway.app import Gateway
 from gateway.config import Settings
-from gateway.policy import PolicySet, load_policy_set
-from gateway.server import Gateway
+from gateway.policy.rules import PolicySet, load_policy_set
 
 pytestmark = pytest.mark.integration
 

@@ -20,7 +20,7 @@ from anomaly.alerts import STORE_FILE, AlertStore, make_alert
 from anomaly.features import FEATURES, SubjectWindow
 from anomaly.model import MODEL_FILE, AnomalyModel, Reason
 from anomaly.traffic import write_events
-from gateway.events import TrafficEvent
+from gateway.telemetry.events import TrafficEvent
 
 from .anomaly_helpers import next_alert
 

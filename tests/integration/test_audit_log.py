@@ -16,9 +16,9 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-from gateway import logs
-from gateway.logs import configure_logging
-from gateway.server import Gateway
+from gateway.app import Gateway
+from gateway.telemetry import logs
+from gateway.telemetry.logs import configure_logging
 
 pytestmark = pytest.mark.integration
 

@@ -1,4 +1,4 @@
-"""The Python client (gateway/client.py) against the real TLS gateway on the real
+"""The Python client (clients/python, rabbitgate_client) against the real TLS gateway on the real
 RabbitMQ: receive, reconnect by itself, recover with `since`, queue publishes,
 refresh its token in band; and against a hostile fake server, to show that bad
 frames never crash it."""
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import socket
 import ssl
 import time
 from collections.abc import Callable
@@ -16,11 +17,19 @@ import orjson
 import pytest
 from websockets.asyncio.server import ServerConnection, serve
 
-from gateway.client import ClientClosed, Message, QueueFull, RabbitgateClient, RabbitgateError
+from gateway.app import Gateway
 from gateway.config import Settings
-from gateway.policy import load_policy_set
-from gateway.restrictions import Rule
-from gateway.server import Gateway
+from gateway.limits.restrictions import Rule
+from gateway.policy.rules import load_policy_set
+from rabbitgate_client import (
+    CannotConnect,
+    ClientClosed,
+    Message,
+    QueueFull,
+    RabbitgateClient,
+    RabbitgateError,
+)
+from rabbitgate_client.client import SUBPROTOCOL
 
 pytestmark = pytest.mark.integration
 
@@ -316,6 +325,154 @@ async def test_publishes_beyond_the_queue_bound_are_refused_while_disconnected()
             await task
 
 
+# --- what retrying cannot fix fails at once -----------------------------------
+
+
+def counting_token(make_token: Callable[..., str], sub: str) -> tuple[Callable[[], str], list[int]]:
+    calls: list[int] = []
+
+    def token() -> str:
+        calls.append(1)
+        return make_token(sub)
+
+    return token, calls
+
+
+async def test_a_certificate_that_does_not_verify_fails_at_once_saying_how_to_trust_the_ca(
+    gateway: Gateway, make_token: Callable[..., str]
+) -> None:
+    """The dev gateway's certificate is signed by certs/ca.pem, which the system does not
+    trust: without ``ssl=`` the client stops at the first attempt (it used to retry for ever)."""
+    token, calls = counting_token(make_token, "alice")
+    client = RabbitgateClient(url(gateway), token=token, backoff_base=0.01)
+    with pytest.raises(CannotConnect) as failed:
+        await asyncio.wait_for(client.connect(), 10)
+    assert "does not verify" in failed.value.message
+    assert "ssl.create_default_context(cafile=" in failed.value.message
+    assert "certs/ca.pem" in failed.value.message
+    await asyncio.sleep(0.1)
+    assert len(calls) == 1  # no retry
+    with pytest.raises(CannotConnect):
+        await client.publish("chat.lobby", "after the failure")
+    await client.close()
+
+
+@pytest.mark.parametrize("where", ["wrong path", "admin port", "sse port"])
+async def test_a_server_that_is_not_a_rabbitgate_endpoint_fails_at_once(
+    gateway: Gateway, client_ssl: ssl.SSLContext, make_token: Callable[..., str], where: str
+) -> None:
+    """A wrong path on the gateway's port, or another of its ports, answers the
+    upgrade with an HTTP error that the same request would get again."""
+    target = {
+        "wrong path": f"wss://localhost:{gateway.port}/socket",
+        "admin port": f"ws://127.0.0.1:{gateway.admin_port}/ws",
+        "sse port": f"wss://localhost:{gateway.sse_port}/ws",
+    }[where]
+    token, calls = counting_token(make_token, "alice")
+    ssl_arg = client_ssl if target.startswith("wss:") else None
+    client = RabbitgateClient(target, token=token, ssl=ssl_arg, backoff_base=0.01)
+    with pytest.raises(CannotConnect) as failed:
+        await asyncio.wait_for(client.connect(), 10)
+    assert "not a rabbitgate endpoint" in failed.value.message
+    assert "HTTP 4" in failed.value.message
+    await asyncio.sleep(0.1)
+    assert len(calls) == 1
+    await client.close()
+
+
+async def test_a_server_that_does_not_select_the_subprotocol_fails_at_once() -> None:
+    """A WebSocket server that is not rabbitgate accepts the upgrade without
+    selecting rabbitgate.v1: nothing it would answer could be understood."""
+    opened = 0
+
+    async def handler(ws: ServerConnection) -> None:
+        nonlocal opened
+        opened += 1
+        await ws.wait_closed()
+
+    async with serve(handler, "127.0.0.1", 0) as server:  # selects no subprotocol
+        port = server.sockets[0].getsockname()[1]
+        client = RabbitgateClient(f"ws://127.0.0.1:{port}/ws", token="t", backoff_base=0.01)
+        with pytest.raises(CannotConnect) as failed:
+            await asyncio.wait_for(client.connect(), 10)
+        assert "did not select the rabbitgate.v1 subprotocol" in failed.value.message
+        await asyncio.sleep(0.1)
+        assert opened == 1
+        await client.close()
+
+
+async def test_a_wss_url_for_a_port_without_tls_fails_at_once(
+    gateway: Gateway, client_ssl: ssl.SSLContext
+) -> None:
+    """wss:// to the admin port (plain HTTP): OpenSSL reads an HTTP answer to its hello."""
+    client = RabbitgateClient(
+        f"wss://localhost:{gateway.admin_port}/ws", token="t", ssl=client_ssl, backoff_base=0.01
+    )
+    with pytest.raises(CannotConnect) as failed:
+        await asyncio.wait_for(client.connect(), 10)
+    assert "does not speak TLS on this port" in failed.value.message
+    await client.close()
+
+
+async def test_a_ws_url_for_a_tls_port_is_retried_with_a_hint(
+    gateway: Gateway, caplog: pytest.LogCaptureFixture
+) -> None:
+    """ws:// to the TLS port: the gateway closes without an HTTP answer, which it also
+    does to an address it throttles, so this is retried; the WARNING says what to check."""
+    token_calls: list[int] = []
+
+    def token() -> str:
+        token_calls.append(1)
+        return "t"
+
+    client = RabbitgateClient(f"ws://localhost:{gateway.port}/ws", token=token, backoff_cap=0.05)
+    connecting = asyncio.create_task(client.connect())
+    await wait_until(lambda: len(token_calls) >= 3)
+    assert not connecting.done()
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("a TLS port? then the URL is wss://" in w for w in warnings), warnings
+    await client.close()
+    with pytest.raises(ClientClosed):
+        await connecting
+
+
+def test_a_url_that_is_not_ws_or_wss_is_refused_by_the_constructor(gateway: Gateway) -> None:
+    with pytest.raises(ValueError, match="must start with wss://"):
+        RabbitgateClient(f"https://localhost:{gateway.port}/ws", token="t")
+
+
+async def test_a_network_failure_is_retried_until_the_gateway_is_there(
+    settings: Settings,
+    client_ssl: ssl.SSLContext,
+    make_token: Callable[..., str],
+    cleanup_broker: None,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Connection refused (no gateway yet) is what retrying fixes: the client says so once
+    at WARNING and connects when the gateway comes up on that port."""
+    with socket.socket() as probe:  # a free port, nobody listening on it yet
+        probe.bind(("127.0.0.1", 0))
+        free_port = probe.getsockname()[1]
+    token, calls = counting_token(make_token, "alice")
+    client = RabbitgateClient(
+        f"wss://localhost:{free_port}/ws", token=token, ssl=client_ssl, backoff_cap=0.2
+    )
+    connecting = asyncio.create_task(client.connect())
+    await wait_until(lambda: len(calls) >= 3)
+    assert not connecting.done()
+    assert any("failed" in r.message and r.levelname == "WARNING" for r in caplog.records)
+    gw = Gateway(
+        dataclasses.replace(settings, port=free_port), load_policy_set(settings.policies_dir)
+    )
+    await gw.start()
+    try:
+        await asyncio.wait_for(connecting, 10)
+        assert client.session is not None
+    finally:
+        await client.close()
+        await gw.stop()
+
+
 # --- a hostile server -------------------------------------------------------
 
 GARBAGE = [
@@ -363,7 +520,7 @@ async def test_malformed_frames_from_the_server_are_skipped_and_the_client_carri
         await ws.close(4403, "banned")
 
     errors: list[RabbitgateError] = []
-    async with serve(handler, "127.0.0.1", 0) as server:
+    async with serve(handler, "127.0.0.1", 0, subprotocols=[SUBPROTOCOL]) as server:
         port = server.sockets[0].getsockname()[1]
         client = RabbitgateClient(
             f"ws://127.0.0.1:{port}/ws", token="t", on_error=errors.append, backoff_base=0.01

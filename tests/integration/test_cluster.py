@@ -23,8 +23,8 @@ import aio_pika
 import pytest
 
 from gateway.config import Settings
-from gateway.policy import load_policy_set
-from gateway.server import Gateway
+from gateway.policy.rules import load_policy_set
+from gateway.app import Gateway
 
 from .conftest import Client
 from .processes import GatewayProcess

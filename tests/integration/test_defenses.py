@@ -20,10 +20,10 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from gateway.app import Gateway
 from gateway.config import Settings
-from gateway.events import TrafficEvent
-from gateway.policy import load_policy_set
-from gateway.server import Gateway
+from gateway.policy.rules import load_policy_set
+from gateway.telemetry.events import TrafficEvent
 
 pytestmark = pytest.mark.integration
 
@@ -685,7 +685,7 @@ async def test_the_served_gateway_drops_before_tls_too(
     make_token: Any,
 ) -> None:
     """The same through `rabbitgate serve`, which runs on uvloop: its TLS
-    protocol is started differently (see gateway/admission.py)."""
+    protocol is started differently (see gateway/transports/admission.py)."""
     from tests.integration.processes import GatewayProcess
 
     for name, value in IGNORING_LIMITS.items():

@@ -10,7 +10,7 @@ import aio_pika
 import orjson
 import pytest
 
-from gateway.server import Gateway
+from gateway.app import Gateway
 
 pytestmark = pytest.mark.integration
 

@@ -14,7 +14,7 @@ import orjson
 import pytest
 from websockets.exceptions import ConnectionClosed
 
-from gateway.server import Gateway
+from gateway.app import Gateway
 
 pytestmark = pytest.mark.integration
 

@@ -10,7 +10,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
-from gateway.server import Gateway
+from gateway.app import Gateway
 
 pytestmark = pytest.mark.integration
 

@@ -1,4 +1,4 @@
-"""WebSocket heartbeats from the gateway's one heartbeat task (gateway/heartbeat.py),
+"""WebSocket heartbeats from the gateway's one heartbeat task (gateway/transports/heartbeat.py),
 over real TLS with real tokens: a peer that answers stays, one that does not is
 closed 1011 within the ping timeout."""
 
@@ -14,10 +14,10 @@ from websockets.exceptions import ConnectionClosed
 from websockets.frames import Frame, Opcode
 from websockets.protocol import State
 
+from gateway.app import Gateway
 from gateway.config import Settings
-from gateway.events import TrafficEvent
-from gateway.policy import load_policy_set
-from gateway.server import Gateway
+from gateway.policy.rules import load_policy_set
+from gateway.telemetry.events import TrafficEvent
 
 pytestmark = pytest.mark.integration
 

@@ -14,6 +14,11 @@ import asyncio
 import dataclasses
 import http.server
 import json
+import os
+import re
+import shutil
+import socket
+import subprocess
 import threading
 import urllib.parse
 from collections.abc import AsyncIterator, Callable
@@ -21,23 +26,24 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from websockets.asyncio.server import serve
 
+from gateway.app import Gateway
 from gateway.config import Settings, TlsSettings
-from gateway.policy import load_policy_set
-from gateway.server import Gateway
+from gateway.policy.rules import load_policy_set
 
 pytestmark = pytest.mark.integration
 
 CHROMIUM = Path("/usr/bin/chromium")
 MODULE = Path(__file__).resolve().parents[2] / "clients" / "js" / "rabbitgate.js"
 
-PAGE = """<!doctype html>
+PAGE = r"""<!doctype html>
 <meta charset="utf-8">
 <title>rabbitgate browser client</title>
 <pre id="result">running</pre>
 <script type="module">
 import {
-  RabbitgateClient, SeqTracker, ClientClosed, QueueFull,
+  RabbitgateClient, SeqTracker, ClientClosed, CannotConnect, QueueFull,
   backoffDelay, tokenExpiry, shouldReconnect,
 } from "/rabbitgate.js";
 
@@ -136,6 +142,7 @@ class HostileSocket {
   constructor() {
     HostileSocket.opened += 1;
     HostileSocket.last = this;
+    this.protocol = "rabbitgate.v1";
     setTimeout(() => this.onopen?.(), 0);
   }
   send(text) {
@@ -194,11 +201,57 @@ async function hostile() {
   };
 }
 
+// What no retry can fix, in a real browser: a URL that is not ws(s):// throws at
+// once; through the WebSocket seam, a server that selects no subprotocol and an
+// error event carrying a certificate error (what Node's `ws` reports; browsers
+// say nothing) reject connect() with CannotConnect after one attempt.
+class SilentSocket {
+  static opened = 0;
+  constructor(url, protocols) {
+    SilentSocket.opened += 1;
+    this.protocol = SilentSocket.selects;
+    setTimeout(() => (SilentSocket.fails ? this.fail() : this.onopen?.()), 0);
+  }
+  fail() {
+    this.onerror?.({ error: Object.assign(new Error("unable to verify the first certificate"),
+      { code: "UNABLE_TO_VERIFY_LEAF_SIGNATURE" }) });
+    this.onclose?.({ code: 1006, reason: "" });
+  }
+  send() {}
+  close() {}
+}
+
+async function failFast() {
+  const thrown = [];
+  for (const url of ["https://127.0.0.1/ws", "http://x/ws", "127.0.0.1:8443/ws", ""]) {
+    try { new RabbitgateClient(url, { token: "t" }); thrown.push("none"); }
+    catch (error) {
+      thrown.push(error instanceof TypeError && /must start with wss:\/\//.test(error.message));
+    }
+  }
+  const outcomes = [];
+  for (const [selects, fails] of [["", false], ["rabbitgate.v1", true]]) {
+    Object.assign(SilentSocket, { opened: 0, selects, fails });
+    const client = new RabbitgateClient("wss://127.0.0.1:1/ws", {
+      token: "t", WebSocket: SilentSocket, backoffBase: 0.01, backoffCap: 0.02,
+    });
+    const error = await client.connect().then(() => null, (e) => e);
+    await pause(100);
+    outcomes.push({
+      cannot: error instanceof CannotConnect,
+      message: error?.message ?? null,
+      opened: SilentSocket.opened,
+      publish: await client.publish("c.x", 1).then(() => "sent", (e) => e instanceof CannotConnect),
+    });
+  }
+  return { thrown, outcomes };
+}
+
 let result;
 try {
   result = {
     logic: await logic(), reconnect: await reconnect(),
-    queue: await queueBound(), hostile: await hostile(),
+    queue: await queueBound(), hostile: await hostile(), failFast: await failFast(),
   };
 } catch (error) {
   result = { error: String(error), stack: error?.stack };
@@ -347,3 +400,127 @@ async def test_the_browser_client_reconnects_recovers_and_survives_a_hostile_ser
     assert hostile["received"] == [["ok", 2, "u", 1], ["next", 3, None, None]]
     assert hostile["errors"] == ["internal"]
     assert hostile["pong"] and hostile["banned"] and hostile["opened"] == 1
+    fail_fast = result["failFast"]
+    assert fail_fast["thrown"] == [True, True, True, True]
+    no_subprotocol, bad_certificate = fail_fast["outcomes"]
+    assert no_subprotocol["cannot"] and no_subprotocol["opened"] == 1
+    assert "did not select the rabbitgate.v1 subprotocol" in no_subprotocol["message"]
+    assert bad_certificate["cannot"] and bad_certificate["opened"] == 1
+    assert "does not verify (UNABLE_TO_VERIFY_LEAF_SIGNATURE)" in bad_certificate["message"]
+    assert no_subprotocol["publish"] is True and bad_certificate["publish"] is True
+
+
+# --- the npm package ----------------------------------------------------------
+
+PACKAGE = MODULE.parent
+NODE_MODULES = PACKAGE / "node_modules"
+
+
+def _npm_ready() -> None:
+    assert shutil.which("node"), "node is missing: `RABBITGATE_BROWSER_TESTS=1 bash scripts/setup`"
+    assert (NODE_MODULES / ".bin" / "tsc").exists(), (
+        "clients/js/node_modules is missing: run `bash scripts/setup` (npm ci)"
+    )
+
+
+def test_the_package_is_an_esm_module_with_types() -> None:
+    package = json.loads((PACKAGE / "package.json").read_text())
+    assert package["type"] == "module"
+    assert package["types"] == "./rabbitgate.d.ts"
+    assert package["exports"]["."] == {"types": "./rabbitgate.d.ts", "default": "./rabbitgate.js"}
+    assert set(package["files"]) >= {"rabbitgate.js", "rabbitgate.d.ts", "README.md"}
+    assert "dependencies" not in package  # none: one module, no build step
+    assert (PACKAGE / "package-lock.json").exists()
+
+
+def test_the_typescript_declarations_match_how_an_application_uses_the_module() -> None:
+    """tsc (strict) compiles test/types.ts against rabbitgate.d.ts; its
+    ``@ts-expect-error`` lines fail the build if the declarations accept too much."""
+    _npm_ready()
+    done = subprocess.run(
+        [NODE_MODULES / ".bin" / "tsc", "-p", "test/tsconfig.json"],
+        cwd=PACKAGE, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_every_export_of_the_module_is_declared() -> None:
+    _npm_ready()
+    exported = subprocess.run(
+        ["node", "--input-type=module", "-e",
+         "const m = await import(process.argv[1]); console.log(Object.keys(m).sort().join(' '))",
+         str(MODULE)],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert exported.returncode == 0, exported.stderr
+    declarations = (PACKAGE / "rabbitgate.d.ts").read_text()
+    missing = [
+        name for name in exported.stdout.split()
+        if not re.search(rf"export (?:declare )?(?:class|function|const) {name}\b", declarations)
+    ]  # fmt: skip
+    assert missing == []
+
+
+def _node_fail_fast(url: str, token: str = "t", retries: int = 0) -> dict[str, Any]:
+    done = subprocess.run(
+        ["node", "test/failfast.mjs", url, token, str(retries)],
+        cwd=PACKAGE, capture_output=True, text=True, timeout=60,
+        env={k: v for k, v in os.environ.items() if k != "NODE_EXTRA_CA_CERTS"},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    return dict(json.loads(done.stdout.splitlines()[-1]))
+
+
+async def test_under_node_a_certificate_that_does_not_verify_rejects_at_once(
+    gateway: Gateway, make_token: Callable[..., str]
+) -> None:
+    """The real TLS gateway, whose dev CA Node does not trust, through the `ws` package."""
+    _npm_ready()
+    url = f"wss://localhost:{gateway.port}/ws"
+    outcome = await asyncio.to_thread(_node_fail_fast, url, make_token("alice"))
+    assert outcome["name"] == "CannotConnect", outcome
+    assert "does not verify" in outcome["message"] and "certs/ca.pem" in outcome["message"]
+    assert outcome["tokens"] == 1  # one attempt, no retry
+
+
+async def test_under_node_a_wss_url_for_a_port_without_tls_rejects_at_once(
+    gateway: Gateway,
+) -> None:
+    _npm_ready()
+    url = f"wss://localhost:{gateway.admin_port}/ws"
+    outcome = await asyncio.to_thread(_node_fail_fast, url)
+    assert outcome["name"] == "CannotConnect", outcome
+    assert "does not speak TLS on this port" in outcome["message"] and outcome["tokens"] == 1
+
+
+async def test_under_node_a_server_that_is_not_a_rabbitgate_endpoint_rejects_at_once(
+    plain_gateway: Gateway,
+) -> None:
+    """A wrong path on the gateway (HTTP 404), and a WebSocket server that selects
+    no subprotocol."""
+    _npm_ready()
+    outcome = await asyncio.to_thread(
+        _node_fail_fast, f"ws://127.0.0.1:{plain_gateway.port}/socket"
+    )
+    assert outcome["name"] == "CannotConnect", outcome
+    assert "HTTP 404" in outcome["message"] and outcome["tokens"] == 1
+
+    async def handler(ws: Any) -> None:
+        await ws.wait_closed()
+
+    async with serve(handler, "127.0.0.1", 0) as server:  # selects no subprotocol
+        port = server.sockets[0].getsockname()[1]
+        outcome = await asyncio.to_thread(_node_fail_fast, f"ws://127.0.0.1:{port}/ws")
+    assert outcome["name"] == "CannotConnect", outcome
+    assert "rabbitgate.v1 subprotocol" in outcome["message"] and outcome["tokens"] == 1
+
+
+def test_under_node_a_network_failure_is_retried() -> None:
+    """Nobody listening on the port: the client tries again (the script reports the
+    third attempt and stops), where a certificate or a 404 stopped it at the first."""
+    _npm_ready()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    outcome = _node_fail_fast(f"ws://127.0.0.1:{port}/ws", "t", retries=3)
+    assert outcome == {"name": "retried", "tokens": 3}

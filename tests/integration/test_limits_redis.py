@@ -18,13 +18,13 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-import gateway.redis_limits
-from gateway.buckets import TokenBucket
+import gateway.limits.redis_limits
+from gateway.app import Gateway
 from gateway.config import LimitSettings, Settings
-from gateway.limiter import Limiter, Refusal, Slot
-from gateway.policy import Rule, RuleLimits, load_policy_set
-from gateway.redis_limits import RedisLimits
-from gateway.server import Gateway
+from gateway.limits.buckets import TokenBucket
+from gateway.limits.limiter import Limiter, Refusal, Slot
+from gateway.limits.redis_limits import RedisLimits
+from gateway.policy.rules import Rule, RuleLimits, load_policy_set
 
 pytestmark = pytest.mark.integration
 
@@ -53,7 +53,7 @@ async def redis_limits() -> AsyncIterator[RedisLimits]:
     storage = RedisLimits(REDIS_URL, timeout=1.0, prefix=f"rgtest:{uuid.uuid4().hex[:8]}:")
     try:
         await storage.ping()
-    except gateway.redis_limits.REDIS_ERRORS:
+    except gateway.limits.redis_limits.REDIS_ERRORS:
         pytest.fail("Redis does not answer on 127.0.0.1:6379: run scripts/setup")
     yield storage
     await storage.close()
@@ -164,7 +164,7 @@ async def test_connection_caps_are_shared_and_leases_released() -> None:
 
 
 async def test_a_crashed_gateways_leases_lapse(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(gateway.redis_limits, "LEASE_MS", 500)
+    monkeypatch.setattr(gateway.limits.redis_limits, "LEASE_MS", 500)
     settings = make_settings(max_connections_per_user=2)
     user = f"dave-{uuid.uuid4().hex[:6]}"
     async with running(settings) as survivor:

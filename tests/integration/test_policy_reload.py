@@ -20,9 +20,9 @@ import orjson
 import pytest
 from websockets.asyncio.client import connect
 
+from gateway.app import Gateway
 from gateway.config import Settings
-from gateway.policy import load_policy_set, parse_policy_files
-from gateway.server import Gateway
+from gateway.policy.rules import load_policy_set, parse_policy_files
 
 from .conftest import Client
 from .processes import GatewayProcess

@@ -19,9 +19,9 @@ from typing import Any
 
 import pytest
 
+from gateway.app import Gateway
 from gateway.config import Settings
-from gateway.policy import load_policy_set
-from gateway.server import Gateway
+from gateway.policy.rules import load_policy_set
 
 from .conftest import Client
 from .test_chaos import CHAOS_URL, chaos_node, open_client  # noqa: F401  (fixture)

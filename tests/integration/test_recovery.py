@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
+from gateway.app import Gateway
 from gateway.config import Settings
-from gateway.policy import load_policy_set
-from gateway.server import Gateway
+from gateway.policy.rules import load_policy_set
 
 pytestmark = pytest.mark.integration
 

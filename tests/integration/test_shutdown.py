@@ -16,8 +16,8 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
+from gateway.app import Gateway
 from gateway.config import Settings
-from gateway.server import Gateway
 
 from .processes import GatewayProcess, free_port
 

@@ -23,11 +23,11 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
+from gateway.app import Gateway
 from gateway.config import Settings, TlsSettings
-from gateway.policy import load_policy_set, parse_policy_files
-from gateway.restrictions import Rule as Restriction
-from gateway.server import Gateway
-from gateway.sse import EventIds
+from gateway.limits.restrictions import Rule as Restriction
+from gateway.policy.rules import load_policy_set, parse_policy_files
+from gateway.transports.sse import EventIds
 
 pytestmark = pytest.mark.integration
 
@@ -132,7 +132,7 @@ async def until(check: Callable[[], bool], what: str, timeout: float = 10) -> No
 
 
 def sse_streams(gw: Gateway) -> list[Any]:
-    return [s for s in gw.node.sessions if getattr(s, "transport", None) == "sse"]
+    return [s for s in gw.node.sessions if s.kind == "sse"]
 
 
 async def test_an_sse_event_carries_the_same_json_as_a_websocket_message(

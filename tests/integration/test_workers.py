@@ -24,7 +24,7 @@ import yaml
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from gateway.client import Message, RabbitgateClient
+from rabbitgate_client.client import Message, RabbitgateClient
 from gateway.config import Settings
 
 from .conftest import Client

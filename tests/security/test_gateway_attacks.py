@@ -15,7 +15,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-from gateway.server import Gateway
+from gateway.app import Gateway
 
 pytestmark = pytest.mark.integration
 
@@ -150,3 +150,26 @@ async def test_a_refresh_with_fewer_roles_ends_subscriptions_it_no_longer_allows
     assert answer["type"] == "ack"
     ended = alice.other.pop() if alice.other else await alice.recv()
     assert (ended["code"], ended["channel"]) == ("forbidden", "chat.vip")
+
+
+async def test_a_routing_key_published_to_another_exchange_does_not_reach_an_inbox(
+    connect_client: Any, amqp: aio_pika.abc.AbstractConnection, exchange_prefix: str
+) -> None:
+    """issue 13 item 5: with chat.* followed, a message to the chat exchange with
+    routing key user.bob.inbox reached bob's inbox, with the chat stream's seq."""
+    bob = await connect_client("bob")
+    await bob.request("subscribe", channel="chat.any")
+    inbox = await bob.request("subscribe", channel="user.bob.inbox")
+    channel = await amqp.channel()
+    chat = await channel.get_exchange(f"{exchange_prefix}.chat")
+    notify = await channel.get_exchange(f"{exchange_prefix}.notify")
+    for _ in range(5):  # the chat stream moves ahead of the inbox's
+        await chat.publish(aio_pika.Message(b'"chat"'), "chat.any")
+    await chat.publish(aio_pika.Message(b'"forged"'), "user.bob.inbox")
+    await notify.publish(aio_pika.Message(b'"real"'), "user.bob.inbox")
+    got = await bob.messages_until(6)
+    inbox_messages = [m for m in got if m["channel"] == "user.bob.inbox"]
+    assert [m["data"] for m in inbox_messages] == ["real"], got
+    # Its seq is the inbox stream's: right after where the subscribe ack left it.
+    assert isinstance(inbox["seq"], int) and inbox_messages[0]["seq"] == inbox["seq"] + 1
+    assert [m["data"] for m in got if m["channel"] == "chat.any"] == ["chat"] * 5

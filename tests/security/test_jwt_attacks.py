@@ -1,4 +1,4 @@
-"""One test per attack on token verification (gateway/auth.py).
+"""One test per attack on token verification (gateway/auth/tokens.py).
 
 Every token here is really signed (or really forged); every refusal is checked
 for its reason and for an error message that quotes nothing of the token.
@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from jwt.algorithms import RSAAlgorithm
 
-from gateway.auth import AuthError, TokenVerifier
+from gateway.auth.tokens import AuthError, TokenVerifier
 from gateway.config import ConfigError, JwtSettings
 
 NOW = 1_700_000_000

@@ -1,8 +1,8 @@
-"""RefusalMemory: which addresses are closed before TLS (gateway/admission.py)."""
+"""RefusalMemory: which addresses are closed before TLS (gateway/transports/admission.py)."""
 
 from __future__ import annotations
 
-from gateway.admission import RefusalMemory
+from gateway.transports.admission import RefusalMemory
 
 
 class Clock:

@@ -10,8 +10,8 @@ from pamqp import commands
 from pamqp.body import ContentBody
 from pamqp.header import ContentHeader
 
-from gateway import amqpwire
-from gateway.envelope import (
+from gateway.broker import amqpwire
+from gateway.broker.envelope import (
     CONTENT_TYPE,
     SESSION_HEADER,
     SUB_HEADER,

@@ -1,5 +1,5 @@
 """Alerts: the contract's body, the review state machine, the durable store
-and its outbox, restrictions (anomaly/alerts.py, gateway/restrictions.py)."""
+and its outbox, restrictions (anomaly/alerts.py, gateway/limits/restrictions.py)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from anomaly.alerts import (
 )
 from anomaly.features import FEATURES, SubjectWindow
 from anomaly.model import Reason
-from gateway.restrictions import Restrictions, Rule
+from gateway.limits.restrictions import Restrictions, Rule
 
 SPEC_KEYS = {
     "id",

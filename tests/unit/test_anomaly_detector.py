@@ -14,8 +14,8 @@ import pytest
 from anomaly.detector import Detector
 from anomaly.model import MODEL_FILE
 from anomaly.settings import AnomalySettings
-from gateway.events import EventBus, TrafficEvent
-from gateway.restrictions import Restrictions
+from gateway.limits.restrictions import Restrictions
+from gateway.telemetry.events import EventBus, TrafficEvent
 
 START = 1_795_000_000.0
 WINDOW = 10.0

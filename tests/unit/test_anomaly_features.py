@@ -16,7 +16,7 @@ from anomaly.features import (
     subject_windows,
     trimmed,
 )
-from gateway.events import TrafficEvent
+from gateway.telemetry.events import TrafficEvent
 
 
 def ev(kind: str, at: float, *, user: str | None = "alice", address: str | None = "10.0.0.1", **kw):

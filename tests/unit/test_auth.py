@@ -26,10 +26,10 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import NameOID
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
-from gateway.auth import AuthError, TokenVerifier, parse_jwks
+from gateway.auth.principal import AUTH_REASONS, Principal
+from gateway.auth.tokens import AuthError, TokenVerifier, parse_jwks
 from gateway.config import ConfigError, JwtSettings
-from gateway.devtokens import generate_dev_keypair, mint_token
-from gateway.principal import AUTH_REASONS, Principal
+from gateway.devtools.devtokens import generate_dev_keypair, mint_token
 
 NOW = 1_700_000_000
 SECRET = "a-development-secret-of-more-than-32-bytes!"

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from gateway.buckets import BucketTable, TokenBucket
+from gateway.limits.buckets import BucketTable, TokenBucket
 
 
 def admitted(bucket: TokenBucket, times: list[float]) -> int:

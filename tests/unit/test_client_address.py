@@ -1,10 +1,10 @@
-"""Whose X-Forwarded-For is believed, and which hop is the client (gateway/client_address.py)."""
+"""Whose X-Forwarded-For is believed, and which hop is the client (core/client_address.py)."""
 
 from __future__ import annotations
 
 import pytest
 
-from gateway.client_address import MAX_HOPS, TrustedProxies
+from gateway.core.client_address import MAX_HOPS, TrustedProxies
 
 PROXIES = TrustedProxies(["10.0.0.0/8", "2001:db8::/32", "192.0.2.1"])
 

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 from types import SimpleNamespace
 
-from gateway.metrics import Metrics
+from gateway.telemetry.metrics import Metrics
 
 DASHBOARD = Path(__file__).parents[2] / "deploy" / "grafana-dashboard.json"
 SUFFIXES = {
@@ -24,6 +24,7 @@ def exported_names() -> set[str]:
         hub=[],
         broker=SimpleNamespace(connected=True),
         dropped_messages=0,
+        limiter=SimpleNamespace(redis_url=None),  # limits kept locally
         policies=SimpleNamespace(digest="d", rules=[]),
     )
     reloader = SimpleNamespace(reloads_ok=0, reloads_failed=0, last_error=None, loaded_at=1.0)

@@ -1,4 +1,4 @@
-"""Many one-shot timers on one loop timer (gateway/deadlines.py), on asyncio's loop."""
+"""Many one-shot timers on one loop timer (gateway/core/deadlines.py), on asyncio's loop."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import functools
 
 import pytest
 
-from gateway.deadlines import MIN_COMPACT_ENTRIES, Deadlines
+from gateway.core.deadlines import MIN_COMPACT_ENTRIES, Deadlines
 
 
 async def test_deadlines_run_in_time_order_each_once() -> None:

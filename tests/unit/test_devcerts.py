@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from gateway.config import ConfigError
-from gateway.devcerts import (
+from gateway.devtools.devcerts import (
     DevCertificates,
     client_ssl_context,
     make_dev_certificates,

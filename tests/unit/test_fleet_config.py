@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.brokerurls import connect_order, default_cluster_size, redacted, url_problem
+from gateway.broker.urls import connect_order, default_cluster_size, redacted, url_problem
 from gateway.config import ConfigError, amqp_urls, load_settings, worker_count
 
 SECRET = {"RABBITGATE_JWT_SECRET": "s" * 64}

@@ -1,10 +1,10 @@
-"""The shared heartbeat schedule (gateway/heartbeat.py), on a fake clock and link."""
+"""The shared heartbeat schedule (gateway/transports/heartbeat.py), on a fake clock and link."""
 
 from __future__ import annotations
 
 import pytest
 
-from gateway.heartbeat import Heartbeat
+from gateway.transports.heartbeat import Heartbeat
 
 
 class FakeLink:

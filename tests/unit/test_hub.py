@@ -1,4 +1,4 @@
-from gateway.hub import Hub
+from gateway.core.hub import Hub
 
 
 def test_hub_tracks_subscribers_and_exchanges() -> None:
@@ -16,3 +16,18 @@ def test_hub_tracks_subscribers_and_exchanges() -> None:
     assert hub.exchanges() == {"feeds"}
     assert list(hub.subscribers("chat.a")) == []
     assert len(hub) == 1
+
+
+def test_subscribers_are_found_by_exchange_and_channel() -> None:
+    """issue 13 item 5: a routing key published to another exchange must not
+    reach the channel's subscribers."""
+    hub: Hub[str] = Hub()
+    hub.add("user.bob.inbox", "notify", "bob")
+    assert list(hub.subscribers("user.bob.inbox", "demo")) == []
+    assert list(hub.subscribers("user.bob.inbox", "notify")) == ["bob"]
+    # After a reload moved the channel: both routes, each with its own.
+    hub.add("user.bob.inbox", "inbox2", "bob2")
+    assert set(hub.subscribers("user.bob.inbox")) == {"bob", "bob2"}
+    assert hub.remove("user.bob.inbox", "bob") == "notify"
+    assert hub.remove("user.bob.inbox", "bob2") == "inbox2"
+    assert hub.channels() == [] and len(hub) == 0

@@ -8,7 +8,7 @@ import orjson
 import pytest
 
 from gateway.config import ConfigError, LimitSettings, Settings, load_settings
-from gateway.limiter import (
+from gateway.limits.limiter import (
     ConnectionGuard,
     Limiter,
     Refusal,
@@ -17,7 +17,7 @@ from gateway.limiter import (
     retry_after_header,
     retry_after_seconds,
 )
-from gateway.policy import Rule, RuleLimits
+from gateway.policy.rules import Rule, RuleLimits
 
 
 class Clock:

@@ -10,10 +10,10 @@ from collections.abc import Iterator
 import orjson
 import pytest
 
-from gateway import logs
-from gateway.audit import audit_sink
-from gateway.events import TrafficEvent
-from gateway.logs import configure_logging
+from gateway.telemetry import logs
+from gateway.telemetry.audit import audit_sink
+from gateway.telemetry.events import TrafficEvent
+from gateway.telemetry.logs import configure_logging
 
 
 @pytest.fixture

@@ -6,8 +6,8 @@ from types import SimpleNamespace
 
 from prometheus_client import generate_latest
 
-from gateway.events import TrafficEvent
-from gateway.metrics import Metrics
+from gateway.telemetry.events import TrafficEvent
+from gateway.telemetry.metrics import Metrics
 
 
 def value(metrics: Metrics, name: str, **labels: str) -> float | None:
@@ -72,15 +72,16 @@ class _Outbox:
 
 def _gateway(reloader: object = None) -> SimpleNamespace:
     sessions = [
-        SimpleNamespace(outbox=_Outbox(0, 0)),
-        SimpleNamespace(outbox=_Outbox(20_000, 7)),
-        SimpleNamespace(outbox=_Outbox(900, 1), transport="sse"),
+        SimpleNamespace(outbox=_Outbox(0, 0), kind="websocket"),
+        SimpleNamespace(outbox=_Outbox(20_000, 7), kind="websocket"),
+        SimpleNamespace(outbox=_Outbox(900, 1), kind="sse"),
     ]
     node = SimpleNamespace(
         sessions=sessions,
         hub=[1, 2],
         broker=SimpleNamespace(connected=False),
         dropped_messages=4,
+        limiter=SimpleNamespace(redis_url=None),  # limits kept locally
         policies=SimpleNamespace(digest="abc123", rules=[1, 2, 3]),
     )
     return SimpleNamespace(node=node, reloader=reloader)

@@ -1,7 +1,7 @@
 import pytest
 from websockets.frames import Frame, Opcode
 
-from gateway.outbox import text_frame
+from gateway.transports.outbox import text_frame
 
 
 @pytest.mark.parametrize("size", [0, 1, 125, 126, 127, 65535, 65536, 70000])

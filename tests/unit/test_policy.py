@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 import yaml
 
-from gateway import policy
-from gateway.conditions import All, Anyone, Claim, Nobody, Role, Scope
-from gateway.policy import (
+from gateway.policy import rules as policy
+from gateway.policy.conditions import All, Anyone, Claim, Nobody, Role, Scope
+from gateway.policy.rules import (
     PolicyError,
     PolicySet,
     Principal,

@@ -14,7 +14,7 @@ import yaml
 
 from gateway.cli import main
 from gateway.config import JwtSettings
-from gateway.devtokens import mint_token
+from gateway.devtools.devtokens import mint_token
 
 GOOD = """\
 version: 1

@@ -3,8 +3,8 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from gateway.channels import is_valid_channel
-from gateway.protocol import (
+from gateway.protocol.channels import is_valid_channel
+from gateway.protocol.frames import (
     Auth,
     FrameError,
     Ping,
@@ -118,3 +118,27 @@ def test_backend_bodies() -> None:
     assert data_from_body(b"hello") == "hello"
     with pytest.raises(ValueError):
         data_from_body(b"\xff\xfe")
+
+
+def test_data_nesting_is_limited_before_serialization() -> None:
+    from gateway.protocol.frames import nested_deeper_than
+
+    assert not nested_deeper_than(0, 0)
+    assert not nested_deeper_than([[{}]], 3) and nested_deeper_than([[{}]], 2)
+    assert nested_deeper_than({"a": [1, {"b": [[]]}]}, 3)
+    deep = "[" * 40 + "]" * 40
+    with pytest.raises(FrameError) as refused:
+        parse_frame('{"type":"publish","channel":"a","data":' + deep + "}", max_depth=39)
+    assert refused.value.code == "bad_request"
+    parsed = parse_frame('{"type":"publish","channel":"a","data":' + deep + "}", max_depth=40)
+    assert isinstance(parsed, Publish)
+
+
+def test_a_message_frame_that_cannot_be_serialized_raises_value_error() -> None:
+    from gateway.protocol.frames import message_frame
+
+    value: object = 0
+    for _ in range(300):
+        value = [value]
+    with pytest.raises(ValueError):
+        message_frame("a", 1, value, None, 0)

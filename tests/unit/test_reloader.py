@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.policy import PolicySet, load_policy_set
-from gateway.reloader import PolicyReloader, is_policy_file
+from gateway.core.reloader import PolicyReloader, is_policy_file
+from gateway.policy.rules import PolicySet, load_policy_set
 
 RULES = """\
 version: 1
@@ -257,7 +257,7 @@ async def test_the_watcher_follows_a_replaced_folder(
 async def test_the_watcher_waits_for_a_removed_folder_to_come_back(
     folder: Path, node: FakeNode, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("gateway.reloader.RETRY_SECONDS", 0.05)
+    monkeypatch.setattr("gateway.core.reloader.RETRY_SECONDS", 0.05)
     reloader = PolicyReloader(node, folder, quiet_ms=50)  # type: ignore[arg-type]
     await reloader.start()
     try:

@@ -9,7 +9,7 @@ import zlib
 import orjson
 import pytest
 
-from gateway.sse import (
+from gateway.transports.sse import (
     MAX_EVENT_ID_CHARS,
     EventIds,
     SseOutbox,

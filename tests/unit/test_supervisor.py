@@ -8,8 +8,8 @@ import socket
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.fleetmetrics import merge, render
-from gateway.supervisor import (
+from gateway.telemetry.fleetmetrics import merge, render
+from gateway.operations.supervisor import (
     Backoff,
     Expected,
     GiveUp,

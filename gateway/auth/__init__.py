@@ -1,0 +1,1 @@
+"""Who a client is: JWT verification into a Principal."""

@@ -1,0 +1,1 @@
+"""RabbitMQ: streams, confirmed publishes, the AMQP wire details."""

@@ -1,0 +1,1 @@
+"""The connection model shared by every transport: node, sessions, hub, deadlines, reloads."""

@@ -1,0 +1,1 @@
+"""Development helpers: self-signed certificates and test tokens."""

@@ -1,0 +1,1 @@
+"""The operator side: admin/metrics/SSE listener, health and readiness, process tuning."""

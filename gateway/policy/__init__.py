@@ -1,0 +1,1 @@
+"""What a principal may do: YAML policy rules and their conditions."""

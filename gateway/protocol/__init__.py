@@ -1,0 +1,1 @@
+"""The JSON protocol of the contract: frames, their parsing and encoding; valid channel names."""
