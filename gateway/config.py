@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from yarl import URL
 
 from anomaly.settings import AnomalySettings
-from yarl import URL
 
 
 class ConfigError(Exception):

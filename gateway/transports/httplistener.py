@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from pathlib import Path
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, cast
 
 from aiohttp import web

@@ -22,9 +22,9 @@ from typing import Any
 import aio_pika
 import pytest
 
+from gateway.app import Gateway
 from gateway.config import Settings
 from gateway.policy.rules import load_policy_set
-from gateway.app import Gateway
 
 from .conftest import Client
 from .processes import GatewayProcess

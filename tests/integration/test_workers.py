@@ -24,8 +24,8 @@ import yaml
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from rabbitgate_client.client import Message, RabbitgateClient
 from gateway.config import Settings
+from rabbitgate_client.client import Message, RabbitgateClient
 
 from .conftest import Client
 from .fleet import Fleet, fleet_config
