@@ -40,7 +40,7 @@ from gateway.broker import amqpwire
 from gateway.broker.envelope import sender_of, timestamp_ms_of
 from gateway.broker.history import HistoryReader, HistoryScan, ReadFailed
 from gateway.broker.publisher import ConfirmedPublisher, Expired
-from gateway.broker.urls import connect_order, default_cluster_size
+from gateway.broker.urls import connect_order, default_cluster_size, stream_filtering
 from gateway.config import redacted as redacted
 from gateway.config import split_urls
 
@@ -123,6 +123,10 @@ class Broker:
         self._confirm_timeout = confirm_timeout
         self._connect_timeout = connect_timeout
         self.user: str = URL(self._url).user or "guest"
+        # The node's RabbitMQ version, from its connection.start (docs/fleet.md:
+        # stream filtering, the way past "every gateway reads every message",
+        # needs 3.13).
+        self.server_version: str | None = None
         # Recorded state, replayed after every reconnect.
         self._declared: set[str] = set()
         self._following: dict[str, int | None] = {}
@@ -411,7 +415,13 @@ class Broker:
             self._lost.clear()
             self._ready = True
             connection.close_callbacks.add(self._on_connection_closed)
-        log.info("connected to RabbitMQ at %s", redacted(self._url))
+            self.server_version = _server_version(connection)
+        log.info(
+            "connected to RabbitMQ %s at %s (stream filtering: %s)",
+            self.server_version or "(version unknown)",
+            redacted(self._url),
+            "available" if stream_filtering(self.server_version) else "not before RabbitMQ 3.13",
+        )
         if self._on_state_change:
             self._on_state_change(True)
 
@@ -553,3 +563,14 @@ def _is_marker(message: AbstractIncomingMessage) -> bool:
 def _describe(exc: BaseException) -> str:
     text = str(exc) or type(exc).__name__
     return text.splitlines()[0][:200]
+
+
+def _server_version(connection: AbstractConnection) -> str | None:
+    try:
+        properties = connection.transport.connection.server_properties  # type: ignore[union-attr]
+        version = properties.get("version")
+    except AttributeError:
+        return None
+    if isinstance(version, bytes):
+        version = version.decode(errors="replace")
+    return str(version) if version else None

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from gateway.config import redacted, url_problem
 
-__all__ = ["connect_order", "default_cluster_size", "redacted", "url_problem"]
+__all__ = ["connect_order", "default_cluster_size", "redacted", "stream_filtering", "url_problem"]
 
 
 def connect_order(
@@ -38,3 +38,16 @@ def default_cluster_size(urls: Sequence[str], configured: int | None) -> int:
     if configured is not None:
         return configured
     return max(1, min(3, len(set(urls))))
+
+
+def stream_filtering(version: str | None) -> bool:
+    """Whether a RabbitMQ of this version filters stream reads (3.13 and later)."""
+    if not version:
+        return False
+    parts = []
+    for part in version.split(".")[:2]:
+        digits = "".join(ch for ch in part if ch.isdigit())
+        if not digits:
+            return False
+        parts.append(int(digits))
+    return tuple(parts) >= (3, 13)
