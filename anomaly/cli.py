@@ -22,9 +22,9 @@ from anomaly.alerts import RESOLUTIONS, STATUSES, STORE_FILE, AlertStore, Review
 from anomaly.settings import SEVERITIES
 
 # Every failure the operator can cause ends as one line (gateway/cli.py prints it).
-from gateway.commands import CliError
+from gateway.commands import CliError, no_config_hint
 from gateway.commands import settings_from_args as _settings
-from gateway.config import ConfigError, Settings
+from gateway.config import Settings
 
 AddConfigFlag = Callable[[argparse.ArgumentParser], None]
 
@@ -100,18 +100,18 @@ def add_anomaly_commands(commands: Any, add_config_flag: AddConfigFlag) -> None:
 # --- alerts -----------------------------------------------------------------
 
 
-def _store(args: argparse.Namespace) -> tuple[AlertStore, Any]:
-    try:
-        settings = _settings(args)
-    except ConfigError:
-        if not args.data_dir:
-            raise
-        # Reviewing needs no JWT key: with --data-dir, the defaults do.
-        settings = Settings()
+def _store(args: argparse.Namespace) -> tuple[AlertStore, Settings]:
+    # Reviewing verifies no token: a missing JWT secret is none of its business.
+    settings = _settings(args, check_jwt=False)
     data_dir = Path(args.data_dir) if args.data_dir else settings.anomaly.data_dir
     path = data_dir / STORE_FILE
     if not path.exists():
-        raise CliError(f"no alert store at {path} (is anomaly.data_dir right?)")
+        where = "--data-dir" if args.data_dir else "anomaly.data_dir"
+        hint = no_config_hint(args) if not args.data_dir else ""
+        raise CliError(
+            f"no alert store at {path} (is {where} right?"
+            + (f" {hint}, or give --data-dir DIR)" if hint else ")")
+        )
     return AlertStore(path), settings
 
 
@@ -201,6 +201,7 @@ def _close(args: argparse.Namespace) -> int:
 
 def _review(args: argparse.Namespace, action: str) -> int:
     store, settings = _store(args)
+    _check_reviewer(args, settings)
     try:
         changed = store.review(
             args.id,
@@ -219,6 +220,33 @@ def _review(args: argparse.Namespace, action: str) -> int:
             " to the alerts exchange when it next can"
         )
     return 0
+
+
+def _check_reviewer(args: argparse.Namespace, settings: Settings) -> None:
+    """The reviewer recorded must be one the review page would let in: a name
+    of ``anomaly.reviewers_file`` (no password here: whoever runs this command
+    can write the store anyway; the check keeps the names of the record true)."""
+    from anomaly.passwords import ReviewerFileError, read_reviewers
+
+    path = settings.anomaly.reviewers_file
+    if path is None:
+        hint = no_config_hint(args)
+        raise CliError(
+            "--reviewer is checked against anomaly.reviewers_file, which is not set"
+            + (f" ({hint})" if hint else "")
+            + "; add reviewers with `rabbitgate alerts add-reviewer`"
+        )
+    try:
+        reviewers = read_reviewers(path)
+    except OSError as exc:
+        raise CliError(f"cannot read the reviewers file {path}: {exc.strerror}") from None
+    except ReviewerFileError as exc:
+        raise CliError(str(exc)) from None
+    if args.reviewer not in reviewers:
+        raise CliError(
+            f"{_clean(args.reviewer)!r} is not a reviewer in {path}"
+            " (add them with `rabbitgate alerts add-reviewer`)"
+        )
 
 
 async def _publish(store: AlertStore, settings: Any) -> int | None:
@@ -241,10 +269,15 @@ async def _publish(store: AlertStore, settings: Any) -> int | None:
 def _add_reviewer(args: argparse.Namespace) -> int:
     from anomaly.passwords import ReviewerFileError, set_reviewer
 
-    settings = _settings(args)
-    target = Path(args.file) if args.file else settings.anomaly.reviewers_file
+    target = Path(args.file) if args.file else None
     if target is None:
-        raise CliError("give --file or set anomaly.reviewers_file")
+        target = _settings(args, check_jwt=False).anomaly.reviewers_file
+    if target is None:
+        raise CliError(
+            "give --file FILE, or --config FILE with anomaly.reviewers_file set"
+            if not args.config
+            else f"give --file FILE, or set anomaly.reviewers_file in {args.config}"
+        )
     if args.password_stdin:
         password = sys.stdin.readline().rstrip("\n")
     else:
@@ -266,7 +299,7 @@ def _train(args: argparse.Namespace) -> int:
     from anomaly.model import MODEL_FILE, AnomalyModel
     from anomaly.traffic import baseline_rows, read_events
 
-    settings = _settings(args)
+    settings = _settings(args, check_jwt=False)
     a = settings.anomaly
     try:
         rows = baseline_rows(
@@ -291,6 +324,9 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     from anomaly.scenarios import ScenarioConfig, report, run_scenario
 
+    problem = evaluation_problem(args)
+    if problem is not None:
+        raise CliError(problem)
     logging.basicConfig(level=logging.ERROR)
     config = ScenarioConfig(
         window_seconds=args.window,
@@ -309,3 +345,30 @@ def _evaluate(args: argparse.Namespace) -> int:
         raise CliError(f"evaluation failed: {exc}") from None
     print(report(result))
     return 0
+
+
+def evaluation_problem(args: argparse.Namespace) -> str | None:
+    """What makes ``anomaly evaluate``'s numbers unusable, in one line, before
+    any gateway or client starts (run_scenario would raise a ValueError)."""
+    if not args.window > 0:
+        return "--window must be positive"
+    if args.long_windows < 0:
+        return "--long-windows must not be negative (0: no long window)"
+    for flag, value in (
+        ("--warmup-windows", args.warmup_windows),
+        ("--attack-windows", args.attack_windows),
+        ("--users", args.users),
+    ):
+        if value < 1:
+            return f"{flag} must be at least 1"
+    if args.attackers < 0:
+        return "--attackers must not be negative"
+    if not 0 < args.contamination < 0.5:
+        return "--contamination must be between 0 and 0.5"
+    # The attack phase starts and ends on long-window boundaries (run_scenario).
+    if args.long_windows and args.attack_windows % args.long_windows:
+        return (
+            f"--attack-windows {args.attack_windows} must be a multiple of"
+            f" --long-windows {args.long_windows}"
+        )
+    return None

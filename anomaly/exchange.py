@@ -17,7 +17,7 @@ import aio_pika
 from aio_pika.abc import AbstractConnection, AbstractExchange
 
 from anomaly.alerts import AlertStore
-from gateway.broker.urls import connect_order, redacted
+from gateway.amqp_urls import connect_order, redacted
 from gateway.config import split_urls
 
 log = logging.getLogger("rabbitgate.anomaly")

@@ -94,6 +94,9 @@ class Worker:
         self.model_path = settings.data_dir / MODEL_FILE
         self.model: AnomalyModel | None = None
         self._warmup_windows = 0
+        # Why a fit found too few windows, already said at WARNING: a quiet
+        # gateway retries every window and must not warn every window.
+        self._too_few_warned: set[str] = set()
         self._baseline: dict[str, deque[list[float]]] = {}
         self._long: WindowState | None = None
         self._long_count = 0
@@ -236,8 +239,15 @@ class Worker:
     def _fit(self, rows: dict[str, list[list[float]]], why: str) -> None:
         model = AnomalyModel.fit(rows, self.settings.contamination)
         if not model.keys:
-            log.warning("anomaly %s: too few windows to train on yet", why)
+            level = logging.DEBUG if why in self._too_few_warned else logging.WARNING
+            self._too_few_warned.add(why)
+            log.log(
+                level,
+                "anomaly %s: too few windows to train on yet; trying again each window",
+                why,
+            )
             return
+        self._too_few_warned.discard(why)
         if self.model is not None:  # keep forests of keys that had too few new rows
             for key, keyed in self.model.keys.items():
                 model.keys.setdefault(key, keyed)

@@ -1,4 +1,4 @@
-"""The ``rabbitgate`` command: serve, certs, token, policy.
+"""The ``rabbitgate`` command: serve, certs, token, policy, alerts, anomaly.
 
 Every failure an operator can cause (a bad config, a missing certificate, an
 invalid policy set, an unreachable broker) ends in a one-line message and a
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import gc
 import json
 import logging
@@ -32,22 +33,46 @@ EXIT_USAGE = 2
 EXIT_FAILURE = 1
 
 
+EXIT_BROKEN_PIPE = 141  # what a shell reports for a process SIGPIPE ended
+# A failed bind: the port (or address) is the operator's to change.
+_BIND_ERRORS = (errno.EADDRINUSE, errno.EADDRNOTAVAIL)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     args.argv = argv  # `serve --workers N` runs each worker with the same command line
     try:
-        return int(args.run(args) or 0)
+        code = int(args.run(args) or 0)
+        sys.stdout.flush()  # here, so that a closed pipe is met inside the try
+        return code
     except (CliError, ConfigError) as exc:
         print(f"rabbitgate: error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
+    except BrokenPipeError:
+        # `rabbitgate alerts list --json | head`: the reader has all it wants.
+        # Python would report the unflushed rest at exit; point stdout at
+        # /dev/null so that it has nowhere to fail (the Python docs' recipe).
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except KeyboardInterrupt:
         return 130
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("rabbitgate")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rabbitgate", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"rabbitgate {_version()}")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     serve = commands.add_parser("serve", help="run the gateway")
@@ -68,7 +93,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--admin-port", type=int, help="admin port: /metrics, /healthz, /readyz (default 9090)"
     )
-    serve.add_argument("--sse-port", type=int, help="Server-Sent Events port (default 8444)")
+    serve.add_argument(
+        "--sse-port", type=_port_or_off, help="Server-Sent Events port, or off (default 8444)"
+    )
     serve.add_argument(
         "--workers",
         help="worker processes sharing the ports: a number or auto (default 1; >1 needs redis_url)",
@@ -115,6 +142,16 @@ def _parser() -> argparse.ArgumentParser:
 
     add_anomaly_commands(commands, _add_config_flag)
     return parser
+
+
+def _port_or_off(text: str) -> int | str:
+    """``--sse-port off`` turns SSE off; anything else must be a port number."""
+    if text.strip().lower() == "off":
+        return "off"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number or off") from None
 
 
 # --- serve ------------------------------------------------------------------
@@ -199,6 +236,13 @@ async def _run_gateway(settings: Settings) -> int:
     except BrokerUnavailable as exc:
         await gateway.stop()
         raise CliError(str(exc)) from None
+    except OSError as exc:
+        # The WebSocket listener's bind (the SSE and admin ones say so themselves).
+        if exc.errno not in _BIND_ERRORS:
+            raise
+        await gateway.stop()
+        where = f"{settings.host}:{settings.port}"
+        raise CliError(f"cannot listen on {where}: {os.strerror(exc.errno)}") from None
     # Everything alive now (modules, numpy/scikit-learn, settings, policies)
     # lives as long as the process: out of the collector's sight, a full
     # collection no longer walks it. Measured: a full collection of a

@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from yarl import URL
 
 from anomaly.settings import AnomalySettings
+from gateway.amqp_urls import redacted, url_problem
 
 
 class ConfigError(Exception):
@@ -184,11 +184,15 @@ def load_settings(
     config_file: Path | None = None,
     environ: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
+    *,
+    check_jwt: bool = True,
 ) -> Settings:
     """Build Settings from the YAML file, then the environment, then ``overrides``.
 
     ``overrides`` uses dotted keys (``"jwt.secret"``, ``"port"``) as the CLI
     flags do. Raises ConfigError with a one-line message on any bad value.
+    ``check_jwt=False`` is for commands that verify no token (``alerts``,
+    ``policy explain --claims``): they must not fail on a missing secret.
     """
     raw: dict[str, Any] = {}
     if config_file is not None:
@@ -197,7 +201,7 @@ def load_settings(
         except OSError as exc:
             raise ConfigError(f"cannot read config file {config_file}: {exc.strerror}") from None
         except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {config_file} is not valid YAML: {exc}") from None
+            raise ConfigError(_yaml_problem(config_file, exc)) from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {config_file} must hold a mapping")
         raw = loaded
@@ -207,7 +211,17 @@ def load_settings(
         if value is not None:
             _set_dotted(raw, key, value)
     settings = _build(Settings, raw, "")
-    return _check(settings)
+    return _check(settings, check_jwt=check_jwt)
+
+
+def _yaml_problem(config_file: Path, exc: yaml.YAMLError) -> str:
+    """One line naming the file, line and column; PyYAML's own text is several
+    lines and names the parsed string ``<unicode string>``, not the file."""
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
+        mark = exc.problem_mark
+        problem = exc.problem or exc.context or "syntax error"
+        return f"{config_file}:{mark.line + 1}:{mark.column + 1}: not valid YAML: {problem}"
+    return f"{config_file}: not valid YAML: {' '.join(str(exc).split())}"
 
 
 def _from_environment(environ: Mapping[str, str]) -> dict[str, str]:
@@ -260,7 +274,7 @@ def _coerce(f: dataclasses.Field[Any], value: Any, name: str) -> Any:
                     raise ValueError(value)
                 return lowered in {"1", "true", "yes", "on"}
             return bool(value)
-        if value is None:
+        if value is None or (_numeric_optional(kind) and isinstance(value, str) and _is_off(value)):
             if "None" in kind:
                 return None
             raise ValueError("null")
@@ -290,8 +304,28 @@ def _coerce(f: dataclasses.Field[Any], value: Any, name: str) -> Any:
     return value
 
 
-def _check(settings: Settings) -> Settings:
-    jwt = settings.jwt
+# What an environment variable says to turn an optional number off
+# (RABBITGATE_SSE_PORT=off): YAML's null is not available there. Only for
+# numbers: a string setting (jwt.audience, say) keeps "none" as a value.
+_OFF = frozenset({"", "off", "null", "none", "~"})
+
+
+def _numeric_optional(kind: str) -> bool:
+    return "None" in kind and kind.startswith(("int", "float"))
+
+
+def _is_off(text: str) -> bool:
+    return text.strip().lower() in _OFF
+
+
+def _check(settings: Settings, *, check_jwt: bool = True) -> Settings:
+    if check_jwt:
+        _check_jwt(settings.jwt)
+    _check_rest(settings)
+    return settings
+
+
+def _check_jwt(jwt: JwtSettings) -> None:
     algorithms = set(jwt.algorithms)
     if not algorithms:
         raise ConfigError("jwt.algorithms is empty: no token could ever be verified")
@@ -314,6 +348,9 @@ def _check(settings: Settings) -> Settings:
         raise ConfigError(
             "jwt.max_token_bytes must be positive and jwt.leeway_seconds not negative"
         )
+
+
+def _check_rest(settings: Settings) -> None:
     try:
         parse_networks(settings.trusted_proxies)
     except ValueError as exc:
@@ -335,7 +372,6 @@ def _check(settings: Settings) -> Settings:
     anomaly_problem = settings.anomaly.problem()
     if anomaly_problem is not None:
         raise ConfigError(anomaly_problem)
-    return settings
 
 
 def amqp_urls(settings: Settings) -> tuple[str, ...]:
@@ -345,34 +381,6 @@ def amqp_urls(settings: Settings) -> tuple[str, ...]:
 
 def split_urls(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
-
-
-AMQP_SCHEMES = frozenset({"amqp", "amqps"})
-
-
-def redacted(url: str) -> str:
-    """The AMQP URL without its password, for logs and errors."""
-    parsed = URL(url)
-    return str(parsed.with_password("***")) if parsed.password else str(parsed)
-
-
-def url_problem(url: str) -> str | None:
-    """Why ``url`` cannot name a RabbitMQ node, or None when it can."""
-    try:
-        parsed = URL(url)
-        port = parsed.port
-    except (ValueError, TypeError) as exc:
-        # yarl's reasons ("Port out of range 0-65535") never quote the URL;
-        # anything that might is left out.
-        reason = str(exc).splitlines()[0] if str(exc) else ""
-        return f"not a URL ({reason})" if reason and "@" not in reason else "not a URL"
-    if parsed.scheme not in AMQP_SCHEMES:
-        return "must start with amqp:// or amqps://"
-    if not parsed.host:
-        return "has no host"
-    if port is not None and not 0 < port < 65536:
-        return f"port {port} is out of range"
-    return None
 
 
 def worker_count(value: str, cpus: int | None = None) -> int:

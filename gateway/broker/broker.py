@@ -36,12 +36,12 @@ from aio_pika.abc import (
 from aiormq.abc import DeliveredMessage
 from yarl import URL
 
+from gateway.amqp_urls import connect_order, default_cluster_size, stream_filtering
+from gateway.amqp_urls import redacted as redacted
 from gateway.broker import amqpwire
 from gateway.broker.envelope import sender_of, timestamp_ms_of
 from gateway.broker.history import HistoryReader, HistoryScan, ReadFailed
 from gateway.broker.publisher import ConfirmedPublisher, Expired
-from gateway.broker.urls import connect_order, default_cluster_size, stream_filtering
-from gateway.config import redacted as redacted
 from gateway.config import split_urls
 
 log = logging.getLogger("rabbitgate.broker")
@@ -146,8 +146,7 @@ class Broker:
         self._supervisor: asyncio.Task[None] | None = None
         self._closing = False
         # Replays read on a connection of their own (gateway/history.py).
-        # Reads go to the node the broker is connected to (a cluster: any node).
-        self.history = HistoryReader(lambda: self._url, connect_timeout)
+        self.history = HistoryReader(self._urls, connect_timeout)
 
     @property
     def connected(self) -> bool:
@@ -169,6 +168,13 @@ class Broker:
                 break
             except BrokerUnavailable:
                 raise
+            except (aiormq.ProbableAuthenticationError, aiormq.AuthenticationError) as exc:
+                # RabbitMQ answered and refused the login (ACCESS_REFUSED, 403):
+                # the same credentials fail the same way until the operator
+                # changes them, so waiting out the connect timeout helps nobody.
+                raise BrokerUnavailable(
+                    f"RabbitMQ at {redacted(self._url)} refused the login: {_describe(exc)}"
+                ) from None
             except Exception as exc:
                 if time.monotonic() >= deadline:
                     where = ", ".join(redacted(url) for url in self._urls)

@@ -22,12 +22,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiormq
+import aiormq.exceptions
 from aiormq.abc import AbstractChannel, AbstractConnection, DeliveredMessage
+
+from gateway.amqp_urls import connect_order
 
 log = logging.getLogger("rabbitgate.history")
 
@@ -114,9 +117,10 @@ class HistoryReader:
     """Stream reads on a connection of their own, opened at the first read
     and again after it was lost. ``close`` when the gateway stops."""
 
-    def __init__(self, url: str | Callable[[], str], connect_timeout: float) -> None:
-        # A callable: the node the broker is on now (a cluster's nodes change).
-        self._url = url
+    def __init__(self, urls: Sequence[str], connect_timeout: float) -> None:
+        # One node or a cluster's nodes: a read connects to one that answers.
+        self._urls = tuple(urls)
+        self._url: str | None = None  # the node of the current (or last) connection
         self._connect_timeout = connect_timeout
         self._connection: AbstractConnection | None = None
         self._lock = asyncio.Lock()
@@ -206,13 +210,25 @@ class HistoryReader:
                 raise ReadFailed("the gateway is stopping")
             connection = self._connection
             if connection is None or connection.is_closed:
-                async with asyncio.timeout(self._connect_timeout):
-                    connection = await aiormq.connect(
-                        self._url() if callable(self._url) else self._url,
-                        client_properties={"connection_name": "rabbitgate history reads"},
-                    )
+                connection = await self._connect()
                 self._connection = connection
         return await connection.channel(publisher_confirms=False)
+
+    async def _connect(self) -> AbstractConnection:
+        failure: BaseException | None = None
+        for url in connect_order(self._urls, self._url):
+            try:
+                async with asyncio.timeout(self._connect_timeout):
+                    connection = await aiormq.connect(
+                        url, client_properties={"connection_name": "rabbitgate history reads"}
+                    )
+            except (OSError, TimeoutError, aiormq.exceptions.AMQPError) as exc:
+                failure = exc
+                continue
+            self._url = url
+            return connection
+        assert failure is not None
+        raise failure
 
 
 async def _end(channel: AbstractChannel, tag: str | None) -> None:

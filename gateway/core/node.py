@@ -96,6 +96,7 @@ class Node:
         """
         await self.broker.declare(policies.exchanges())
         self.policies = policies
+        self.metrics.known_exchanges(policies.exchanges())  # their series from 0
         ended = 0
         for session in list(self.sessions):
             ended += session.recheck_subscriptions()

@@ -19,7 +19,7 @@ The supervisor itself serves no client. It
 * passes SIGTERM/SIGINT on (each worker drains as a single gateway does,
   ``shutdown_delay_seconds`` included) and SIGHUP (each reloads its policies);
 * serves the one admin port: ``/metrics`` merges every worker's metrics,
-  each series labelled ``worker="i"`` (``gateway/telemetry/fleetmetrics.py``), and
+  each series labelled ``worker="i"`` (``gateway/operations/fleetmetrics.py``), and
   ``/readyz`` is ready only while every worker is. Each worker serves its own
   admin app on a Unix socket in a private directory.
 
@@ -51,7 +51,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from gateway.config import Settings
-from gateway.telemetry.fleetmetrics import render
+from gateway.operations.fleetmetrics import render
 from gateway.transports.httplistener import HttpListener
 
 log = logging.getLogger("rabbitgate.supervisor")

@@ -26,7 +26,7 @@ from typing import Any
 
 from gateway.auth.principal import Principal
 from gateway.auth.tokens import AuthError, TokenVerifier
-from gateway.commands import CliError
+from gateway.commands import CliError, no_config_hint
 from gateway.config import ConfigError, Settings, load_settings
 from gateway.policy.conditions import shown
 from gateway.policy.rules import PolicyError, PolicySet, load_policy_set
@@ -128,7 +128,7 @@ def _explain(args: argparse.Namespace) -> int:
         principal = _principal_from_claims(args.claims)
         policies = _load(args)
     else:
-        settings = _settings(args, why="to verify --token")
+        settings = _settings(args, why="to verify --token", check_jwt=True)
         token = _read_token(args.token)
         policies = _load(args, settings)
         principal = asyncio.run(_verify(settings, token))
@@ -173,11 +173,13 @@ async def _verify(settings: Settings, token: str) -> Principal:
 # --- shared -------------------------------------------------------------------
 
 
-def _settings(args: argparse.Namespace, *, why: str) -> Settings:
+def _settings(args: argparse.Namespace, *, why: str, check_jwt: bool = False) -> Settings:
+    """Only ``--token`` needs the jwt section; the rest read policies_dir alone."""
     try:
-        return load_settings(Path(args.config) if args.config else None)
+        return load_settings(Path(args.config) if args.config else None, check_jwt=check_jwt)
     except ConfigError as exc:
-        raise CliError(f"{exc} (the configuration is read {why})") from None
+        hint = "; ".join(filter(None, [f"the configuration is read {why}", no_config_hint(args)]))
+        raise CliError(f"{exc} ({hint})") from None
 
 
 def _load(args: argparse.Namespace, settings: Settings | None = None) -> PolicySet:

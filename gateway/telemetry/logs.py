@@ -16,9 +16,11 @@ never puts a token or a message body in them, and keeps the audit stream
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import logging
 import sys
+import weakref
 from datetime import UTC, datetime
 from typing import IO, Any
 
@@ -42,6 +44,43 @@ def bind(**fields: str | None) -> None:
     _context.set({k: v for k, v in fields.items() if v is not None})
 
 
+# Fields of WebSocket connections, for websockets' own lines ("connection
+# open", "connection closed"): it logs them with ``extra={"websocket": conn}``
+# from callbacks outside the connection's task, where no context is bound.
+# Weak: a connection's entry goes with it.
+_connections: weakref.WeakKeyDictionary[Any, dict[str, str]] = weakref.WeakKeyDictionary()
+
+
+def bind_connection(connection: Any, **fields: str | None) -> None:
+    """``bind`` for the current task, and remember the fields for ``connection``."""
+    bind(**fields)
+    with contextlib.suppress(TypeError):  # not weakly referenceable: address alone
+        _connections[_key(connection)] = {k: v for k, v in fields.items() if v is not None}
+
+
+def _key(connection: Any) -> Any:
+    # websockets logs with a weakref.proxy of the connection, which can be
+    # neither hashed nor weakly referenced; its sans-I/O protocol object can,
+    # and the proxy reaches it.
+    return getattr(connection, "protocol", None) or connection
+
+
+def connection_fields(connection: Any) -> dict[str, str]:
+    """session, user (once authenticated) and address of a websockets connection;
+    {} for anything else (a log line never fails on its ``extra``)."""
+    try:
+        known = _connections.get(_key(connection))
+        if known:
+            return dict(known)
+        address = getattr(connection, "forwarded_client", None)
+        if address is None:
+            remote = getattr(connection, "remote_address", None)
+            address = remote[0] if isinstance(remote, tuple) and remote else None
+    except (TypeError, ReferenceError, OSError):  # unhashable, a proxy of a connection gone
+        return {}
+    return {"address": str(address)} if address is not None else {}
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object a line; never raises on odd ``extra`` values."""
 
@@ -54,7 +93,9 @@ class JsonFormatter(logging.Formatter):
         }
         line.update(_context.get() or {})
         for key, value in record.__dict__.items():
-            if key not in _STANDARD and not key.startswith("_"):
+            if key == "websocket":  # its repr is <...AdmittedConnection object at 0x...>
+                line.update(connection_fields(value))
+            elif key not in _STANDARD and not key.startswith("_"):
                 line[key] = value
         if record.exc_info:
             line["exc"] = self.formatException(record.exc_info)

@@ -19,7 +19,7 @@ gateways (tests) can live in one process.
 from __future__ import annotations
 
 import time
-from collections.abc import Collection, Iterator, Sized
+from collections.abc import Collection, Iterable, Iterator, Sized
 from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -30,7 +30,39 @@ from prometheus_client.core import (
     Metric,
 )
 
+from anomaly.settings import SEVERITIES
+from gateway.auth.principal import AUTH_REASONS
 from gateway.telemetry.events import TRANSPORT_KINDS, TrafficEvent
+
+# The label values each labelled counter is created with, at 0, so that its
+# series exist before the first event (Prometheus' instrumentation guide:
+# rate() and alerts over a series that appears only on the first failure miss
+# that failure). tests/unit/test_metrics_coverage.py checks these lists against
+# the values the code emits.
+TRANSPORTS = TRANSPORT_KINDS
+# Close codes the gateway itself ends connections with, and 1006 (the client
+# vanished without a close frame). Contract section 9.
+CLOSE_CODES = ("1000", "1001", "1006", "1008", "1009", "4401", "4403", "4408", "4409", "4429")
+# Refusal.limit values (gateway/limits/, transports/websocket.py).
+RATE_LIMITS = (
+    "frames",
+    "subscribes",
+    "publish",
+    "connects",
+    "auth_failures",
+    "strikeouts",
+    "connections_per_address",
+    "connections_per_user",
+    "ignored_retry_after",
+    "anomaly_throttle",
+    "replays",
+    "replays_in_flight",
+    "replay_budget",
+)
+MALFORMED_CODES = ("bad_request", "too_large")
+ACTIONS = ("subscribe", "publish")
+RELOAD_RESULTS = ("ok", "failed")
+
 
 # What the scrape-time collector reads: the parts of a gateway it reports on,
 # described here by shape so that telemetry needs nothing from the layers above.
@@ -201,10 +233,36 @@ class Metrics:
         # Label children cached: the message path must not pay labels() each time.
         self._in: dict[str, Any] = {}
         self._out: dict[str, Any] = {}
+        self._initialise_labels()
+
+    def _initialise_labels(self) -> None:
+        known: list[tuple[Counter, tuple[str, ...]]] = [
+            (self.connections_opened, TRANSPORTS),
+            (self.connections_closed, CLOSE_CODES),
+            (self.auth_failures, tuple(sorted(AUTH_REASONS))),
+            (self.rate_limited, RATE_LIMITS),
+            (self.malformed, MALFORMED_CODES),
+            (self.alerts_total, SEVERITIES),
+        ]
+        for counter, values in known:
+            for value in values:
+                counter.labels(value)
+        for action in ACTIONS:  # no rule decided: the one rule label known in advance
+            self.denials.labels(action, "none")
 
     def watch(self, gateway: LiveGateway) -> None:
         """Report ``gateway``'s live state (sessions, broker, policies) at every scrape."""
         self.registry.register(_LiveCollector(gateway))
+        policies: Any = getattr(getattr(gateway, "node", None), "policies", None)
+        if hasattr(policies, "exchanges"):
+            self.known_exchanges(policies.exchanges())
+
+    def known_exchanges(self, exchanges: Iterable[str]) -> None:
+        """Series at 0 for the exchanges of a policy set (at start, and after a reload)."""
+        for exchange in sorted(exchanges):
+            self._in.setdefault(exchange, self.messages_in.labels(exchange))
+            self._out.setdefault(exchange, self.messages_out.labels(exchange))
+            self.publish_failures.labels(exchange)
 
     # --- event bus sink -------------------------------------------------------
 
@@ -347,8 +405,8 @@ def _policy(policies: _Policies, reloader: _Reloader | None) -> Iterator[Metric]
     reloads = CounterMetricFamily(
         "rabbitgate_policy_reloads", "Policy reloads, by result.", labels=["result"]
     )
-    reloads.add_metric(["ok"], float(reloader.reloads_ok))
-    reloads.add_metric(["failed"], float(reloader.reloads_failed))
+    for result in RELOAD_RESULTS:
+        reloads.add_metric([result], float(getattr(reloader, f"reloads_{result}", 0) or 0))
     yield reloads
     yield GaugeMetricFamily(
         "rabbitgate_policy_last_reload_failed",

@@ -182,9 +182,9 @@ class HttpListener:
         reuse_port: bool = False,
         unix_path: Path | None = None,
     ) -> None:
-        """``reuse_port``: share the port with other processes (SO_REUSEPORT, a
-        supervisor's workers); ``unix_path``: listen on this Unix socket instead
-        of ``host:port`` (a worker's admin app, asked by its supervisor)."""
+        """``reuse_port``: share the port with other processes (SO_REUSEPORT, the
+        workers of one supervisor); ``unix_path``: listen on this Unix socket
+        instead of ``host:port`` (a worker's admin socket)."""
         self._reuse_port, self._unix_path = reuse_port, unix_path
         self._guard = HandshakeGuard(handshake) if handshake is not None else None
         extra: dict[str, Any] = {}
@@ -226,17 +226,24 @@ class HttpListener:
         if guard is not None:
             factory = lambda: _Guarded(server(), guard)  # noqa: E731
         loop = asyncio.get_running_loop()
-        if self._unix_path is not None:
-            self._server = await loop.create_unix_server(factory, str(self._unix_path))
-            return
         # Not aiohttp's TCPSite: it gives the TLS handshake no timeout (asyncio's
         # default, 60 s) and the connections no guard.
+        handshake_timeout = guard.limits.timeout if guard and self._ssl else None
+        if self._unix_path is not None:
+            self._server = await loop.create_unix_server(  # type: ignore[assignment]
+                factory,
+                str(self._unix_path),
+                ssl=self._ssl,
+                ssl_handshake_timeout=handshake_timeout,
+                backlog=1024,
+            )
+            return
         self._server = await loop.create_server(  # type: ignore[assignment]
             factory,
             self._host,
             self._port,
             ssl=self._ssl,
-            ssl_handshake_timeout=guard.limits.timeout if guard and self._ssl else None,
+            ssl_handshake_timeout=handshake_timeout,
             backlog=1024,
             reuse_port=self._reuse_port or None,
         )

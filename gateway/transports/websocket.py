@@ -30,7 +30,7 @@ from websockets.protocol import State
 from websockets.typing import Subprotocol
 
 from gateway.auth.principal import AuthError, Principal
-from gateway.config import ConfigError, LimitSettings, Settings
+from gateway.config import Settings
 from gateway.core.gate import Gate, Refused
 from gateway.core.session import Session
 from gateway.core.transport import TransportKind
@@ -154,23 +154,8 @@ class WebSocketListener:
             control_frames_burst=limits.frames_burst,
             max_unread_bytes=limits.send_buffer_bytes + limits.max_frame_bytes,
         )
-        try:
-            self.server = await self._listen(limits)
-        except OSError as exc:
-            raise ConfigError(
-                f"cannot listen on {self._settings.host}:{self._settings.port}: "
-                f"{exc.strerror or exc}"
-            ) from None
-        log.info(
-            "listening on %s://%s:%d%s",
-            "wss" if ssl_context else "ws",
-            self._settings.host,
-            self.port,
-            WS_PATH,
-        )
-
-    async def _listen(self, limits: LimitSettings) -> Server:
-        return await serve(
+        # A port in use raises OSError: the command says so in one line (gateway/cli.py).
+        self.server = await serve(
             self._handle,
             self._settings.host,
             self._settings.port,
@@ -191,6 +176,13 @@ class WebSocketListener:
             backlog=1024,
             # Workers of one supervisor share the port (gateway/operations/supervisor.py).
             reuse_port=self._settings.reuse_port or None,
+        )
+        log.info(
+            "listening on %s://%s:%d%s",
+            "wss" if ssl_context else "ws",
+            self._settings.host,
+            self.port,
+            WS_PATH,
         )
 
     def stop_accepting(self) -> None:
@@ -339,7 +331,7 @@ class WebSocketListener:
             max_messages=limits.send_buffer_messages,
         )
         session = Session(self._gate, transport, principal, address)
-        logs.bind(session=session.id, user=principal.sub, address=address)
+        logs.bind_connection(connection, session=session.id, user=principal.sub, address=address)
         self._node.sessions.add(session)
         return session
 

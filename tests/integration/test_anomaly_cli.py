@@ -19,6 +19,7 @@ import yaml
 from anomaly.alerts import STORE_FILE, AlertStore, make_alert
 from anomaly.features import FEATURES, SubjectWindow
 from anomaly.model import MODEL_FILE, AnomalyModel, Reason
+from anomaly.passwords import set_reviewer
 from anomaly.traffic import write_events
 from gateway.telemetry.events import TrafficEvent
 
@@ -30,10 +31,18 @@ AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 
 
 def write_config(path: Path, data_dir: Path, exchange: str, amqp_url: str = AMQP_URL) -> Path:
+    # `alerts ack/close --reviewer` take only names of the reviewers file.
+    reviewers = path.parent / "reviewers"
+    set_reviewer(reviewers, "sam", secrets.token_urlsafe(16))
     config = {
         "amqp_url": amqp_url,
         "jwt": {"secret": secrets.token_hex(32)},
-        "anomaly": {"data_dir": str(data_dir), "exchange": exchange, "window_seconds": 5},
+        "anomaly": {
+            "data_dir": str(data_dir),
+            "exchange": exchange,
+            "window_seconds": 5,
+            "reviewers_file": str(reviewers),
+        },
     }
     path.write_text(yaml.safe_dump(config))
     return path

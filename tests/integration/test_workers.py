@@ -25,7 +25,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from gateway.config import Settings
-from rabbitgate_client.client import Message, RabbitgateClient
+from rabbitgate_client import Message, RabbitgateClient
 
 from .conftest import Client
 from .fleet import Fleet, fleet_config

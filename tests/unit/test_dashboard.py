@@ -24,8 +24,9 @@ def exported_names() -> set[str]:
         hub=[],
         broker=SimpleNamespace(connected=True),
         dropped_messages=0,
-        limiter=SimpleNamespace(redis_url=None),  # limits kept locally
         policies=SimpleNamespace(digest="d", rules=[]),
+        # Redis-shared limits on: their two metrics exist only then.
+        limiter=SimpleNamespace(redis_url="redis://x", redis_healthy=True, redis_failures=0),
     )
     reloader = SimpleNamespace(reloads_ok=0, reloads_failed=0, last_error=None, loaded_at=1.0)
     metrics.watch(SimpleNamespace(node=node, reloader=reloader))

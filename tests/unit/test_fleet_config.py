@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.broker.urls import (
+from gateway.amqp_urls import (
     connect_order,
     default_cluster_size,
     redacted,

@@ -8,6 +8,7 @@ import socket
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from gateway.operations.fleetmetrics import merge, render
 from gateway.operations.supervisor import (
     Backoff,
     Expected,
@@ -18,7 +19,6 @@ from gateway.operations.supervisor import (
     on_exit,
     reserve_port,
 )
-from gateway.telemetry.fleetmetrics import merge, render
 
 B = Backoff(base_seconds=0.5, cap_seconds=8.0, stable_after_seconds=30.0)
 

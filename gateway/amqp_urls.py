@@ -1,9 +1,7 @@
-"""The nodes of ``amqp_url``: the order in which a gateway tries a cluster's
-nodes, and how many replicas a history stream gets.
+"""The broker URLs of ``amqp_url``: checking them, hiding their passwords,
+and the order in which a gateway tries the nodes of a cluster.
 
-Pure functions, no I/O: ``gateway/broker/broker.py`` does the connecting.
-Checking and redacting a URL are the configuration's (``gateway/config.py``),
-re-exported here for the broker's callers.
+Pure functions, no I/O: ``gateway/broker.py`` does the connecting.
 """
 
 from __future__ import annotations
@@ -11,9 +9,34 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
-from gateway.config import redacted, url_problem
+from yarl import URL
 
-__all__ = ["connect_order", "default_cluster_size", "redacted", "stream_filtering", "url_problem"]
+SCHEMES = frozenset({"amqp", "amqps"})
+
+
+def redacted(url: str) -> str:
+    """The AMQP URL without its password, for logs and errors."""
+    parsed = URL(url)
+    return str(parsed.with_password("***")) if parsed.password else str(parsed)
+
+
+def url_problem(url: str) -> str | None:
+    """Why ``url`` cannot name a RabbitMQ node, or None when it can."""
+    try:
+        parsed = URL(url)
+        port = parsed.port
+    except (ValueError, TypeError) as exc:
+        # yarl's reasons ("Port out of range 0-65535") never quote the URL;
+        # anything that might is left out.
+        reason = str(exc).splitlines()[0] if str(exc) else ""
+        return f"not a URL ({reason})" if reason and "@" not in reason else "not a URL"
+    if parsed.scheme not in SCHEMES:
+        return "must start with amqp:// or amqps://"
+    if not parsed.host:
+        return "has no host"
+    if port is not None and not 0 < port < 65536:
+        return f"port {port} is out of range"
+    return None
 
 
 def connect_order(
