@@ -244,7 +244,14 @@ class Broker:
             if not self.connected:
                 del self._following[exchange]
                 raise BrokerUnavailable("broker unavailable")
-            await self._start_consumer(exchange)
+            try:
+                await self._start_consumer(exchange)
+            except (aio_pika.exceptions.AMQPError, aiormq.AMQPError, ConnectionError) as exc:
+                # A cluster without a quorum for the stream (its leader being
+                # elected, a majority down): the client is told `unavailable`.
+                self._following.pop(exchange, None)
+                log.warning("could not follow stream %s: %s", stream_name(exchange), _describe(exc))
+                raise BrokerUnavailable("broker unavailable") from None
         # Once the consumer has seen this marker its position is known: a
         # subscribe ack can report it, and a reconnect resumes from there
         # instead of from "next" (which would lose what was published during
