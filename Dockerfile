@@ -17,15 +17,17 @@ RUN pip install /src && rm -rf /src
 
 # An unprivileged user. /app/certs is created owned by it so that a named
 # volume mounted there starts writable (`rabbitgate certs` writes to certs/).
+# Likewise /var/lib/rabbitgate/anomaly, the anomaly detector's data (model, alerts).
 RUN useradd --system --uid 10001 --user-group --home-dir /app --shell /usr/sbin/nologin rabbitgate \
-    && mkdir -p /app/certs /app/policies /etc/rabbitgate \
-    && chown rabbitgate:rabbitgate /app /app/certs
+    && mkdir -p /app/certs /app/policies /etc/rabbitgate /var/lib/rabbitgate/anomaly \
+    && chown rabbitgate:rabbitgate /app /app/certs /var/lib/rabbitgate /var/lib/rabbitgate/anomaly
 COPY deploy/gateway.yaml /etc/rabbitgate/gateway.yaml
 
 WORKDIR /app
 USER rabbitgate
 
-# 8443: wss:// for clients; 9090: the admin endpoints (metrics), for the internal network only.
-EXPOSE 8443 9090
+# 8443: wss:// for clients; 8444: Server-Sent Events (https://); 9090: the admin
+# endpoints (/metrics, /readyz), for the internal network only.
+EXPOSE 8443 8444 9090
 ENTRYPOINT ["rabbitgate"]
 CMD ["serve", "--config", "/etc/rabbitgate/gateway.yaml"]

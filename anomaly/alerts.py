@@ -41,6 +41,17 @@ TRANSITIONS = {
     ("open", "acknowledge"): "acknowledged",
     ("open", "close"): "closed",
     ("acknowledged", "close"): "closed",
+    # A closed alert can be opened again (a dismissal was wrong); its resolution goes.
+    ("closed", "reopen"): "open",
+    ("acknowledged", "reopen"): "open",
+}
+# How the review page may sort: name -> ORDER BY (newest first unless said).
+SORTS = {
+    "newest": "created_ts DESC, id DESC",
+    "oldest": "created_ts ASC, id ASC",
+    "score": "CAST(json_extract(body, '$.score') AS REAL) DESC, created_ts DESC",
+    "last_seen": "json_extract(body, '$.last_seen') DESC, created_ts DESC",
+    "windows": "CAST(json_extract(body, '$.windows') AS INTEGER) DESC, created_ts DESC",
 }
 MAX_REVIEWER = 100
 MAX_NOTE = 4000
@@ -63,6 +74,11 @@ def iso(ts: float) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def from_iso(text: str) -> float:
+    """Epoch seconds of an ``iso`` string."""
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
 def new_alert_id(now: float) -> str:
     """Sortable by creation time, unguessable: ``a-<ms hex>-<random>``."""
     return f"a-{int(now * 1000):011x}-{secrets.token_hex(4)}"
@@ -74,8 +90,15 @@ def make_alert(
     severity: str,
     reasons: Sequence[Reason] | Sequence[dict[str, Any]],
     now: float | None = None,
+    *,
+    alert_id: str | None = None,
+    windows: int = 1,
+    first_seen: float | None = None,
 ) -> dict[str, Any]:
-    """A new open alert about ``window`` (its actions are filled in by the response)."""
+    """A new open alert about ``window`` (its actions are filled in by the response).
+
+    The incident fields (``windows``, ``first_seen``, ``last_seen``,
+    ``suppressed``, ``ended_at``) start here; ``incident_update`` moves them on."""
     now = time.time() if now is None else now
     subject: dict[str, Any] = {"kind": window.subject_kind}
     if window.user is not None or window.subject_kind == "user":
@@ -87,7 +110,7 @@ def make_alert(
     if window.session is not None:
         subject["session"] = window.session
     return {
-        "id": new_alert_id(now),
+        "id": alert_id or new_alert_id(now),
         "created_at": iso(now),
         "severity": severity,
         "score": round(float(score), 4),
@@ -103,7 +126,72 @@ def make_alert(
         "version": 1,
         "updated_at": iso(now),
         "history": [],
+        "windows": windows,
+        "first_seen": iso(window.start if first_seen is None else first_seen),
+        "last_seen": iso(window.end),
+        "suppressed": 0,
+        "ended_at": None,
+        "evidence": evidence_of(window),
     }
+
+
+MAX_ALERT_EVIDENCE = 50
+
+
+def evidence_of(window: SubjectWindow) -> list[dict[str, str]]:
+    """The window's security decisions as the alert shows them: what was refused,
+    on which channel, why, for whom (reasons only: events carry no token)."""
+    other = "user" if window.subject_kind == "address" else "address"
+    found = []
+    for kind, channel, detail, who in window.evidence:
+        item = {"event": str(kind)}
+        if channel is not None:
+            item["channel"] = str(channel)
+        if detail is not None:
+            item["detail"] = str(detail)
+        if who is not None:
+            item[other] = str(who)
+        found.append(item)
+    return found
+
+
+def incident_update(
+    alert: dict[str, Any],
+    *,
+    windows: int,
+    last_seen: float,
+    suppressed: int,
+    window: SubjectWindow | None = None,
+    score: float | None = None,
+    severity: str | None = None,
+    new_reasons: Sequence[Reason] = (),
+    ended_at: float | None = None,
+) -> dict[str, Any]:
+    """The alert with its incident moved on (pure; the store bumps ``version``).
+
+    ``window``/``features`` become the latest anomalous window's; ``score`` and
+    ``severity`` the highest so far; reasons not yet on the alert are added."""
+    changed = json.loads(json.dumps(alert))
+    changed["windows"] = windows
+    changed["last_seen"] = iso(last_seen)
+    changed["suppressed"] = suppressed
+    if window is not None:
+        changed["window"] = {"start": iso(window.start), "end": iso(window.end)}
+        kept = [*evidence_of(window), *changed.get("evidence", [])]  # newest first
+        changed["evidence"] = kept[:MAX_ALERT_EVIDENCE]
+        changed["features"] = {name: _number(value) for name, value in window.features.items()}
+    if score is not None:
+        changed["score"] = max(float(changed["score"]), round(float(score), 4))
+    if severity is not None and _RANK.get(severity, 0) > _RANK.get(changed["severity"], 0):
+        changed["severity"] = severity
+    known = {r["feature"] for r in changed["reasons"]}
+    changed["reasons"] += [r.to_json() for r in new_reasons if r.feature not in known]
+    if ended_at is not None:
+        changed["ended_at"] = iso(ended_at)
+    return changed
+
+
+_RANK = {"low": 0, "medium": 1, "high": 2, "critical": 3}
 
 
 def _number(value: float) -> float | int:
@@ -142,7 +230,13 @@ def review(
         raise ReviewError(f"alert {alert['id']} is {status}: cannot {action} it")
     changed = json.loads(json.dumps(alert))
     now = time.time() if now is None else now
-    if action == "close":
+    if action == "reopen":
+        if note is None:
+            raise ReviewError("reopening an alert needs a note saying why")
+        changed["resolution"] = None
+        changed["reviewer"] = reviewer
+        changed["note"] = note
+    elif action == "close":
         if resolution not in RESOLUTIONS:
             raise ReviewError(f"resolution must be one of {', '.join(RESOLUTIONS)}")
         if note is None:
@@ -274,10 +368,54 @@ class AlertStore:
         status: str | Sequence[str] | None = None,
         severity: str | None = None,
         subject: str | None = None,
+        search: str | None = None,
+        sort: str = "newest",
         limit: int = 200,
+        offset: int = 0,
     ) -> list[dict[str, Any]]:
-        """Newest first; ``status`` one or several; ``subject`` matches the user or
-        the address exactly."""
+        """Newest first (or ``sort``, one of SORTS); ``status`` one or several;
+        ``subject`` matches the user or the address exactly; ``search`` is a
+        case-insensitive substring of the user, the address, a reason or any
+        other text of the alert (a channel, an action, a note)."""
+        where, params = self._where(status, severity, subject, search)
+        order = SORTS.get(sort, SORTS["newest"])
+        params += [max(1, min(limit, 10_000)), max(0, offset)]
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT body FROM alerts {where} ORDER BY {order} LIMIT ? OFFSET ?", params
+            ).fetchall()
+        return [json.loads(row["body"]) for row in rows]
+
+    def count(
+        self,
+        *,
+        status: str | Sequence[str] | None = None,
+        severity: str | None = None,
+        subject: str | None = None,
+        search: str | None = None,
+    ) -> int:
+        where, params = self._where(status, severity, subject, search)
+        with self._lock:
+            row = self._db.execute(f"SELECT COUNT(*) FROM alerts {where}", params).fetchone()
+        return int(row[0])
+
+    def created_since(self, since: float) -> list[tuple[float, str]]:
+        """(created, severity) of the alerts created after ``since`` (the chart)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT created_ts, severity FROM alerts WHERE created_ts >= ?"
+                " ORDER BY created_ts LIMIT 200000",
+                (since,),
+            ).fetchall()
+        return [(float(row[0]), str(row[1])) for row in rows]
+
+    @staticmethod
+    def _where(
+        status: str | Sequence[str] | None,
+        severity: str | None,
+        subject: str | None,
+        search: str | None,
+    ) -> tuple[str, list[Any]]:
         clauses: list[str] = []
         params: list[Any] = []
         if status:
@@ -290,14 +428,17 @@ class AlertStore:
         if subject:
             clauses.append("(subject_user = ? OR subject_address = ?)")
             params.extend([subject, subject])
-        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
-        params.append(max(1, min(limit, 10_000)))
-        with self._lock:
-            rows = self._db.execute(
-                f"SELECT body FROM alerts {where} ORDER BY created_ts DESC, id DESC LIMIT ?",
-                params,
-            ).fetchall()
-        return [json.loads(row["body"]) for row in rows]
+        if search:
+            # The body is JSON: non-ASCII is escaped there, so search the columns too.
+            pattern = (
+                "%" + search.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+            )
+            clauses.append(
+                "(subject_user LIKE ? ESCAPE '\\' OR subject_address LIKE ? ESCAPE '\\'"
+                " OR body LIKE ? ESCAPE '\\')"
+            )
+            params.extend([pattern, pattern, pattern])
+        return (f"WHERE {' AND '.join(clauses)}" if clauses else ""), params
 
     def review(
         self,
@@ -324,6 +465,46 @@ class AlertStore:
                     changed["actions"].append(f"restrictions lifted by {changed['reviewer']}")
                     self._write(db, changed)
         return changed
+
+    def update(self, alerts: Sequence[dict[str, Any]]) -> None:
+        """Write changed alerts (incident updates) in one transaction; each gets
+        the next ``version`` and so goes out again through the outbox. The
+        review fields are the stored ones: a review since the read wins."""
+        with self._transaction() as db:
+            for alert in alerts:
+                stored = self._read(db, alert["id"])
+                for name in ("status", "resolution", "reviewer", "note", "history", "actions"):
+                    alert[name] = stored.get(name, alert.get(name))
+                alert["version"] = stored.get("version", 1)
+                self._write(db, alert)
+
+    def reviews(self, alert_ids: Sequence[str]) -> dict[str, tuple[str, str | None]]:
+        """(status, resolution) of these alerts."""
+        found: dict[str, tuple[str, str | None]] = {}
+        ids = list(alert_ids)
+        for start in range(0, len(ids), 500):
+            chunk = ids[start : start + 500]
+            with self._lock:
+                rows = self._db.execute(
+                    f"SELECT id, status, json_extract(body, '$.resolution') FROM alerts"
+                    f" WHERE id IN ({','.join('?' * len(chunk))})",
+                    chunk,
+                ).fetchall()
+            found.update({row[0]: (row[1], row[2]) for row in rows})
+        return found
+
+    def running_incidents(self, closed_since: float) -> list[dict[str, Any]]:
+        """Alerts whose episode has not ended, and those closed as benign or false
+        positive after ``closed_since`` (the incident book is rebuilt from them)."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT body FROM alerts WHERE (json_extract(body, '$.ended_at') IS NULL"
+                " AND json_extract(body, '$.windows') IS NOT NULL AND status != 'closed')"
+                " OR (status = 'closed' AND json_extract(body, '$.resolution')"
+                " IN ('benign', 'false_positive') AND created_ts >= ?)",
+                (closed_since,),
+            ).fetchall()
+        return [json.loads(row["body"]) for row in rows]
 
     def add_actions(self, alert_id: str, actions: Sequence[str]) -> dict[str, Any]:
         with self._transaction() as db:
@@ -381,6 +562,28 @@ class AlertStore:
                     restriction.until,
                 ),
             )
+
+    def lift(self, kind: str, key: str, now: float | None = None) -> int:
+        """Lift every ban and throttle in force on the subject; returns how many."""
+        now = time.time() if now is None else now
+        with self._transaction() as db:
+            return int(
+                db.execute(
+                    "UPDATE restrictions SET lifted = 1 WHERE kind = ? AND key = ? AND lifted = 0"
+                    " AND until > ?",
+                    (kind, key, now),
+                ).rowcount
+            )
+
+    def note_step(self, alert_id: str, by: str, action: str, note: str) -> dict[str, Any]:
+        """Record a reviewer's action (a manual ban, an unban) on the alert."""
+        with self._transaction() as db:
+            alert = self._read(db, alert_id)
+            alert["actions"] = [*alert["actions"], action]
+            step = {"at": iso(time.time()), "by": by, "status": alert["status"], "note": note}
+            alert["history"] = [*alert.get("history", []), {**step, "action": action}]
+            self._write(db, alert)
+        return alert
 
     def restrictions(self, now: float | None = None) -> list[Restriction]:
         """Bans and throttles in force at ``now`` (not expired, not lifted)."""

@@ -74,6 +74,12 @@ def add_anomaly_commands(commands: Any, add_config_flag: AddConfigFlag) -> None:
         "--password-stdin", action="store_true", help="read the password from stdin"
     )
 
+    detector = commands.add_parser(
+        "detector", help="run the fleet's anomaly detector (gateways with anomaly.fleet: true)"
+    )
+    add_config_flag(detector)
+    detector.set_defaults(run=_detector)
+
     anomaly = commands.add_parser("anomaly", help="train and evaluate the anomaly detector")
     asub = anomaly.add_subparsers(required=True, metavar="ACTION")
     train = asub.add_parser("train", help="train the model from recorded traffic")
@@ -91,7 +97,9 @@ def add_anomaly_commands(commands: Any, add_config_flag: AddConfigFlag) -> None:
     evaluate.add_argument("--attack-windows", type=int, default=12)
     evaluate.add_argument("--users", type=int, default=50, help="normal users (50)")
     evaluate.add_argument("--attackers", type=int, default=3, help="attackers per kind (3)")
-    evaluate.add_argument("--contamination", type=float, default=0.005)
+    evaluate.add_argument(
+        "--budget", type=float, default=1.0, help="false alerts per 10k subject-hours (1)"
+    )
     evaluate.add_argument("--seed", type=int, default=7)
     evaluate.add_argument("--amqp-url", default="amqp://guest:guest@127.0.0.1:5672/")
     evaluate.set_defaults(run=_evaluate)
@@ -292,6 +300,24 @@ def _add_reviewer(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- detector ---------------------------------------------------------------
+
+
+def _detector(args: argparse.Namespace) -> int:
+    """The fleet's detector; a store or model it cannot use is one line, not a loop."""
+    from anomaly.fleet import run_detector
+    from anomaly.service import check_store
+    from gateway.telemetry.logs import configure_logging
+
+    settings = _settings(args)
+    configure_logging(settings.log_level, settings.log_format)
+    check_store(settings.anomaly.data_dir / STORE_FILE)  # ConfigError: one line
+    try:
+        return asyncio.run(run_detector(settings))
+    except OSError as exc:  # RabbitMQ unreachable at start
+        raise CliError(f"detector cannot start: {exc}") from None
+
+
 # --- anomaly ----------------------------------------------------------------
 
 
@@ -307,7 +333,7 @@ def _train(args: argparse.Namespace) -> int:
         )
     except (OSError, ValueError) as exc:
         raise CliError(f"cannot read {args.traffic}: {exc}") from None
-    model = AnomalyModel.fit(rows, a.contamination)
+    model = AnomalyModel.fit(rows, a.budget(), a.lengths)
     if not model.keys:
         raise CliError(f"{args.traffic} holds too few windows of {a.window_seconds:g} s to train")
     out = Path(args.out) if args.out else a.data_dir / MODEL_FILE
@@ -322,7 +348,7 @@ def _train(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     import logging
 
-    from anomaly.scenarios import ScenarioConfig, report, run_scenario
+    from evaluation.live import ScenarioConfig, report, run_scenario
 
     problem = evaluation_problem(args)
     if problem is not None:
@@ -335,7 +361,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         attack_windows=args.attack_windows,
         normal_users=args.users,
         attackers_per_kind=args.attackers,
-        contamination=args.contamination,
+        false_alerts_per_10k_subject_hours=args.budget,
         seed=args.seed,
         amqp_url=args.amqp_url,
     )

@@ -10,10 +10,10 @@ The gateway process does only what is O(1) per event or small per window:
   gateway, nor fills its heap with objects the collector has to scan;
 * at each window boundary (aligned to the clock) a ``window`` message; the
   answer (the flagged decisions, or all of them when listeners or ``tick``
-  want them) comes back in order, and on the loop each flagged subject gets
-  one alert (not again for the same subject while its alert is younger than
-  ``REALERT_WINDOWS`` windows, unless the severity rises), the response of its
-  severity, the store's outbox flush.
+  want them) comes back in order, and on the loop the incident book
+  (``anomaly/incidents.py``) turns them into new alerts (with the response of
+  their severity), updates of open ones, suppressions and ended episodes; then
+  the store's outbox is flushed.
 
 The worker is supervised: if it dies (or answers no window for
 ``reply_timeout`` seconds, and is killed), that is logged and counted
@@ -32,13 +32,23 @@ import logging
 import math
 import time
 import weakref
-from collections.abc import Callable, Collection
+from collections.abc import Awaitable, Callable, Collection
 from typing import TYPE_CHECKING, Any, Protocol
 
-from anomaly.alerts import STORE_FILE, AlertStore, Restriction, make_alert
+from anomaly.alerts import (
+    STORE_FILE,
+    AlertStore,
+    Restriction,
+    UnknownAlert,
+    from_iso,
+    incident_update,
+    make_alert,
+    new_alert_id,
+)
 from anomaly.child import WorkerGone, WorkerProcess
 from anomaly.exchange import AlertOutbox, AlertPublisher
 from anomaly.features import OVERFLOW, SubjectWindow
+from anomaly.incidents import Change, Incident, IncidentBook, IncidentPolicy
 from anomaly.model import MODEL_FILE, AnomalyModel
 from anomaly.settings import AnomalySettings
 from anomaly.worker import Outcome, Scored, event_tuple
@@ -54,8 +64,6 @@ __all__ = ["Detector", "Scored"]
 
 log = logging.getLogger("rabbitgate.anomaly")
 
-# Alert once per subject while its alert is open and younger than this many windows.
-REALERT_WINDOWS = 10
 # Events go to the worker this often, in batches of at most FLUSH_BATCH: a batch
 # is pickled on the loop (about 1.5 us an event), so it is kept small.
 FLUSH_SECONDS = 0.025
@@ -124,6 +132,9 @@ class Detector:
         self.publisher = AlertPublisher(gateway.settings.amqp_url, s.exchange)
         self.model: AnomalyModel | None = None  # the worker's, as of its last answer
         self.listeners: list[Listener] = []  # told every window's decisions (evaluation)
+        # The fleet detector (anomaly/fleet.py) passes responses on to every gateway.
+        self.on_restrict: Callable[[Rule], Awaitable[None]] | None = None
+        self.on_restrictions: Callable[[list[Rule]], Awaitable[None]] | None = None
         self.windows_closed = 0
         self.long_windows_closed = 0
         self.windows_lost = 0  # windows whose worker died (or hung) before answering
@@ -135,7 +146,16 @@ class Detector:
         self.worker: WorkerProcess | None = None
         self._worker_since = 0.0  # when the running worker started (our clock)
         self._window_start = 0.0  # when the current window began (our clock)
-        self._recent: dict[tuple[str, str], tuple[str, float, str]] = {}  # subject -> alert
+        self.book = IncidentBook(
+            IncidentPolicy(
+                s.window_seconds,
+                s.incident_quiet_windows * s.window_seconds,
+                s.suppress_seconds,
+                s.persist_min,
+                s.persist_windows,
+            ),
+            new_alert_id,
+        )
         self._pending: list[TrafficEvent] = []
         self._banned: weakref.WeakSet[Subscriber] = weakref.WeakSet()  # closed with 4403
         self._tasks: list[asyncio.Task[None]] = []
@@ -154,6 +174,7 @@ class Detector:
         s = self.settings
         self.store = await asyncio.to_thread(AlertStore, s.data_dir / STORE_FILE)
         self.outbox = AlertOutbox(self.store, self.publisher)
+        await self._restore_incidents()
         self._window_start = self._clock()
         self._pending.clear()  # events before the start: not part of any window
         try:
@@ -192,6 +213,25 @@ class Detector:
         await self.publisher.close()
         if self.store is not None:
             await asyncio.to_thread(self.store.close)
+
+    async def _restore_incidents(self) -> None:
+        """Open incidents and recent benign closes come back from the store: a
+        restart neither raises an open incident again nor forgets a suppression."""
+        assert self.store is not None
+        now = self._clock()
+        bodies = await asyncio.to_thread(
+            self.store.running_incidents, now - self.settings.suppress_seconds
+        )
+        running = []
+        for body in bodies:
+            incident = incident_of(body)
+            if incident is None:
+                continue
+            if body["status"] == "closed":
+                self.book.remember_closed(incident.subject, incident, from_iso(body["updated_at"]))
+            else:
+                running.append(incident)
+        self.book.restore(running)
 
     def _log_setup(self) -> tuple[str, str]:
         settings = self.gateway.settings
@@ -371,56 +411,85 @@ class Detector:
         await self._alerts(scored)
         if self.outbox is not None:
             await self.outbox.flush()
-        if self.windows_closed % 5 == 0:
+        if self.windows_closed % 5 == 0 or self.on_restrictions is not None:
             await self.sync_restrictions()
         return scored
 
     # --- alerts and responses ----------------------------------------------
 
     async def _alerts(self, scored: list[Scored]) -> None:
-        """Alerts for a window's flagged subjects, highest scores first, at most
-        ``max_alerts_per_window`` (an alert storm must not take the gateway down
-        with it: each alert is a database write, a confirmed publish, a log line)."""
+        """A window's anomalous subjects -> incidents: new alerts, updates of open
+        ones, suppressions, episodes that ended (``anomaly/incidents.py``).
+
+        New alerts are capped at ``max_alerts_per_window``, highest scores first
+        (an alert storm must not take the gateway down with it: each alert is a
+        database write, a confirmed publish, a log line); the rest are counted."""
         assert self.store is not None
-        flagged = sorted((d for d in scored if d.flagged), key=lambda d: -d.score)
+        now = self._clock()
+        await self._sync_reviews(now)
+        findings = sorted((d.finding() for d in scored if d.flagged), key=lambda f: -f.score)
+        changes = self.book.observe(findings) + self.book.expire(now)
         raised: list[dict[str, Any]] = []
+        changed: dict[str, dict[str, Any]] = {}
         skipped = 0
-        for decision in flagged:
-            if len(raised) >= self.settings.max_alerts_per_window:
-                skipped += 1
-                continue
-            alert = await self._alert(decision)
-            if alert is not None:
-                raised.append(alert)
+        for change in changes:
+            if change.kind == "new":
+                if len(raised) >= self.settings.max_alerts_per_window:
+                    self.book.open.pop(change.incident.subject, None)
+                    skipped += 1
+                    continue
+                raised.append(await self._alert(change, now))
+            else:
+                alert_id = change.incident.alert_id
+                if alert_id in changed:
+                    body = changed[alert_id]
+                else:
+                    try:
+                        body = await asyncio.to_thread(self.store.get, alert_id)
+                    except UnknownAlert:
+                        continue
+                changed[alert_id] = await self._moved_on(body, change, now)
         if raised:
             await asyncio.to_thread(self.store.add_many, raised)
+        if changed:
+            await asyncio.to_thread(self.store.update, list(changed.values()))
         if skipped:
             self.alerts_capped += skipped
             log.warning(
-                "anomaly: %d more flagged subjects in this window were not raised as alerts"
+                "anomaly: %d more anomalous subjects in this window were not raised as alerts"
                 " (anomaly.max_alerts_per_window = %d)",
                 skipped,
                 self.settings.max_alerts_per_window,
             )
 
-    async def _alert(self, decision: Scored) -> dict[str, Any] | None:
-        """The alert for one flagged window (None when its subject was alerted recently)."""
-        assert self.store is not None and decision.severity is not None
+    async def _sync_reviews(self, now: float) -> None:
+        """Tell the book what reviewers closed since (page, CLI, another process)."""
+        assert self.store is not None
+        running = {i.alert_id: i for i in self.book.open.values()}
+        if not running:
+            return
+        found = await asyncio.to_thread(self.store.reviews, list(running))
+        for alert_id, (status, resolution) in found.items():
+            if status == "closed":
+                self.book.reviewed(running[alert_id].subject, alert_id, resolution, now)
+
+    async def _alert(self, change: Change, now: float) -> dict[str, Any]:
+        """The new alert of an incident, with the response of its severity."""
+        decision = change.finding.ref if change.finding is not None else None
+        assert isinstance(decision, Scored) and decision.severity is not None
+        incident = change.incident
         window = decision.window
-        subject = (window.subject_kind, window.key)
-        now = self._clock()
-        recent = self._recent.get(subject)
-        realert = REALERT_WINDOWS * self.settings.window_seconds
-        if recent is not None:
-            severity, raised, _ = recent
-            higher = _SEVERITY_RANK[decision.severity] > _SEVERITY_RANK[severity]
-            if now - raised < realert and not higher:
-                return None
-        alert = make_alert(window, decision.score, decision.severity, decision.reasons, now)
+        alert = make_alert(
+            window,
+            decision.score,
+            decision.severity,
+            decision.reasons,
+            now,
+            alert_id=incident.alert_id,
+            windows=incident.windows,
+            first_seen=incident.first_seen,
+        )
         alert["actions"] = await self._respond(alert, window, decision.severity, now)
-        self._recent[subject] = (decision.severity, now, alert["id"])
-        if len(self._recent) > 10 * self.settings.max_subjects:
-            self._recent = {k: v for k, v in self._recent.items() if now - v[1] < realert}
         metrics = getattr(self.node, "metrics", None)
         if metrics is not None and hasattr(metrics, "alerts_total"):
             metrics.alerts_total.labels(decision.severity).inc()
@@ -430,10 +499,48 @@ class Detector:
             decision.severity,
             decision.score,
             window.subject_kind,
-            window.key,
-            "; ".join(reason.text for reason in decision.reasons),
+            _printable(window.key),
+            _printable("; ".join(reason.text for reason in decision.reasons)),
         )
         return alert
+
+    async def _moved_on(self, body: dict[str, Any], change: Change, now: float) -> dict[str, Any]:
+        """An alert after an update, a suppression or the end of its episode."""
+        incident = change.incident
+        if change.kind == "ended":
+            return incident_update(
+                body,
+                windows=incident.windows,
+                last_seen=incident.last_seen,
+                suppressed=incident.suppressed,
+                ended_at=now,
+            )
+        decision = change.finding.ref if change.finding is not None else None
+        assert isinstance(decision, Scored)
+        if change.kind == "suppressed":
+            return incident_update(
+                body,
+                windows=incident.windows,
+                last_seen=incident.last_seen,
+                suppressed=incident.suppressed,
+            )
+        before = body["severity"]
+        added = [r for r in decision.reasons if r.feature in change.new_reasons]
+        changed = incident_update(
+            body,
+            windows=incident.windows,
+            last_seen=incident.last_seen,
+            suppressed=incident.suppressed,
+            window=decision.window,
+            score=decision.score,
+            severity=decision.severity,
+            new_reasons=added,
+        )
+        if _SEVERITY_RANK[changed["severity"]] > _SEVERITY_RANK[before]:
+            # A worse window of the same incident gets the response of its severity.
+            actions = await self._respond(changed, decision.window, changed["severity"], now)
+            changed["actions"] = [*changed["actions"], *actions[1:]]
+        return changed
 
     async def _respond(
         self, alert: dict[str, Any], window: SubjectWindow, severity: str, now: float
@@ -451,7 +558,10 @@ class Detector:
         restriction = Restriction(alert["id"], kind, key, response, now + seconds)
         assert self.store is not None
         await asyncio.to_thread(self.store.restrict, restriction)
-        self.node.restrictions.add(Rule(kind, key, response, now + seconds))
+        rule = Rule(kind, key, response, now + seconds)
+        self.node.restrictions.add(rule)
+        if self.on_restrict is not None:
+            await self.on_restrict(rule)
         if response == "throttle":
             actions.append(
                 f"throttled {kind} {key} to {s.throttle_per_second:g} requests/s for {seconds:g} s"
@@ -487,4 +597,32 @@ class Detector:
         if self.store is None:
             return
         found = await asyncio.to_thread(self.store.restrictions)
-        self.node.restrictions.replace(Rule(r.kind, r.key, r.mode, r.until) for r in found)
+        rules = [Rule(r.kind, r.key, r.mode, r.until) for r in found]
+        self.node.restrictions.replace(rules)
+        if self.on_restrictions is not None:
+            await self.on_restrictions(rules)
+
+
+def incident_of(body: dict[str, Any]) -> Incident | None:
+    """The incident of a stored alert (None for an alert of before incidents)."""
+    try:
+        subject = body["subject"]
+        kind = subject["kind"]
+        return Incident(
+            body["id"],
+            (kind, str(subject.get(kind) or "")),
+            from_iso(body["first_seen"]),
+            from_iso(body["last_seen"]),
+            int(body["windows"]),
+            float(body["score"]),
+            str(body["severity"]),
+            [str(r["feature"]) for r in body["reasons"]],
+            int(body.get("suppressed", 0)),
+        )
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _printable(text: str) -> str:
+    """Log lines carry names from tokens: no control characters (log injection)."""
+    return "".join(c if c.isprintable() else "?" for c in str(text))

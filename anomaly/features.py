@@ -52,6 +52,7 @@ OVERFLOW = "*overflow*"
 MAX_CHANNELS = 64
 MAX_OTHERS = 64
 MAX_SIZES = 64
+MAX_EVIDENCE = 20  # security decisions kept per subject and window, for the alert
 # Fewer intervals than this say nothing about regularity: with 3 exponential
 # (Poisson) gaps, 1.2% of samples have cv < 0.1; with 5, 0.02%.
 MIN_INTERVALS = 5
@@ -103,6 +104,7 @@ class SubjectState:
         "user",
         "address",
         "session",
+        "evidence",
     )
 
     def __init__(self) -> None:
@@ -132,6 +134,9 @@ class SubjectState:
         self.user: str | None = None  # last seen (the "other" side of the subject)
         self.address: str | None = None
         self.session: str | None = None
+        # The window's first security decisions, for the alert (never a token:
+        # events carry none): (kind, channel, detail, address or user).
+        self.evidence: tuple[tuple[str | None, ...], ...] = ()
 
     def add(self, event: TrafficEvent, other: str | None, count_reconnect: bool) -> None:
         session = event.session
@@ -180,18 +185,26 @@ class SubjectState:
         elif kind == "denied":
             self.denials += 1
             self._channel(event.channel)
+            self._evidence(event, other)
         elif kind == "auth_failed":
             self.auth_failures += 1
+            self._evidence(event, other)
         elif kind == "rate_limited":
             self.rate_limited += 1
+            self._evidence(event, other)
         elif kind == "malformed":
             self.malformed += 1
+            self._evidence(event, other)
         elif kind == "connect":
             if count_reconnect:
                 self.reconnects += 1
         elif kind == "auth_ok":
             if not count_reconnect and event.detail != "refresh":
                 self.reconnects += 1
+
+    def _evidence(self, event: TrafficEvent, other: str | None) -> None:
+        if len(self.evidence) < MAX_EVIDENCE:
+            self.evidence = (*self.evidence, (event.kind, event.channel, event.detail, other))
 
     def _extremes(self, gap: float) -> None:
         low, high = self.low_gaps, self.high_gaps
@@ -256,6 +269,7 @@ class SubjectState:
         self.user = later.user or self.user
         self.address = later.address or self.address
         self.session = later.session or self.session
+        self.evidence = (*self.evidence, *later.evidence)[:MAX_EVIDENCE]
 
 
 def _union_capped(into: dict[str, None], other: dict[str, None], cap: int) -> None:
@@ -285,6 +299,7 @@ class SubjectWindow:
     end: float
     features: dict[str, float]
     overflow: bool = False  # the OVERFLOW subject: more subjects than max_subjects
+    evidence: tuple[tuple[str | None, ...], ...] = ()  # (kind, channel, detail, other)
 
     @property
     def key(self) -> str:
@@ -408,6 +423,7 @@ def iter_subject_windows(
                 state.end,
                 feature_vector(subject, kind, seconds, nominal),  # type: ignore[arg-type]
                 overflow,
+                subject.evidence,
             )
 
 

@@ -17,8 +17,10 @@ detector: keep ``anomaly.data_dir`` writable by the gateway user only.
 
 Scores are the forest's anomaly score in (0, 1] (Liu et al.: about 0.5 for
 nothing special, towards 1 for isolated points); a window is flagged when its
-score is above its model's threshold, the (1 - contamination) quantile of the
-baseline's own scores.
+score is above its model's thresholds, calibrated from the baseline's own
+scores to the operator's alert budget (``anomaly/budget.py``): ``threshold``
+(one window is enough) and ``persist_threshold`` (enough for ``k`` of ``n``
+windows of the subject, ``anomaly/incidents.py``).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import math
 import os
 import tempfile
 import time
+import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,15 +39,17 @@ from typing import Any
 
 import numpy as np
 
+from anomaly.budget import thresholds
 from anomaly.features import FEATURES
+from anomaly.settings import Budget
 
 MODEL_FORMAT = "rabbitgate-anomaly-model"
-MODEL_VERSION = 1
+MODEL_VERSION = 2  # 2: budget thresholds (single and persistence)
 MODEL_FILE = "model.npz"
 # Fewer baseline windows than this and a model key is not scored.
 MIN_ROWS = 32
 # Baseline rows kept in the file (for retraining after a restart), per key.
-MAX_KEPT_ROWS = 20_000
+MAX_KEPT_ROWS = 50_000
 TREES = 100
 
 # How each feature reads in a reason's text: (label, unit, format).
@@ -98,6 +103,11 @@ _GUARD_MASK = np.array([name in GUARDED for name in FEATURES])
 MIN_SPREAD = math.log(2.0)
 # A feature this many spreads beyond the largest baseline value flags the window by itself.
 RANGE_MARGIN = 1.0
+# Plain rules for small counts, where a doubling is too coarse a unit: a user seen
+# from two more addresses in one window than any baseline window had (one token
+# in several hands) is out of range by itself, whatever the log scale says.
+STEPS = {"distinct_addresses": 1.0}
+_STEPS = {FEATURES.index(name): step for name, step in STEPS.items()}
 
 
 # --- forests as arrays ------------------------------------------------------
@@ -259,27 +269,55 @@ class Reason:
         }
 
 
+def key_seconds(key: str) -> float:
+    """The window length of a model key: ``"user@60s"`` -> 60.0."""
+    try:
+        return float(key.rsplit("@", 1)[1].rstrip("s"))
+    except (IndexError, ValueError):
+        raise ValueError(f"not a model key: {key!r}") from None
+
+
 @dataclass
 class KeyModel:
     """The forest of one model key with its baseline."""
 
     forest: Forest
-    threshold: float  # flag above this score
+    threshold: float  # above this score one window is enough for an alert
     quantiles: np.ndarray  # (101, len(FEATURES)): percentiles 0..100 of raw features
     rows: np.ndarray  # the baseline (raw features), at most MAX_KEPT_ROWS
     trained_at: float
     transformed_quantiles: np.ndarray  # the same of the transformed features
+    persist_threshold: float = 1.0  # above this: a window that counts towards k of n
 
     @classmethod
-    def fit(cls, rows: np.ndarray, contamination: float, seed: int = 0) -> KeyModel:
+    def fit(
+        cls,
+        rows: np.ndarray,
+        window_seconds: float,
+        budget: Budget | None = None,
+        *,
+        lengths: int = 1,
+        seed: int = 0,
+    ) -> KeyModel:
+        budget = budget or Budget()
         rows = np.asarray(rows, dtype=np.float64)
         forest = Forest.fit(transform(rows), seed)
-        scores = forest.score(transform(rows))
-        threshold = float(np.quantile(scores, 1.0 - contamination))
         quantiles = np.percentile(rows, np.arange(101), axis=0)
         transformed = np.percentile(transform(rows), np.arange(101), axis=0)
         kept = rows[-MAX_KEPT_ROWS:]
-        return cls(forest, threshold, quantiles, kept, time.time(), transformed)
+        model = cls(forest, 1.0, quantiles, kept, time.time(), transformed)
+        # The forest's own scores (not the guard's: it is defined relative to the
+        # threshold, and inside the baseline's range it is 0 anyway).
+        scores = forest.score(transform(rows))
+        model.threshold, model.persist_threshold = thresholds(
+            scores,
+            budget.false_alerts_per_10k_subject_hours,
+            window_seconds,
+            lengths=lengths,
+            k=budget.persist_k,
+            n=budget.persist_n,
+        )
+        return model
 
     def exceedance(self, rows: np.ndarray) -> np.ndarray:
         """(n, features): how many baseline spreads each value lies beyond the
@@ -287,7 +325,11 @@ class KeyModel:
         Only the GUARDED features count for the score."""
         tq = self.transformed_quantiles
         spread = np.maximum(tq[99] - tq[50], MIN_SPREAD)
-        return np.asarray((transform(rows) - tq[100]) / spread)
+        out = np.asarray((transform(rows) - tq[100]) / spread)
+        for index, step in _STEPS.items():
+            raw = (np.asarray(rows, dtype=np.float64)[:, index] - self.quantiles[100, index]) / step
+            out[:, index] = np.maximum(out[:, index], raw)
+        return out
 
     def score(self, rows: np.ndarray) -> np.ndarray:
         """The forest's score, raised by the range guard.
@@ -307,6 +349,21 @@ class KeyModel:
             0.0,
         )
         return np.maximum(forest, guard)
+
+    def spread_limit(self) -> float:
+        """Addresses of one user (over a few windows) that are out of range by
+        themselves: two more than any baseline window had (the plain rule)."""
+        index = FEATURES.index("distinct_addresses")
+        return float(self.quantiles[100, index]) + 2 * STEPS["distinct_addresses"]
+
+    def spread_reason(self, count: int, windows: int) -> Reason:
+        index = FEATURES.index("distinct_addresses")
+        p99, high = float(self.quantiles[99, index]), float(self.quantiles[100, index])
+        text = (
+            f"{count} distinct addresses in the last {windows} windows;"
+            f" at most {high:.0f} in any baseline window"
+        )
+        return Reason("distinct_addresses", float(count), p99, text, 100.0)
 
     def percentile(self, index: int, value: float) -> float:
         """Share (0-100) of baseline windows whose feature ``index`` is below ``value``."""
@@ -379,14 +436,23 @@ class AnomalyModel:
 
     @classmethod
     def fit(
-        cls, rows_by_key: Mapping[str, Sequence[Sequence[float]] | np.ndarray], contamination: float
+        cls,
+        rows_by_key: Mapping[str, Sequence[Sequence[float]] | np.ndarray],
+        budget: Budget | None = None,
+        lengths: int | None = None,
     ) -> AnomalyModel:
-        """Fit one forest per key that has at least MIN_ROWS rows (the others are skipped)."""
+        """Fit one forest per key that has at least MIN_ROWS rows (the others are skipped).
+
+        ``lengths``: how many window lengths share the budget (default: those of the keys)."""
+        if lengths is None:
+            lengths = len({key_seconds(key) for key in rows_by_key}) or 1
         keys = {}
         for seed, (key, rows) in enumerate(sorted(rows_by_key.items())):
             array = np.asarray(rows, dtype=np.float64).reshape(-1, len(FEATURES))
             if len(array) >= MIN_ROWS:
-                keys[key] = KeyModel.fit(array, contamination, seed)
+                keys[key] = KeyModel.fit(
+                    array, key_seconds(key), budget, lengths=lengths, seed=seed
+                )
         return cls(keys)
 
     def score(self, key: str, rows: np.ndarray) -> np.ndarray | None:
@@ -408,6 +474,7 @@ class AnomalyModel:
             meta["keys"][key] = {
                 "prefix": prefix,
                 "threshold": model.threshold,
+                "persist_threshold": model.persist_threshold,
                 "trained_at": model.trained_at,
                 "max_depth": model.forest.max_depth,
                 "max_samples": model.forest.max_samples,
@@ -436,11 +503,13 @@ class AnomalyModel:
     def load(cls, path: Path) -> AnomalyModel:
         """Read a model file; raises ModelError for anything not a model of this version."""
         try:
-            with np.load(path, allow_pickle=False) as data:
+            # Read first: np.load leaks its file handle when the zip is damaged.
+            with np.load(io.BytesIO(path.read_bytes()), allow_pickle=False) as data:
                 arrays = {name: data[name] for name in data.files}
         except FileNotFoundError:
             raise
-        except (OSError, ValueError, EOFError) as exc:
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+            # BadZipFile: a damaged file (it was a crash loop of the worker before).
             raise ModelError(f"{path} is not a rabbitgate anomaly model ({exc})") from None
         try:
             meta = json.loads(bytes(arrays["meta"].astype(np.uint8)).decode())
@@ -470,6 +539,7 @@ class AnomalyModel:
                     rows,
                     float(info["trained_at"]),
                     tquantiles,
+                    float(info["persist_threshold"]),
                 )
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelError(f"{path} is damaged ({exc!r})") from None

@@ -8,11 +8,15 @@ router still takes routes), and starts and stops it with itself.
 from __future__ import annotations
 
 import logging
-from typing import Protocol
+import sqlite3
+from pathlib import Path
+from typing import Any, Protocol
 
 from aiohttp import web
 
+from anomaly.alerts import STORE_FILE, AlertStore
 from anomaly.detector import Detector, Host
+from gateway.config import ConfigError
 from gateway.telemetry.metrics import Metrics
 
 
@@ -32,9 +36,19 @@ log = logging.getLogger("rabbitgate.anomaly")
 class AnomalyService:
     def __init__(self, gateway: ServiceHost) -> None:
         self.gateway = gateway
-        self.detector = Detector(gateway, metrics=gateway.metrics)
-        self.review = None
         settings = gateway.settings.anomaly
+        self.review: Any = None  # anomaly.review.ReviewPages, imported only when used
+        self.detector: Detector | None = None
+        self.shipper: Any = None  # anomaly.fleet.TrafficShipper
+        if settings.fleet:
+            # The fleet's detector runs elsewhere (`rabbitgate detector`); the review
+            # page goes with it (the store is its own), so none here.
+            from anomaly.fleet import TrafficShipper
+
+            self.shipper = TrafficShipper(gateway)
+            return
+        check_store(settings.data_dir / STORE_FILE)
+        self.detector = Detector(gateway, metrics=gateway.metrics)
         admin_app = gateway.admin_app
         if settings.reviewers_file is not None:
             from anomaly.review import ReviewPages
@@ -43,9 +57,29 @@ class AnomalyService:
             self.review.install(admin_app)
 
     async def start(self) -> None:
+        if self.shipper is not None:
+            await self.shipper.start()
+            return
+        assert self.detector is not None
         await self.detector.start()
         if self.review is not None:
             self.review.attach_store(self.detector.store)
 
     async def stop(self) -> None:
+        if self.shipper is not None:
+            await self.shipper.stop()
+            return
+        assert self.detector is not None
         await self.detector.stop()
+
+
+def check_store(path: Path) -> None:
+    """Refuse to start on an alert store SQLite cannot use, in one line (a
+    supervisor restarting the gateway then shows the same line, not a traceback)."""
+    try:
+        AlertStore(path).close()
+    except (sqlite3.DatabaseError, OSError) as exc:
+        raise ConfigError(
+            f"anomaly alert store {path} cannot be used ({exc}); move it away to start"
+            " with an empty one"
+        ) from None

@@ -29,10 +29,10 @@ import logging
 import operator
 import os
 import queue
+import random
 import signal
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -40,14 +40,18 @@ from pathlib import Path
 import numpy as np
 
 from anomaly.features import (
+    OVERFLOW,
     SubjectWindow,
     WindowAggregator,
     WindowState,
     merge_states,
     subject_windows,
 )
+from anomaly.incidents import Finding
 from anomaly.model import MAX_KEPT_ROWS, MIN_ROWS, MODEL_FILE, AnomalyModel, ModelError, Reason
+from anomaly.population import MassReconnect, clip_session_start
 from anomaly.settings import AnomalySettings
+from anomaly.spread import AddressSpread
 from anomaly.traffic import baseline_rows, model_key, read_events, write_events
 from gateway.telemetry.events import TrafficEvent
 from gateway.telemetry.logs import configure_logging
@@ -60,6 +64,37 @@ EVENT_FIELDS = ("kind", "address", "user", "session", "channel", "size", "detail
 event_tuple = operator.attrgetter(*EVENT_FIELDS)
 # Events buffered for the recording between two window boundaries.
 MAX_RECORDED_EVENTS = 1_000_000
+# A user's addresses are counted over this many short windows (anomaly/spread.py).
+SPREAD_WINDOWS = 3
+
+
+class Reservoir:
+    """A uniform sample of at most MAX_KEPT_ROWS baseline rows (Vitter's algorithm R).
+
+    Not the last rows: a baseline of 10,000 users' windows holds that many rows
+    in two windows, and the thresholds and the range guard need the rare
+    windows of the whole baseline, not of its last minutes."""
+
+    def __init__(self, rows: list[list[float]] | None = None, seed: int = 0) -> None:
+        self.rows: list[list[float]] = list(rows or [])[-MAX_KEPT_ROWS:]
+        self.seen = len(self.rows)
+        self._random = random.Random(seed)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def append(self, row: list[float]) -> None:
+        self.seen += 1
+        if len(self.rows) < MAX_KEPT_ROWS:
+            self.rows.append(row)
+            return
+        slot = self._random.randrange(self.seen)
+        if slot < MAX_KEPT_ROWS:
+            self.rows[slot] = row
+
+    def extend(self, rows: list[list[float]]) -> None:
+        for row in rows:
+            self.append(row)
 
 
 @dataclass(frozen=True)
@@ -69,10 +104,27 @@ class Scored:
     window: SubjectWindow
     key: str
     score: float
-    threshold: float
-    flagged: bool
+    threshold: float  # the single-window threshold
+    flagged: bool  # above the persistence threshold: anomalous (an incident may follow)
     severity: str | None = None
     reasons: list[Reason] = field(default_factory=list)
+    strong: bool = False  # above the single-window threshold: an alert by itself
+
+    def finding(self) -> Finding:
+        """This decision as the incident book sees it."""
+        w = self.window
+        key = OVERFLOW if w.overflow else w.key
+        reasons = tuple(reason.feature for reason in self.reasons)
+        return Finding(
+            (w.subject_kind, key),
+            w.end,
+            self.score,
+            self.strong,
+            reasons,
+            self.severity or "low",
+            self,
+            w.start,
+        )
 
 
 @dataclass
@@ -97,10 +149,14 @@ class Worker:
         # Why a fit found too few windows, already said at WARNING: a quiet
         # gateway retries every window and must not warn every window.
         self._too_few_warned: set[str] = set()
-        self._baseline: dict[str, deque[list[float]]] = {}
+        self._baseline: dict[str, Reservoir] = {}
         self._long: WindowState | None = None
         self._long_count = 0
         self._model_changed = False
+        self._mass = MassReconnect()
+        self._spread = AddressSpread(SPREAD_WINDOWS)
+        self._spread_now: dict[str, int] = {}
+        self._long_mass = False
 
     @property
     def short_key_seconds(self) -> float:
@@ -135,12 +191,12 @@ class Worker:
             else:
                 log.info("anomaly model loaded from %s", self.model_path)
                 for key, keyed in model.keys.items():
-                    self._baseline[key] = deque(keyed.rows.tolist(), maxlen=MAX_KEPT_ROWS)
+                    self._baseline[key] = Reservoir(keyed.rows.tolist())
         if model is None and s.traffic_file is not None:
             rows = baseline_rows(
                 read_events(s.traffic_file), s.window_seconds, s.long_window_windows, s.max_subjects
             )
-            fitted = AnomalyModel.fit(rows, s.contamination)
+            fitted = AnomalyModel.fit(rows, s.budget(), s.lengths)
             if fitted.keys:
                 fitted.save(self.model_path)
                 log.info("anomaly model trained from %s", s.traffic_file)
@@ -153,7 +209,11 @@ class Worker:
     def process(self, state: WindowState, keep_all: bool) -> Outcome:
         """Vectors, long window, scores, explanations, warm-up, retraining."""
         s = self.settings
-        groups = [(self.short_key_seconds, subject_windows(state, self.short_key_seconds))]
+        short = subject_windows(state, self.short_key_seconds)
+        mass = self._mass.observe(short)
+        self._spread_now = self._spread.observe(state.users)
+        self._long_mass = self._long_mass or mass
+        groups = [(self.short_key_seconds, short, mass)]
         long_window = False
         if s.long_window_windows:
             if self._long is None:
@@ -161,13 +221,12 @@ class Worker:
             merge_states(self._long, state, s.max_subjects)
             self._long_count += 1
             if self._long_count >= s.long_window_windows:
-                groups.append(
-                    (self.long_key_seconds, subject_windows(self._long, self.long_key_seconds))
-                )
-                self._long, self._long_count = None, 0
+                long = subject_windows(self._long, self.long_key_seconds)
+                groups.append((self.long_key_seconds, long, self._long_mass))
+                self._long, self._long_count, self._long_mass = None, 0, False
                 long_window = True
         scored: list[Scored] = []
-        for seconds, windows in groups:
+        for seconds, windows, fleet_event in groups:
             by_key: dict[str, list[SubjectWindow]] = {}
             for window in windows:
                 if window.overflow:
@@ -175,7 +234,7 @@ class Worker:
                     continue
                 by_key.setdefault(model_key(window.subject_kind, seconds), []).append(window)
             for key, members in by_key.items():
-                scored.extend(self._score(key, members, keep_all))
+                scored.extend(self._score(key, members, keep_all, fleet_event))
         self._train_if_due()
         changed, self._model_changed = self._model_changed, False
         return Outcome(scored, self.model if changed else None, self.model is None, long_window)
@@ -197,23 +256,50 @@ class Worker:
         elif s.retrain_interval_seconds and self._due_for_retraining():
             self._fit(self._baseline_rows(), "scheduled retraining")
 
-    def _score(self, key: str, windows: list[SubjectWindow], keep_all: bool = True) -> list[Scored]:
+    def _score(
+        self,
+        key: str,
+        windows: list[SubjectWindow],
+        keep_all: bool = True,
+        fleet_event: bool = False,
+    ) -> list[Scored]:
         rows = np.array([w.vector() for w in windows], dtype=np.float64)
-        baseline = self._baseline.setdefault(key, deque(maxlen=MAX_KEPT_ROWS))
+        baseline = self._baseline.get(key)
+        if baseline is None:
+            baseline = self._baseline[key] = Reservoir()
         keyed = self.model.keys.get(key) if self.model is not None else None
         if keyed is None:  # warming up, or this key's first windows: learn only
             baseline.extend(rows.tolist())
             return [Scored(w, key, 0.0, 1.0, False) for w in windows] if keep_all else []
-        scores = keyed.score(rows)
+        if fleet_event:  # most subjects reconnected at once (anomaly/population.py)
+            scores = keyed.score(clip_session_start(rows, keyed.quantiles[100]))
+        else:
+            scores = keyed.score(rows)
+        spread: dict[str, int] = {}
+        if key == self._key("user"):
+            spread = self._spread_now
         found = []
+        limit = keyed.spread_limit()
         for window, row, score in zip(windows, rows, scores, strict=True):
             score = float(score)
-            if score > keyed.threshold:
+            many = spread.get(window.key, 0)
+            if many >= limit and score <= keyed.threshold:
+                # One token in several hands over the last windows (anomaly/spread.py).
+                score = keyed.threshold + (1.0 - keyed.threshold) * (
+                    1.0 - 2.0 ** -(many - limit + 1)
+                )
+            if score > keyed.persist_threshold:
                 severity = self.settings.severity(score)
                 reasons = keyed.explain(window.features)
-                found.append(Scored(window, key, score, keyed.threshold, True, severity, reasons))
+                if many >= limit:
+                    reasons = [keyed.spread_reason(many, SPREAD_WINDOWS), *reasons]
+                strong = score > keyed.threshold
+                found.append(
+                    Scored(window, key, score, keyed.threshold, True, severity, reasons, strong)
+                )
             else:
-                baseline.append(row.tolist())
+                if not fleet_event:  # a restart's windows are not what normal looks like
+                    baseline.append(row.tolist())
                 if keep_all:
                     found.append(Scored(window, key, score, keyed.threshold, False))
         return found
@@ -226,10 +312,10 @@ class Worker:
             " counted together (address cycling?)"
         )
         reason = Reason(f"distinct_{plural}", float(limit), 0.0, text, 100.0)
-        return Scored(window, key, 1.0, 0.0, True, "high", [reason])
+        return Scored(window, key, 1.0, 0.0, True, "high", [reason], True)
 
     def _baseline_rows(self, keys: list[str] | None = None) -> dict[str, list[list[float]]]:
-        return {k: list(v) for k, v in self._baseline.items() if keys is None or k in keys}
+        return {k: v.rows for k, v in self._baseline.items() if keys is None or k in keys}
 
     def _due_for_retraining(self) -> bool:
         assert self.model is not None
@@ -237,7 +323,7 @@ class Worker:
         return time.time() - trained >= self.settings.retrain_interval_seconds
 
     def _fit(self, rows: dict[str, list[list[float]]], why: str) -> None:
-        model = AnomalyModel.fit(rows, self.settings.contamination)
+        model = AnomalyModel.fit(rows, self.settings.budget(), self.settings.lengths)
         if not model.keys:
             level = logging.DEBUG if why in self._too_few_warned else logging.WARNING
             self._too_few_warned.add(why)
@@ -255,7 +341,7 @@ class Worker:
         self.model = model
         self._model_changed = True
         for key, keyed in model.keys.items():
-            self._baseline[key] = deque(keyed.rows.tolist(), maxlen=MAX_KEPT_ROWS)
+            self._baseline[key] = Reservoir(keyed.rows.tolist())
         counts = ", ".join(f"{k}: {len(v.rows)}" for k, v in sorted(model.keys.items()))
         log.info(
             "anomaly model trained (%s) on %s windows; saved to %s", why, counts, self.model_path

@@ -148,6 +148,20 @@ class Connector:
                 client.close()
                 raise ConnectionError(f"expected welcome, got {welcome[:120]!r}")
             return client
+        if self.kind == "socketio":
+            client = await open_ws(e["host"], e["port"], e["path"])
+            opened = await client.next_text()  # Engine.IO "open": 0{"sid":...}
+            if not opened.startswith(b"0{"):
+                client.close()
+                raise ConnectionError(f"expected an Engine.IO open, got {opened[:120]!r}")
+            client.send_text(b"40")  # Socket.IO CONNECT to the main namespace
+            connected = await client.next_text()
+            if not connected.startswith(b"40"):
+                client.close()
+                raise ConnectionError(f"expected a Socket.IO CONNECT, got {connected[:120]!r}")
+            return client
+        if self.kind == "floor":
+            return await open_ws(e["host"], e["port"], e["path"])
         client = await open_ws(e["host"], e["port"], e["path"], subprotocol="v12.stomp")
         connect = {
             "accept-version": "1.2",
@@ -173,6 +187,19 @@ class Connector:
                     break
                 if frame.get("type") == "error":
                     raise ConnectionError(f"subscribe refused: {frame}")
+        elif self.kind == "socketio":
+            client.send_text(b'421["subscribe",%s]' % orjson.dumps(channel))
+            while True:
+                frame_bytes = await client.next_text()
+                if frame_bytes.startswith(b"431["):
+                    break
+                if frame_bytes == b"2":
+                    client.send_text(b"3")
+            handler = socketio_handler(client, handler)
+        elif self.kind == "floor":
+            client.send_text(b"subscribe")
+            if await client.next_text() != b"subscribed":
+                raise ConnectionError("the floor server did not confirm the subscription")
         else:
             headers = {
                 "id": "0",
@@ -188,6 +215,19 @@ class Connector:
                 if frame_bytes.startswith(b"ERROR"):
                     raise ConnectionError(f"subscribe refused: {frame_bytes[:200]!r}")
         client.on_text = handler
+
+
+def socketio_handler(client: WsClient, handler: Callable[..., None]) -> Callable[..., None]:
+    """``handler`` for a Socket.IO subscriber: Engine.IO pings ("2") are answered
+    ("3") so the server keeps the connection; everything else goes to ``handler``."""
+
+    def on_text(buf: bytearray, start: int, end: int, now_ns: int) -> None:
+        if end - start == 1 and buf[start] == 0x32:
+            client.send_text(b"3")
+            return
+        handler(buf, start, end, now_ns)
+
+    return on_text
 
 
 class Publisher:
@@ -207,6 +247,13 @@ class Publisher:
             self._template = b'{"type":"publish","id":%d,"channel":"' + channel.encode()
             self._template += b'","data":%s}'
             self._is_ack = self._gateway_ack
+        elif kind == "socketio":
+            # An event with an ack id: answered 43<id>["ok"] once emitted.
+            self._template = b'42%d["publish",' + orjson.dumps(channel) + b",%s]"
+            self._is_ack = self._socketio_ack
+        elif kind == "floor":
+            self._template = b"%s"
+            self._is_ack = self._gateway_ack
         else:
             destination = STOMP_DESTINATION.format(channel=channel)
             self._template = (
@@ -220,8 +267,10 @@ class Publisher:
     def send_one(self) -> None:
         body = make_body(self._padding)
         self._seq += 1
-        if self._kind == "gateway":
+        if self._kind in ("gateway", "socketio"):
             payload = self._template % (self._seq, body)
+        elif self._kind == "floor":
+            payload = body
         else:
             payload = self._template % (self._seq, len(body), body)
         self.client.send_text(payload)
@@ -230,6 +279,9 @@ class Publisher:
             self.stats.sent += 1
 
     def _on_text(self, buf: bytearray, start: int, end: int, now_ns: int) -> None:
+        if end - start == 1 and buf[start] == 0x32:  # an Engine.IO ping: "2"
+            self.client.send_text(b"3")
+            return
         if self._is_ack(buf, start):
             self.inflight -= 1
             if self.stats.measuring:
@@ -243,6 +295,10 @@ class Publisher:
     @staticmethod
     def _gateway_ack(buf: bytearray, start: int) -> bool:
         return buf.startswith(b'{"type":"ack"', start)
+
+    @staticmethod
+    def _socketio_ack(buf: bytearray, start: int) -> bool:
+        return buf.startswith(b"43", start)
 
     @staticmethod
     def _stomp_receipt(buf: bytearray, start: int) -> bool:

@@ -1,15 +1,32 @@
 """Fan-out load test: N subscribers on one channel, P publishers, rabbitgate
-against RabbitMQ Web-STOMP on the same broker, in one run.
+against its peers on the same machine, in one run.
 
     .venv/bin/python -m bench.load --subscribers 100 --rate 100 --seconds 20 --size 200
+    .venv/bin/python -m bench.load --target gateway,socketio,webstomp,floor --rounds 3
+    .venv/bin/python -m bench.load --target gateway,base --base-src /tmp/rg-base --rounds 3
+
+Targets (``--target``, comma-separated, measured in that order each round):
+
+- ``gateway``: this rabbitgate (or the one in ``--gateway-src``) + RabbitMQ;
+- ``base``: the rabbitgate found in ``--base-src`` (a copy before a change),
+  for an A/B comparison interleaved with ``gateway`` in the same run;
+- ``webstomp``: RabbitMQ's Web-STOMP plugin on the same broker;
+- ``socketio``: Socket.IO (node) with its Redis adapter on the local Redis
+  (``bench/peers.py``, ``bench/socketio/``);
+- ``floor``: a bare ``websockets`` broadcast server (``bench/floor.py``): one
+  send per subscriber per message and nothing else.
 
 For each target: connect the subscribers (spread over client worker
 processes), start publishing, let it warm up, then measure for ``--seconds``:
 messages delivered per second, latency from publish to receipt (p50, p99,
 max), and the CPU seconds the servers spent in that window (read from
-/proc): the gateway process plus RabbitMQ (``beam.smp``) for rabbitgate,
-RabbitMQ alone for Web-STOMP. The figure compared is server CPU microseconds
-per delivered message. ``--json`` prints one JSON object instead of tables.
+/proc). In the JSON, ``cpu_seconds.gateway`` is the target's own process
+(the gateway, node, the floor server; 0 for Web-STOMP) and
+``cpu_seconds.broker`` its shared backend (RabbitMQ's ``beam.smp``, or
+``redis-server`` for Socket.IO), whose CPU at rest is measured just before.
+The figure compared is server CPU microseconds per delivered message (own +
+backend); ratios are rabbitgate's over each other target's, and with
+``--rounds`` also their median and range. ``--json`` prints one JSON object.
 
 Only 127.0.0.1 is ever contacted; every phase has a timeout.
 """
@@ -28,10 +45,16 @@ from typing import Any
 import numpy as np
 
 from bench.clients import worker_main
+from bench.peers import start_floor, start_socketio
 from bench.pool import Pool
 from bench.proc import broker_pids, cpu_seconds, total_cpu_seconds
 from bench.profiling import start_profiler, stop_profiler
 from bench.target import CHANNEL, ensure_webstomp, start_gateway, webstomp_endpoint
+
+TARGETS = ("gateway", "base", "webstomp", "socketio", "floor")
+# What the gateway's CPU per delivery is aimed at, as a ratio to each peer
+# (issue 18); the Web-STOMP one is for TLS to rabbitgate.
+TARGET_RATIOS = {"webstomp": 0.5, "socketio": 0.8}
 
 SUBSCRIBERS_PER_WORKER = 500
 SETUP_TIMEOUT_SECONDS = 180.0
@@ -57,7 +80,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--size", type=int, default=200, help="message body bytes (JSON)")
     parser.add_argument("--tls", action="store_true", help="wss:// to the gateway")
     parser.add_argument(
-        "--target", choices=("gateway", "webstomp", "both"), default="both", help="what to measure"
+        "--target",
+        default="gateway,webstomp",
+        help=f"comma-separated, from {', '.join(TARGETS)} ('both': gateway,webstomp)",
+    )
+    parser.add_argument(
+        "--base-src",
+        type=Path,
+        metavar="DIR",
+        help="the rabbitgate copy the 'base' target runs (e.g. a git worktree before a change)",
     )
     parser.add_argument(
         "--workers",
@@ -97,6 +128,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--rounds must be between 1 and 10")
     if args.subscribers > 20000:
         parser.error("--subscribers is capped at 20000")
+    names = ["gateway", "webstomp"] if args.target == "both" else args.target.split(",")
+    unknown = [n for n in names if n not in TARGETS]
+    if unknown or not names or len(set(names)) != len(names):
+        parser.error(f"--target: each of {', '.join(TARGETS)} at most once, got {args.target!r}")
+    if "base" in names and args.base_src is None:
+        parser.error("--target base needs --base-src DIR")
+    args.targets = names
     return args
 
 
@@ -131,19 +169,29 @@ def run_target(
     """One measurement. ``gateway_settings``: extra settings of the gateway
     (bench.fleet: workers, a cluster's amqp_url); ``broker_ports``: the nodes
     whose CPU counts as the broker's; ``ready(gateway)``: waits until it serves."""
-    gateway = None
+    gateway: Any = None  # the target's own process(es): a gateway or a peer
     subscribers = publishers = None
     gateway_pids: list[int] = []
     try:
-        if kind == "gateway":
-            gateway = start_gateway(tls=args.tls, source=args.gateway_src, extra=gateway_settings)
+        if kind in ("gateway", "base"):
+            source = args.gateway_src if kind == "gateway" else args.base_src
+            gateway = start_gateway(tls=args.tls, source=source, extra=gateway_settings)
             if ready is not None:
                 ready(gateway)
             endpoint = gateway.endpoint()
-        else:
+            brokers = [pid for port in broker_ports for pid in broker_pids(port)]
+        elif kind == "webstomp":
             ensure_webstomp(args.subscribers + args.publishers)
             endpoint = webstomp_endpoint()
-        brokers = [pid for port in broker_ports for pid in broker_pids(port)]
+            brokers = [pid for port in broker_ports for pid in broker_pids(port)]
+        elif kind == "socketio":
+            gateway = start_socketio()
+            endpoint = gateway.endpoint()
+            brokers = gateway.extra_pids  # Redis
+        else:
+            gateway = start_floor()
+            endpoint = gateway.endpoint()
+            brokers = []
         idle_before = total_cpu_seconds(brokers)
         time.sleep(args.idle_seconds)
         broker_idle = (total_cpu_seconds(brokers) - idle_before) / args.idle_seconds
@@ -171,7 +219,7 @@ def run_target(
         cpu_before = {pid: cpu_seconds(pid) for pid in server_pids}
         clients_before = subscribers.cpu_seconds() + publishers.cpu_seconds()
         profiler = None
-        if gateway is not None and args.profile:
+        if kind == "gateway" and args.profile:
             profiler = start_profiler(args.profile, gateway.pid, args.seconds)
         subscribers.ask("measure_on")
         publishers.ask("measure_on")
@@ -212,7 +260,7 @@ def run_target(
     per = (lambda cpu: cpu / delivered * 1e6) if delivered else (lambda cpu: float("nan"))
     return {
         "target": kind,
-        "tls": bool(args.tls) if kind == "gateway" else False,
+        "tls": bool(args.tls) if kind in ("gateway", "base") else False,
         "subscribers": connected,
         "subscriber_failures": failures,
         "publishers": args.publishers,
@@ -254,26 +302,31 @@ def run_target(
     }
 
 
-def ratios(results: dict[str, dict[str, Any]]) -> dict[str, float] | None:
-    gw, ws = results.get("gateway"), results.get("webstomp")
-    if not gw or not ws:
-        return None
+def ratio_to(gw: dict[str, Any], other: dict[str, Any]) -> dict[str, float]:
+    """rabbitgate's figures over another target's (< 1: rabbitgate spends less)."""
 
     def ratio(a: float, b: float) -> float:
         return a / b if b and not math.isnan(b) else float("nan")
 
     return {
         "server_cpu_per_delivery": ratio(
-            gw["cpu_us_per_delivery"]["server"], ws["cpu_us_per_delivery"]["server"]
+            gw["cpu_us_per_delivery"]["server"], other["cpu_us_per_delivery"]["server"]
         ),
         "server_cpu_above_idle_per_delivery": ratio(
             gw["cpu_us_per_delivery"]["server_above_idle"],
-            ws["cpu_us_per_delivery"]["server_above_idle"],
+            other["cpu_us_per_delivery"]["server_above_idle"],
         ),
-        "p50_latency": ratio(gw["latency_ms"]["p50"], ws["latency_ms"]["p50"]),
-        "p99_latency": ratio(gw["latency_ms"]["p99"], ws["latency_ms"]["p99"]),
-        "delivered_per_s": ratio(gw["delivered_per_s"], ws["delivered_per_s"]),
+        "p50_latency": ratio(gw["latency_ms"]["p50"], other["latency_ms"]["p50"]),
+        "p99_latency": ratio(gw["latency_ms"]["p99"], other["latency_ms"]["p99"]),
+        "delivered_per_s": ratio(gw["delivered_per_s"], other["delivered_per_s"]),
     }
+
+
+def ratios(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]] | None:
+    """``gateway`` over every other target measured, by that target's name."""
+    gw = results.get("gateway")
+    found = {name: ratio_to(gw, r) for name, r in results.items() if gw and name != "gateway"}
+    return found or None
 
 
 def render(args: argparse.Namespace, results: dict[str, dict[str, Any]]) -> str:
@@ -288,18 +341,18 @@ def render(args: argparse.Namespace, results: dict[str, dict[str, Any]]) -> str:
         ("latency p50 ms", lambda r: f"{r['latency_ms']['p50']:.2f}"),
         ("latency p99 ms", lambda r: f"{r['latency_ms']['p99']:.2f}"),
         ("latency max ms", lambda r: f"{r['latency_ms']['max']:.2f}"),
-        ("gateway CPU s", lambda r: f"{r['cpu_seconds']['gateway']:.2f}"),
-        ("broker CPU s", lambda r: f"{r['cpu_seconds']['broker']:.2f}"),
+        ("own process CPU s", lambda r: f"{r['cpu_seconds']['gateway']:.2f}"),
+        ("backend CPU s (RabbitMQ/Redis)", lambda r: f"{r['cpu_seconds']['broker']:.2f}"),
         ("client CPU s (load tool)", lambda r: f"{r['cpu_seconds']['clients']:.2f}"),
         (
-            f"broker idle CPU s/s ({args.idle_seconds:g} s before)",
+            f"backend idle CPU s/s ({args.idle_seconds:g} s before)",
             lambda r: f"{r['cpu_seconds']['broker_idle_per_s']:.3f}",
         ),
-        ("gateway us/delivery", lambda r: f"{r['cpu_us_per_delivery']['gateway']:.2f}"),
-        ("broker us/delivery", lambda r: f"{r['cpu_us_per_delivery']['broker']:.2f}"),
+        ("own process us/delivery", lambda r: f"{r['cpu_us_per_delivery']['gateway']:.2f}"),
+        ("backend us/delivery", lambda r: f"{r['cpu_us_per_delivery']['broker']:.2f}"),
         ("server us/delivery", lambda r: f"{r['cpu_us_per_delivery']['server']:.2f}"),
         (
-            "  same, broker idle deducted",
+            "  same, backend idle deducted",
             lambda r: f"{r['cpu_us_per_delivery']['server_above_idle']:.2f}",
         ),
         ("errors / closed conns", lambda r: f"{r['errors']} / {r['closed_connections']}"),
@@ -315,14 +368,16 @@ def render(args: argparse.Namespace, results: dict[str, dict[str, Any]]) -> str:
     lines = [head, "", f"{'':{width}}  " + "  ".join(f"{n:>14}" for n in names)]
     for label, cell in rows:
         lines.append(f"{label:{width}}  " + "  ".join(f"{cell(results[n]):>14}" for n in names))
-    found = ratios(results)
-    if found:
+    for other, found in (ratios(results) or {}).items():
+        aim = TARGET_RATIOS.get(other)
         lines += [
             "",
-            "ratios gateway / webstomp:",
-            f"  server CPU per delivery  {found['server_cpu_per_delivery']:.3f}  (target <= 0.5)",
-            f"    broker idle deducted   {found['server_cpu_above_idle_per_delivery']:.3f}",
-            f"  p99 latency              {found['p99_latency']:.3f}  (target <= 1.0)",
+            f"ratios gateway / {other}:",
+            f"  server CPU per delivery  {found['server_cpu_per_delivery']:.3f}"
+            + (f"  (target <= {aim:g})" if aim else ""),
+            f"    backend idle deducted  {found['server_cpu_above_idle_per_delivery']:.3f}",
+            f"  p99 latency              {found['p99_latency']:.3f}"
+            + ("  (target <= 1.0)" if aim else ""),
             f"  p50 latency              {found['p50_latency']:.3f}",
             f"  delivered msg/s          {found['delivered_per_s']:.3f}",
         ]
@@ -341,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     def log(text: str) -> None:
         print(text, file=sys.stderr, flush=True)
 
-    kinds = ["gateway", "webstomp"] if args.target == "both" else [args.target]
+    kinds = args.targets
     rounds: list[dict[str, dict[str, Any]]] = []
     try:
         for number in range(args.rounds):
@@ -354,7 +409,15 @@ def main(argv: list[str] | None = None) -> int:
     per_round = [ratios(results) for results in rounds]
     summary = median_ratios(per_round)
     if args.json:
-        report: dict[str, Any] = {"args": vars(args), "results": rounds[-1], "ratios": summary}
+        report: dict[str, Any] = {
+            "args": vars(args),
+            "results": rounds[-1],
+            "ratios": per_round[-1],
+            "over_rounds": {
+                "ratios": summary,
+                "targets": target_ranges(rounds),
+            },
+        }
         if args.rounds > 1:
             report["rounds"] = [
                 {"results": r, "ratios": q} for r, q in zip(rounds, per_round, strict=True)
@@ -365,19 +428,63 @@ def main(argv: list[str] | None = None) -> int:
         if args.rounds > 1:
             print(f"\n=== round {number + 1} of {args.rounds}")
         print(render(args, results))
+    if args.rounds > 1:
+        print(f"\nper target over {args.rounds} rounds: median [min, max]")
+        for name, figures in target_ranges(rounds).items():
+            print(f"  {name}")
+            for key, (median, low, high) in figures.items():
+                print(f"    {key:28} {median:9.2f}  [{low:.2f}, {high:.2f}]")
     if args.rounds > 1 and summary:
-        print(f"\nmedian ratios over {args.rounds} rounds:")
-        for key, value in summary.items():
-            print(f"  {key:26} {value:.3f}")
+        for other, figures in summary.items():
+            print(f"\nratios gateway / {other} over {args.rounds} rounds: median [min, max]")
+            for key, (median, low, high) in figures.items():
+                print(f"  {key:36} {median:.3f}  [{low:.3f}, {high:.3f}]")
     return 0
 
 
-def median_ratios(per_round: list[dict[str, float] | None]) -> dict[str, float] | None:
-    """The median of each ratio over rounds (None when there is nothing to compare)."""
+def target_ranges(
+    rounds: list[dict[str, dict[str, Any]]],
+) -> dict[str, dict[str, tuple[float, float, float]]]:
+    """(median, min, max) over rounds of each target's CPU per delivery and latency."""
+    figures = {
+        "server_us_per_delivery": lambda r: r["cpu_us_per_delivery"]["server"],
+        "own_process_us_per_delivery": lambda r: r["cpu_us_per_delivery"]["gateway"],
+        "backend_us_per_delivery": lambda r: r["cpu_us_per_delivery"]["broker"],
+        "latency_p50_ms": lambda r: r["latency_ms"]["p50"],
+        "latency_p99_ms": lambda r: r["latency_ms"]["p99"],
+        "delivery_ratio": lambda r: r["delivery_ratio"],
+    }
+    found: dict[str, dict[str, tuple[float, float, float]]] = {}
+    for name in rounds[0]:
+        found[name] = {}
+        for key, read in figures.items():
+            values = np.array([read(r[name]) for r in rounds])
+            found[name][key] = (
+                float(np.median(values)),
+                float(values.min()),
+                float(values.max()),
+            )
+    return found
+
+
+def median_ratios(
+    per_round: list[dict[str, dict[str, float]] | None],
+) -> dict[str, dict[str, tuple[float, float, float]]] | None:
+    """(median, min, max) of each ratio to each target over rounds (None: nothing compared)."""
     found = [r for r in per_round if r]
     if not found:
         return None
-    return {key: float(np.median([r[key] for r in found])) for key in found[0]}
+    summary: dict[str, dict[str, tuple[float, float, float]]] = {}
+    for other in found[0]:
+        summary[other] = {}
+        for key in found[0][other]:
+            values = np.array([r[other][key] for r in found])
+            summary[other][key] = (
+                float(np.median(values)),
+                float(values.min()),
+                float(values.max()),
+            )
+    return summary
 
 
 if __name__ == "__main__":

@@ -47,6 +47,15 @@ def broker_pids(amqp_port: int = 5672) -> list[int]:
     return servers
 
 
+def redis_pids(port: int = 6379) -> list[int]:
+    """The Redis server measured for Socket.IO: the ``redis-server`` listening on ``port``."""
+    inodes = _listening_inodes(port)
+    found = [pid for pid in pids_named("redis-server") if inodes & _socket_inodes(pid)]
+    if not found:
+        raise RuntimeError(f"no redis-server found listening on {port}: is Redis running here?")
+    return found
+
+
 def _listening_inodes(port: int) -> set[str]:
     inodes = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):

@@ -166,17 +166,27 @@ def _gateway_preexec() -> None:  # runs in the child before exec
     raise_nofile_limit()
 
 
+PROBE_SCRIPT = Path(__file__).resolve().parent / "probe.py"
+
+
 def start_gateway(
     *,
     tls: bool,
     log_level: str = "WARNING",
     source: Path | None = None,
+    probe_file: Path | None = None,
+    python: str | None = None,
+    env_extra: dict[str, str] | None = None,
     extra: dict[str, object] | None = None,
 ) -> GatewayProcess:
     """Start a gateway on a free port; raises RuntimeError when it does not come up.
 
     ``source``: a folder holding another copy of the ``gateway`` package to run
     instead of the installed one (to measure a change before making it).
+    ``probe_file``: run it under ``bench/probe.py`` (loop lag and GC pauses,
+    written to that file on SIGUSR2). ``python``: another interpreter (one
+    with the gateway's dependencies installed). ``env_extra``: added to its
+    environment (e.g. RABBITGATE_GC_* settings under test).
     ``extra``: settings on top of the bench's own (workers, amqp_url, ...).
     """
     workdir = Path(tempfile.mkdtemp(prefix="rabbitgate-bench-"))
@@ -236,14 +246,23 @@ def start_gateway(
         if not (source / "gateway" / "cli.py").is_file():
             raise RuntimeError(f"{source} holds no gateway/cli.py")
         env["PYTHONPATH"] = str(source.resolve())
+    elif python is not None:  # the other interpreter runs this copy of the code
+        env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    env.update(env_extra or {})
+    interpreter = python or sys.executable
+    serve = ["serve", "--config", str(config_file)]
+    if probe_file is not None:
+        command = [interpreter, str(PROBE_SCRIPT), str(probe_file), *serve]
+    else:
+        command = [interpreter, "-m", "gateway.cli", *serve]
     with open(log_file, "wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "gateway.cli", "serve", "--config", str(config_file)],
+            command,
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             env=env,
-            cwd=str(source.resolve()) if source is not None else None,
+            cwd=str((source or Path(__file__).resolve().parents[1]).resolve()),
             preexec_fn=_gateway_preexec,
         )
     jwt = JwtSettings(algorithms=("HS256",), secret=secret, issuer=ISSUER, audience=AUDIENCE)

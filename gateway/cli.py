@@ -26,6 +26,7 @@ from gateway.commands import CliError
 from gateway.commands import add_config_flag as _add_config_flag
 from gateway.commands import settings_from_args as _settings
 from gateway.config import ConfigError, Settings
+from gateway.operations import collector
 from gateway.telemetry.logs import configure_logging
 
 DEV_SECRET_FILE = "jwt-dev.secret"
@@ -251,11 +252,18 @@ async def _run_gateway(settings: Settings) -> int:
     gc.freeze()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    # Connections too, as they age (gateway/operations/collector.py): a process-wide
+    # choice, so made here and not in Gateway (tests run many in one process).
+    freezer = None
+    if settings.gc_freeze_seconds > 0:
+        freezer = loop.create_task(collector.run(settings.gc_freeze_seconds))
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     # SIGHUP: re-read the policies folder now (an invalid set keeps the last good one).
     loop.add_signal_handler(signal.SIGHUP, gateway.reloader.reload_soon, "SIGHUP")
     await stop.wait()
+    if freezer is not None:
+        freezer.cancel()
     logging.getLogger("rabbitgate").info("shutting down")
     await gateway.shut_down()
     return 0

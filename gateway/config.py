@@ -170,6 +170,10 @@ class Settings:
     admin_socket: Path | None = None
     # Traffic anomaly detection and alert review (anomaly/settings.py); off by default.
     anomaly: AnomalySettings = field(default_factory=AnomalySettings)
+    # Every this many seconds, collect the objects not frozen yet and freeze the
+    # rest out of the collector's sight (gateway/operations/collector.py): no full
+    # collection ever walks 10,000 connections. 0: Python's own GC schedule.
+    gc_freeze_seconds: float = 1.0
 
 
 _SECTIONS: dict[str, type] = {

@@ -48,7 +48,7 @@ def normal_baseline(n: int = 400, seed: int = 0) -> np.ndarray:
 def save_baseline_model(data_dir: Path) -> None:
     rows = normal_baseline()
     keys = {model_key("user", WINDOW): rows, model_key("address", WINDOW): rows}
-    AnomalyModel.fit(keys, contamination=0.005).save(data_dir / MODEL_FILE)
+    AnomalyModel.fit(keys).save(data_dir / MODEL_FILE)
 
 
 @pytest.fixture

@@ -19,6 +19,7 @@ CLOSE_NORMAL: Final = 1000
 # later simply reconnects.
 CLOSE_IDLE: Final = 1000
 CLOSE_GOING_AWAY: Final = 1001  # server shutting down
+CLOSE_PROTOCOL_ERROR: Final = 1002  # a STOMP frame that is not valid STOMP
 CLOSE_POLICY: Final = 1008  # origin not allowed, too many connections, no channel left
 CLOSE_TOO_BIG: Final = 1009  # a frame over max_frame_bytes (websockets sends it itself)
 CLOSE_AUTH: Final = 4401  # token invalid, expired or refused on refresh

@@ -42,7 +42,19 @@ from gateway.telemetry.events import TRANSPORT_KINDS, TrafficEvent
 TRANSPORTS = TRANSPORT_KINDS
 # Close codes the gateway itself ends connections with, and 1006 (the client
 # vanished without a close frame). Contract section 9.
-CLOSE_CODES = ("1000", "1001", "1006", "1008", "1009", "4401", "4403", "4408", "4409", "4429")
+CLOSE_CODES = (
+    "1000",
+    "1001",
+    "1002",
+    "1006",
+    "1008",
+    "1009",
+    "4401",
+    "4403",
+    "4408",
+    "4409",
+    "4429",
+)
 # Refusal.limit values (gateway/limits/, transports/websocket.py).
 RATE_LIMITS = (
     "frames",

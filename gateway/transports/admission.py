@@ -33,7 +33,7 @@ from websockets.frames import Frame, Opcode
 from websockets.server import ServerProtocol
 
 from gateway.limits.buckets import TokenBucket
-from gateway.transports.handshake_memory import forget_request_in_parser
+from gateway.transports.ws_adapter import forget_request_in_parser, release, start_handler
 
 Clock = Callable[[], float]
 # How long a TLS close_notify exchange may take (websockets' close timeout).
@@ -183,6 +183,7 @@ class AdmittedConnection(ServerConnection):
         if self.drop(address):
             self.on_drop(address)
             raw.abort()
+            asyncio.get_running_loop().call_soon(release, self)
             return
         if self.ssl_context is None:
             self._hand_over(raw)
@@ -215,11 +216,13 @@ class AdmittedConnection(ServerConnection):
             raise
         except Exception:  # a failed or timed-out TLS handshake; nothing started yet
             raw.abort()
+            asyncio.get_running_loop().call_soon(release, self)
             return
         if self._handed_over:
             return  # uvloop: done in connection_made
         if encrypted is None or encrypted.is_closing():
             raw.abort()
+            asyncio.get_running_loop().call_soon(release, self)
             return
         self._hand_over(encrypted)
 
@@ -244,7 +247,8 @@ class AdmittedConnection(ServerConnection):
 
     def _hand_over(self, transport: asyncio.BaseTransport) -> None:
         self._handed_over = True
-        super().connection_made(transport)
+        # websockets' connection_made, and release() when it is all over.
+        start_handler(self, transport)
         early, self._early = self._early, None
         for data in early or ():
             super().data_received(data)

@@ -24,8 +24,8 @@ Times are rounded up to the tick (a twentieth of the shorter of the two
 settings, at most 1 s), so a ping or a close can be up to one tick late.
 
 ``Heartbeat`` is the schedule (pure, clock passed in; unit-tested with a
-fake link); ``run`` is its task; ``WebSocketLink`` does the I/O on a
-websockets connection: a ping frame written straight to the transport, the
+fake link); ``run`` is its task; ``ws_adapter.WebSocketLink`` does the I/O on
+a websockets connection: a ping frame written straight to the transport, the
 answer seen through websockets' own ``pending_pings`` (which also keeps
 ``connection.latency`` up to date).
 """
@@ -33,17 +33,11 @@ answer seen through websockets' own ``pending_pings`` (which also keeps
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import os
 from collections.abc import Hashable
 from typing import Generic, Protocol, TypeVar
-
-from websockets.asyncio.connection import Connection
-from websockets.exceptions import ConnectionClosed
-from websockets.frames import CloseCode
-from websockets.protocol import State
 
 log = logging.getLogger("rabbitgate.heartbeat")
 
@@ -57,7 +51,7 @@ C_contra = TypeVar("C_contra", bound=Hashable, contravariant=True)
 
 
 class Link(Protocol[C_contra]):
-    """The I/O ``Heartbeat`` needs; ``WebSocketLink`` is the real one."""
+    """The I/O ``Heartbeat`` needs; ``ws_adapter.WebSocketLink`` is the real one."""
 
     def ping(self, connection: C_contra, payload: bytes) -> bool:
         """Send a ping (or, to a closing connection, see that its close
@@ -144,7 +138,7 @@ class Heartbeat(Generic[C]):
             elif now >= sent + self.timeout:
                 self.expired += 1
                 self.link.expire(connection)
-                # Still watched: its close may need ending (see WebSocketLink.ping).
+                # Still watched: its close may need ending (see ws_adapter.WebSocketLink.ping).
                 beat.sent = None
                 self._schedule(beat, now + self.interval)
                 return
@@ -188,53 +182,3 @@ async def run(heartbeat: Heartbeat[C]) -> None:
                     heartbeat.beat(beat, now, payload)
                 except Exception:  # one broken connection must not stop everyone's heartbeat
                     log.exception("heartbeat failed for one connection")
-
-
-class WebSocketLink:
-    """``Link`` over websockets' asyncio connections (pings as raw frames)."""
-
-    def __init__(self) -> None:
-        self._closing: set[asyncio.Task[None]] = set()
-
-    def ping(self, connection: Connection, payload: bytes) -> bool:
-        state = connection.protocol.state
-        if state is State.CLOSED or connection.transport is None:
-            return False
-        if state is not State.OPEN:
-            # Closing. A close can hang: close() waits for a send buffer that
-            # a peer which stopped reading never drains (a 4409 slow
-            # consumer, or the 1011 of an unanswered ping). websockets'
-            # keepalive ended those when its next ping found the close
-            # overdue; so does this, at the connection's next beat.
-            deadline = connection.close_deadline
-            if deadline is not None and connection.loop.time() >= deadline:
-                connection.set_connection_exc(TimeoutError("timed out while closing connection"))
-                connection.transport.abort()
-            return True
-        # Register it as websockets' ping() does, so that the pong is matched
-        # (and connection.latency measured) by websockets itself.
-        if payload in connection.pending_pings:
-            return True  # still waiting for the same one (cannot happen: one per tick)
-        pong = connection.loop.create_future()
-        connection.pending_pings[payload] = (pong, connection.loop.time())
-        # A control frame: never compressed, may go between any two frames;
-        # one write, so it cannot land inside another frame's bytes.
-        connection.transport.write(b"\x89" + bytes((len(payload),)) + payload)
-        return True
-
-    def answered(self, connection: Connection, payload: bytes) -> bool:
-        return payload not in connection.pending_pings
-
-    def expire(self, connection: Connection) -> None:
-        task = connection.loop.create_task(_fail(connection))
-        self._closing.add(task)
-        task.add_done_callback(self._closing.discard)
-
-
-async def _fail(connection: Connection) -> None:
-    # What websockets' keepalive does on a ping timeout: close 1011 without
-    # waiting for the peer's close frame, then wait (close_timeout at most)
-    # for the TCP connection to end.
-    with contextlib.suppress(ConnectionClosed):
-        async with connection.send_context():
-            connection.protocol.fail(CloseCode.INTERNAL_ERROR, "keepalive ping timeout")

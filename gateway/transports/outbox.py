@@ -20,6 +20,7 @@ from websockets.asyncio.server import ServerConnection, broadcast
 from websockets.protocol import State
 
 from gateway.protocol.codes import CLOSE_SLOW_CONSUMER
+from gateway.transports.ws_adapter import extensions_of, transport_of
 
 
 def text_frame(payload: bytes) -> bytes:
@@ -51,6 +52,8 @@ class Outbox:
     # One per connection, 10,000s of them: no instance dict.
     __slots__ = (
         "connection",
+        "raw",
+        "_transport",
         "_max_bytes",
         "_max_messages",
         "_on_overflow",
@@ -68,6 +71,10 @@ class Outbox:
         on_overflow: Callable[[], None] | None = None,
     ) -> None:
         self.connection = connection
+        # Both fixed by the handshake, and read on every delivery: looked up once.
+        # raw: frames may be written pre-framed (no extension to apply).
+        self.raw = not extensions_of(connection)
+        self._transport = transport_of(connection)
         self._max_bytes = max_bytes
         self._max_messages = max_messages
         self._on_overflow = on_overflow
@@ -80,8 +87,7 @@ class Outbox:
 
     def pending(self) -> tuple[int, int]:
         """(bytes, frames) written but not yet taken by the network."""
-        transport = self.connection.transport
-        buffered = transport.get_write_buffer_size() if transport is not None else 0
+        buffered = self._transport.get_write_buffer_size()
         flushed = self._written - buffered
         ends = self._ends
         if ends is None:
@@ -95,7 +101,7 @@ class Outbox:
 
     def admit(self, frame_length: int) -> bool:
         """Account for a frame about to be written; False (and close 4409) on overflow."""
-        if self.overflowed or self.connection.protocol.state is not State.OPEN:
+        if self.overflowed or self.connection.state is not State.OPEN:
             return False
         buffered, frames = self.pending()
         if buffered + frame_length > self._max_bytes or frames >= self._max_messages:
@@ -107,17 +113,12 @@ class Outbox:
         self._ends.append(self._written)
         return True
 
-    @property
-    def raw(self) -> bool:
-        """True when frames may be written pre-framed (no extension to apply)."""
-        return not self.connection.protocol.extensions
-
     def send(self, frame: bytes) -> bool:
         """Write one text frame now, or close the connection as a slow consumer."""
         if not self.admit(len(frame)):
             return False
         if self.raw:
-            self.connection.transport.write(text_frame(frame))
+            self._transport.write(text_frame(frame))
         else:
             broadcast((self.connection,), frame, text=True)
         self.pending()  # usually all gone to the socket already: frees the deque
@@ -137,7 +138,7 @@ class Outbox:
                 break
             wire.append(text_frame(frame))
         if wire:
-            self.connection.transport.write(b"".join(wire))
+            self._transport.write(b"".join(wire))
         return len(wire)
 
     def _overflow(self) -> None:
@@ -174,7 +175,7 @@ def fan_out(outboxes: Iterable[Outbox | FrameSink], frame: bytes) -> int:
             if outbox.raw:
                 if wire is None:
                     wire = text_frame(frame)
-                outbox.connection.transport.write(wire)
+                outbox._transport.write(wire)
                 outbox.pending()  # usually all gone already: frees its deque
             else:
                 compressed.append(outbox.connection)

@@ -40,10 +40,13 @@ from gateway.protocol.frames import Auth, FrameError, error_frame, parse_frame, 
 from gateway.telemetry import logs
 from gateway.telemetry.events import TrafficEvent
 from gateway.transports.admission import AdmittedConnection, RefusalMemory, connection_class
-from gateway.transports.handshake_memory import forget_handshake
-from gateway.transports.heartbeat import Heartbeat, WebSocketLink
+from gateway.transports.heartbeat import Heartbeat
 from gateway.transports.heartbeat import run as run_heartbeat
 from gateway.transports.outbox import Outbox
+from gateway.transports.stomp.endpoint import StompEndpoint
+from gateway.transports.stomp.mapping import SUBPROTOCOLS as STOMP_SUBPROTOCOLS
+from gateway.transports.stomp.mapping import select_subprotocol as select_stomp
+from gateway.transports.ws_adapter import WebSocketLink, forget_handshake
 
 log = logging.getLogger("rabbitgate.server")
 CLOSE_TIMEOUT_SECONDS = 5.0  # websockets' close_timeout, as passed to serve()
@@ -57,12 +60,18 @@ _UNAUTHORIZED_BODY = "invalid or missing token\n"
 def select_subprotocol(
     connection: ServerConnection, offered: Sequence[Subprotocol]
 ) -> Subprotocol | None:
-    """``rabbitgate.v1`` when offered; no subprotocol when none is offered;
-    refuse a client that offers only subprotocols we do not speak."""
+    """``rabbitgate.v1`` when offered, else the highest STOMP version offered
+    (``v12.stomp``...: gateway/transports/stomp/); no subprotocol when none is
+    offered; refuse a client that offers only subprotocols we do not speak."""
     if SUBPROTOCOL in offered:
         return SUBPROTOCOL
+    stomp = select_stomp(offered)
+    if stomp is not None:
+        return Subprotocol(stomp)
     if offered:
-        raise NegotiationError("unsupported subprotocol; this server speaks rabbitgate.v1")
+        raise NegotiationError(
+            "unsupported subprotocol; this server speaks rabbitgate.v1 and v12.stomp"
+        )
     return None
 
 
@@ -73,7 +82,7 @@ class WebSocketTransport(Outbox):
 
     @property
     def open(self) -> bool:
-        return self.connection.protocol.state is State.OPEN
+        return self.connection.state is State.OPEN
 
     def close(self, code: int, reason: str) -> asyncio.Task[None]:
         """Send a close frame behind what is queued (the handler then ends the session)."""
@@ -95,7 +104,7 @@ class WebSocketTransport(Outbox):
         # now; the socket goes when the close times out. Not close(): with
         # unread data that sends a reset, which can destroy the close frame.
         transport = connection.transport
-        if connection.protocol.state is State.CLOSING and transport is not None:
+        if connection.state is State.CLOSING and transport is not None:
             if transport.can_write_eof():
                 transport.write_eof()
         await closing
@@ -121,6 +130,8 @@ class WebSocketListener:
             weakref.WeakKeyDictionary()
         )
         self._refused: weakref.WeakSet[ServerConnection] = weakref.WeakSet()
+        # STOMP conversations on the same endpoint (gateway/transports/stomp/).
+        self._stomp = StompEndpoint(settings, gate)
         # Addresses refused at the handshake that come back too soon, dropped
         # before TLS (this process's own answers, so kept locally even with Redis).
         limits = settings.limits
@@ -162,7 +173,7 @@ class WebSocketListener:
             create_connection=self._connection_class,
             process_request=self._process_request,
             select_subprotocol=select_subprotocol,
-            subprotocols=[SUBPROTOCOL],
+            subprotocols=[SUBPROTOCOL, *map(Subprotocol, STOMP_SUBPROTOCOLS)],
             compression="deflate" if self._settings.compression else None,
             server_header=None,
             open_timeout=limits.handshake_timeout_seconds,
@@ -284,6 +295,9 @@ class WebSocketListener:
         # One coroutine frame for the connection's whole life (no nested
         # coroutine, no async iterator): it is held by every idle connection.
         try:
+            if connection.subprotocol in STOMP_SUBPROTOCOLS:
+                await self._converse_stomp(connection)
+                return
             session = await self._open_session(connection)
             if session is None:
                 return
@@ -304,6 +318,14 @@ class WebSocketListener:
                 await session.ended()
         finally:
             self.heartbeat.discard(connection)
+
+    async def _converse_stomp(self, connection: ServerConnection) -> None:
+        """The same /ws endpoint in STOMP (contract section 10), on the same core."""
+        if connection in self._refused:
+            await connection.close(CLOSE_POLICY, "origin not allowed")
+            return
+        principal = self._header_principals.pop(connection, None)
+        await self._stomp.converse(connection, principal, _address(connection))
 
     async def _open_session(self, connection: ServerConnection) -> Session | None:
         """Authenticate and admit the connection: its session, or None once it is closed."""

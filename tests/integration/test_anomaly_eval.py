@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from anomaly.scenarios import ScenarioConfig, label_of, metrics, run_scenario
+from evaluation.live import ScenarioConfig, label_of, metrics, run_scenario
 
 pytestmark = pytest.mark.integration
 

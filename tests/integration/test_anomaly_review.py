@@ -4,8 +4,12 @@ in headless Chromium; the page's defenses, request by request."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import os
 import re
 import ssl
+import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,6 +18,9 @@ import aiohttp
 import pytest
 from websockets.exceptions import InvalidStatus
 
+from anomaly.alerts import make_alert
+from anomaly.features import FEATURES, SubjectWindow
+from anomaly.model import Reason
 from anomaly.passwords import set_reviewer
 from gateway.config import Settings
 
@@ -83,7 +90,7 @@ async def test_a_reviewer_acknowledges_and_closes_an_alert_in_a_real_browser(
         assert await browser.evaluate("document.title") != "1"
 
         # Filter: the user's alerts only (user and address windows both name mallory).
-        await browser.fill("[name=subject]", "mallory")
+        await browser.fill("#q", "mallory")
         await browser.click_and_wait("#filter")
         shown = await browser.evaluate(
             "[...document.querySelectorAll('#alerts tr.alert')].map(r => r.dataset.id)"
@@ -238,3 +245,138 @@ async def test_the_review_page_is_not_on_the_public_port(
     with pytest.raises(InvalidStatus) as refused:
         await connect(f"wss://localhost:{review_page.port}/alerts/", ssl=client_ssl)
     assert refused.value.response.status_code == 404
+
+
+SHOTS = Path(os.environ.get("RABBITGATE_SCREENSHOTS", tempfile.gettempdir())) / "review-shots"
+
+
+async def screenshot(browser: Browser, name: str) -> Path:
+    """Save what the reviewer sees (looked at by hand when the page changes)."""
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    shot = await browser.send("Page.captureScreenshot", format="png", captureBeyondViewport=True)
+    path = SHOTS / f"{name}.png"
+    path.write_bytes(base64.b64decode(shot["data"]))
+    return path
+
+
+def many_alerts(count: int) -> list[dict[str, Any]]:
+    """Stored alerts of many subjects, as the detector makes them."""
+    found = []
+    now = time.time()
+    for n in range(count):
+        features = dict.fromkeys(FEATURES, 0.0)
+        features["denials"] = float(n % 50)
+        window = SubjectWindow(
+            "address", f"user{n % 40}", f"127.0.7.{n % 200}", None, now - 60, now, features
+        )
+        reason = Reason("denials", float(n % 50), 1.0, f"authorization denials {n % 50}", 100.0)
+        alert = make_alert(window, 0.70 + (n % 30) / 100, "high", [reason], now - n)
+        alert["windows"] = 1 + n % 7
+        found.append(alert)
+    return found
+
+
+async def test_review_at_volume_in_a_real_browser(
+    anomaly_settings: Callable[..., Settings],
+    start_gateway: Callable[[Settings], Any],
+    reviewers: Path,
+    client_ssl: ssl.SSLContext,
+    make_token: Callable[..., str],
+) -> None:
+    """Search, sort, pages past 500, bulk acknowledge and close, reopen, manual ban and
+    unban with a note, the chart, the default "active" filter, subjects shown once."""
+    assert CHROMIUM.exists(), (
+        "chromium is missing: run `RABBITGATE_BROWSER_TESTS=1 bash scripts/setup`"
+    )
+    gateway = await start_gateway(anomaly_settings(reviewers_file=reviewers))
+    store = gateway.anomaly.detector.store
+    await asyncio.to_thread(store.add_many, many_alerts(620))
+    await raise_alerts(gateway, client_ssl, make_token(HOSTILE), "127.0.3.3")
+    base = f"http://127.0.0.1:{gateway.admin_port}/alerts/"
+    async with Browser() as browser:
+        await browser.goto(base)
+        await browser.fill("#name", "sam")
+        await browser.fill("#password", PASSWORD)
+        await browser.click_and_wait("#login")
+        # Default filter: active; 622 alerts, 100 a page; the chart drawn as SVG.
+        assert await browser.evaluate("document.querySelector('#status').value") == "active"
+        count = await browser.text("#count")
+        assert count is not None and count.startswith("622 alerts") and "page 1 of 7" in count
+        assert await browser.evaluate("document.querySelectorAll('#alerts tr.alert').length") == 100
+        label = await browser.evaluate(
+            "document.querySelector('#chart-svg').getAttribute('aria-label')"
+        )
+        assert label == "622 alerts in 24 h"
+        assert await browser.evaluate("document.querySelectorAll('#chart-svg rect').length") >= 1
+        await screenshot(browser, "1-list")
+        # The subject once: "address 127.0.3.3", then the user it was seen with.
+        await browser.fill("#q", "127.0.3.3")
+        await browser.click_and_wait("#filter")
+        subjects = await browser.evaluate(
+            "[...document.querySelectorAll('#alerts tr.alert td:nth-child(5)')]"
+            ".map(c => c.textContent.trim())"
+        )
+        assert len(subjects) == 2  # the address's alert and its user's
+        assert any(s.startswith("address 127.0.3.3") for s in subjects), subjects
+        assert all("address address" not in s and HOSTILE in s for s in subjects)
+        assert await browser.evaluate("document.querySelector('#pwn')") is None
+        await screenshot(browser, "2-search-address")
+        # Pages past 500: page 6 and 7 (alerts 501-622), in score order.
+        await browser.goto(base + "?sort=score&page=6")
+        count = await browser.text("#count")
+        assert count is not None and "page 6 of 7" in count
+        scores = await browser.evaluate(
+            "[...document.querySelectorAll('#alerts tr.alert td:nth-child(4)')]"
+            ".map(c => +c.textContent)"
+        )
+        assert len(scores) == 100 and scores == sorted(scores, reverse=True)
+        await browser.click_and_wait("#next")
+        assert await browser.evaluate("document.querySelectorAll('#alerts tr.alert').length") == 22
+        # Search by reason, then bulk acknowledge what was found.
+        await browser.goto(base + "?q=denials+49")
+        ids = await browser.evaluate(
+            "[...document.querySelectorAll('#alerts tr.alert')].map(r => r.dataset.id)"
+        )
+        assert len(ids) == 12  # n % 50 == 49 for n < 620
+        await browser.evaluate("document.querySelectorAll('input.pick').forEach(b => b.click())")
+        await browser.click_and_wait("#bulk-apply")
+        assert await browser.text("#message") == "Alerts changed."
+        stored = [await asyncio.to_thread(store.get, i) for i in ids]
+        assert {a["status"] for a in stored} == {"acknowledged"}
+        # Bulk close as benign, with a note: they leave the active list.
+        await browser.goto(base + "?q=denials+49")
+        await browser.evaluate("document.querySelectorAll('input.pick').forEach(b => b.click())")
+        await browser.evaluate("document.querySelector('#bulk-action').value = 'benign'")
+        await browser.fill("#bulk-note", "load test from the QA team")
+        await browser.click_and_wait("#bulk-apply")
+        await browser.goto(base + "?q=denials+49")
+        assert await browser.evaluate("document.querySelectorAll('#alerts tr.alert').length") == 0
+        # Reopen one from its page.
+        await browser.goto(base + ids[0])
+        assert await browser.text("#status") == "closed"
+        await browser.fill("#reopen-note", "not QA after all")
+        await browser.click_and_wait("#reopen")
+        assert await browser.text("#message") == "Alert reopened."
+        assert await browser.text("#status") == "open"
+        await screenshot(browser, "3-reopened")
+        # Ban the hostile user's address by hand, with a note; then unban.
+        found = await asyncio.to_thread(store.find, subject="127.0.3.3")
+        (hostile,) = [a for a in found if a["subject"]["kind"] == "address"]
+        await browser.goto(base + hostile["id"])
+        # The subject's security events: which channels were refused, for whom.
+        evidence = await browser.text("#evidence")
+        assert evidence is not None and "denied" in evidence and "user.u0.inbox" in evidence
+        assert "Bearer" not in evidence and "eyJ" not in evidence  # never a token
+        await browser.fill("#ban-note", "scanning again")
+        await browser.click_and_wait("#ban")
+        assert await browser.text("#message") == "Subject banned."
+        assert gateway.node.restrictions.banned("address", "127.0.3.3")
+        actions = await browser.text("#actions")
+        assert actions is not None and "banned address 127.0.3.3" in actions and "by sam" in actions
+        await screenshot(browser, "4-banned")
+        await browser.fill("#unban-note", "talked to them")
+        await browser.click_and_wait("#unban")
+        assert await browser.text("#message") == "Subject unbanned."
+        assert not gateway.node.restrictions.banned("address", "127.0.3.3")
+        history = await browser.text("#history")
+        assert history is not None and "talked to them" in history

@@ -76,11 +76,68 @@ def test_load_against_gateway_and_webstomp() -> None:
     check_fan_out(results["webstomp"], 5)
     assert number(results["gateway"]["cpu_seconds"]["gateway"]) > 0
     for key in ("server_cpu_per_delivery", "p50_latency", "p99_latency", "delivered_per_s"):
-        number(report["ratios"][key])
+        number(report["ratios"]["webstomp"][key])
     # Idle-deducted CPU can be zero on a 2-second run on a shared broker (it
     # burnt no more than at rest): the ratio is then undefined (NaN), not wrong.
-    above_idle = report["ratios"]["server_cpu_above_idle_per_delivery"]
+    above_idle = report["ratios"]["webstomp"]["server_cpu_above_idle_per_delivery"]
     assert isinstance(above_idle, float) and (math.isnan(above_idle) or above_idle >= 0)
+
+
+def test_load_against_socketio_floor_and_a_base_copy() -> None:
+    """Socket.IO + Redis (npm packages installed by the tool when missing), the bare
+    websockets floor, and an A/B 'base' target run from another copy of the code
+    (here the same one), interleaved over two rounds with medians and ranges."""
+    report = run_tool(
+        "load",
+        "--target", "gateway,base,socketio,floor",
+        "--base-src", str(ROOT),
+        "--subscribers", "4",
+        "--seconds", "1.5",
+        "--warmup", "0.5",
+        "--rate", "40",
+        "--size", "100",
+        "--idle-seconds", "0.3",
+        "--rounds", "2",
+    )  # fmt: skip
+    results = report["results"]
+    assert set(results) == {"gateway", "base", "socketio", "floor"}
+    for name in results:
+        check_fan_out(results[name], 4)
+        assert results[name]["errors"] == 0, results[name]["error_samples"]
+    assert number(results["socketio"]["cpu_seconds"]["gateway"]) > 0  # node's CPU
+    assert results["floor"]["cpu_seconds"]["broker"] == 0  # no backend at all
+    assert set(report["ratios"]) == {"base", "socketio", "floor"}
+    over = report["over_rounds"]
+    for name in ("gateway", "socketio"):
+        median, low, high = over["targets"][name]["server_us_per_delivery"]
+        assert low <= median <= high
+    median, low, high = over["ratios"]["socketio"]["p99_latency"]
+    assert low <= median <= high
+
+
+def test_pauses_with_churn_and_fan_out() -> None:
+    report = run_tool(
+        "pauses",
+        "--connections", "40",
+        "--subscribers", "4",
+        "--churn", "10",
+        "--rate", "20",
+        "--seconds", "2",
+        "--warmup", "0.5",
+    )  # fmt: skip
+    result = report["rounds"][0]["gateway"]
+    assert result["tls"] is True
+    assert result["connections"] == 40
+    loop = result["loop"]
+    for key in ("p99", "p999", "max"):
+        assert number(loop["lag_ms"][key]) >= 0
+    assert loop["lag_samples"] > 0
+    number(loop["gc_pause_max_ms"])
+    # The gateway froze what it held (gateway/operations/collector.py).
+    assert loop["gc_frozen_objects"] > 0
+    assert number(result["delivered_per_s"]) > 0
+    assert number(result["churn"]["opened_per_s"]) > 0
+    assert result["churn"]["failed"] == 0
 
 
 def test_load_over_tls_flat_out() -> None:

@@ -107,7 +107,9 @@ CASES = [
     ("open", "close", "fixed", "bad resolution", "resolution must be one of"),
     ("open", "close", "benign", None, "needs a note"),
     ("open", "close", "benign", "   ", "needs a note"),
-    ("open", "reopen", None, None, "unknown review action"),
+    ("open", "reopen", None, None, "is open: cannot reopen"),
+    ("closed", "reopen", None, None, "needs a note"),
+    ("open", "escalate", None, None, "unknown review action"),
 ]
 
 
@@ -265,3 +267,34 @@ def test_replace_puts_exactly_the_given_rules_in_force() -> None:
     assert r.banned("address", "10.0.0.9", now=1)
     r.replace([])
     assert not r
+
+
+def test_a_closed_alert_is_reopened_without_its_resolution() -> None:
+    closed = review(alert(), "close", "sam", resolution="benign", note="ours", now=1.0)
+    again = review(closed, "reopen", "kim", note="it was not ours", now=2.0)
+    assert (again["status"], again["resolution"], again["reviewer"]) == ("open", None, "kim")
+    assert [h["status"] for h in again["history"]] == ["closed", "open"]
+
+
+def test_the_store_searches_sorts_and_pages(tmp_path: Path) -> None:
+    store = AlertStore(tmp_path / "alerts.sqlite3")
+    bodies = []
+    for n in range(30):
+        body = alert(user=f"user{n}", address=f"10.0.0.{n}")
+        body["score"] = n / 100
+        bodies.append(body)
+    store.add_many(bodies)
+    assert store.count() == 30
+    assert {a["subject"]["user"] for a in store.find(search="user2")} == {
+        "user2",
+        *(f"user2{n}" for n in range(10)),
+    }
+    assert store.count(search="10.0.0.7") == 1
+    assert store.count(search="publish rate 41") == 30  # a reason's text
+    # LIKE's wildcards are plain characters here: "99%" is in every reason, "9%z" in none.
+    assert store.count(search="99%") == 30 and store.count(search="9%z") == 0
+    assert store.count(search="user_") == 0
+    top = store.find(sort="score", limit=5)
+    assert [a["score"] for a in top] == [0.29, 0.28, 0.27, 0.26, 0.25]
+    page2 = store.find(sort="score", limit=5, offset=5)
+    assert [a["score"] for a in page2] == [0.24, 0.23, 0.22, 0.21, 0.2]

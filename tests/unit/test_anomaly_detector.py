@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from anomaly.alerts import iso
 from anomaly.detector import Detector
 from anomaly.model import MODEL_FILE
 from anomaly.settings import AnomalySettings
@@ -37,7 +38,7 @@ def stub_gateway(tmp_path: Path, **anomaly: Any) -> Any:
         "warmup_windows": 6,
         "long_window_windows": 0,
         "retrain_interval_seconds": 0,
-        "contamination": 0.01,
+        "false_alerts_per_10k_subject_hours": 1.0,
     }
     values.update(anomaly)
     node = SimpleNamespace(events=EventBus(), restrictions=Restrictions(), sessions=set())
@@ -236,3 +237,98 @@ async def test_a_ban_closes_each_connection_once_sse_streams_included(tmp_path: 
     # An address ban next: mallory's connection from there is already closing.
     assert detector.disconnect("address", "10.0.0.1") == 1
     assert bystander.closes == [4403] and websocket.closes == [4403]
+
+
+def stuffing(bus: EventBus, start: float, address: str = "198.51.100.7", count: int = 30) -> None:
+    for n in range(count):
+        bus.emit(TrafficEvent("connect", address, at=start + n * 0.3))
+        bus.emit(TrafficEvent("auth_failed", address, detail="bad_signature", at=start + n * 0.3))
+
+
+async def test_an_attack_over_several_windows_is_one_alert_updated(tmp_path: Path) -> None:
+    clock = Clock()
+    detector = Detector(stub_gateway(tmp_path), clock=clock)
+    detector.clock = clock  # type: ignore[attr-defined]
+    await detector.start()
+    try:
+        rng = random.Random(5)
+        await close_windows(detector, 6, rng)
+        for _ in range(3):
+            chat(detector.node.events, clock.now, rng)
+            stuffing(detector.node.events, clock.now)
+            clock.now += WINDOW
+            await detector.tick(clock.now)
+        (alert,) = detector.store.find(subject="198.51.100.7")
+        assert alert["windows"] == 3 and alert["version"] == 3
+        assert alert["suppressed"] == 2  # windows 2 and 3 named no new reason
+        assert alert["last_seen"] == iso(clock.now) and alert["ended_at"] is None
+    finally:
+        await detector.stop()
+    # A restart keeps the open incident: the next window updates the same alert.
+    again = Detector(stub_gateway(tmp_path), clock=clock)
+    await again.start()
+    try:
+        stuffing(again.node.events, clock.now)
+        clock.now += WINDOW
+        await again.tick(clock.now)
+        (alert,) = again.store.find(subject="198.51.100.7")
+        assert alert["windows"] == 4
+        # Quiet for incident_quiet_windows: the episode ends.
+        for _ in range(again.settings.incident_quiet_windows):
+            chat(again.node.events, clock.now, rng)
+            clock.now += WINDOW
+            await again.tick(clock.now)
+        (alert,) = again.store.find(subject="198.51.100.7")
+        assert alert["ended_at"] is not None and alert["status"] == "open"
+    finally:
+        await again.stop()
+
+
+async def test_a_benign_close_suppresses_the_same_reason_and_counts_it(tmp_path: Path) -> None:
+    clock = Clock()
+    detector = Detector(stub_gateway(tmp_path), clock=clock)
+    detector.clock = clock  # type: ignore[attr-defined]
+    await detector.start()
+    try:
+        rng = random.Random(6)
+        await close_windows(detector, 6, rng)
+        stuffing(detector.node.events, clock.now)
+        clock.now += WINDOW
+        await detector.tick(clock.now)
+        (alert,) = detector.store.find(subject="198.51.100.7")
+        detector.store.review(
+            alert["id"], "close", "sam", resolution="benign", note="our load test"
+        )
+        stuffing(detector.node.events, clock.now)
+        clock.now += WINDOW
+        await detector.tick(clock.now)
+        (alert,) = detector.store.find(subject="198.51.100.7")  # still one alert
+        assert alert["status"] == "closed" and alert["suppressed"] == 1
+    finally:
+        await detector.stop()
+
+
+def test_a_damaged_alert_store_is_one_line_at_start_not_a_crash(tmp_path: Path) -> None:
+    from anomaly.service import AnomalyService
+    from gateway.config import ConfigError
+
+    gateway = stub_gateway(tmp_path)
+    store = tmp_path / "anomaly" / "alerts.sqlite3"
+    store.parent.mkdir(parents=True)
+    store.write_bytes(b"this is not a database" * 100)
+    gateway.admin_app = None
+    with pytest.raises(ConfigError) as caught:
+        AnomalyService(gateway)
+    assert "cannot be used" in str(caught.value) and "\n" not in str(caught.value)
+
+
+async def test_a_damaged_model_is_logged_and_learnt_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / "anomaly").mkdir()
+    (tmp_path / "anomaly" / MODEL_FILE).write_bytes(b"PK\x03\x04 garbage")
+    from anomaly.worker import Worker
+
+    worker = Worker(stub_gateway(tmp_path).settings.anomaly)
+    assert worker.load() is None  # learns again, no exception
+    assert any("anomaly model not loaded" in r.getMessage() for r in caplog.records)

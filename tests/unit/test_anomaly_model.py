@@ -15,6 +15,7 @@ from sklearn.ensemble import IsolationForest
 
 from anomaly.features import FEATURES
 from anomaly.model import AnomalyModel, Forest, KeyModel, ModelError, transform
+from anomaly.settings import Budget
 
 F = len(FEATURES)
 IDX = {name: i for i, name in enumerate(FEATURES)}
@@ -54,10 +55,21 @@ def test_exported_forest_scores_exactly_like_scikit_learn() -> None:
     )
 
 
-def test_threshold_flags_about_the_contamination_of_fresh_normal_windows() -> None:
-    model = KeyModel.fit(normal_rows(2000), contamination=0.01)
-    fresh = model.score(normal_rows(2000, seed=5))
-    assert (fresh > model.threshold).mean() < 0.03
+def test_the_budget_threshold_flags_no_fresh_normal_window() -> None:
+    # 1 false alert per 10k subject-hours of 10 s windows: 2.8e-7 a window.
+    model = KeyModel.fit(normal_rows(2000), 10.0)
+    fresh = model.score(normal_rows(5000, seed=5))
+    assert (fresh > model.threshold).sum() == 0
+    assert model.persist_threshold == model.threshold  # persistence off by default
+
+
+def test_a_larger_budget_lowers_the_threshold() -> None:
+    rows = normal_rows(2000)
+    strict = KeyModel.fit(rows, 60.0, Budget(1.0))
+    loose = KeyModel.fit(rows, 60.0, Budget(5000.0))
+    assert loose.threshold < strict.threshold
+    k_of_n = KeyModel.fit(rows, 60.0, Budget(1.0, 2, 3))
+    assert k_of_n.persist_threshold < k_of_n.threshold
 
 
 @pytest.mark.parametrize(
@@ -70,7 +82,7 @@ def test_threshold_flags_about_the_contamination_of_fresh_normal_windows() -> No
     ],
 )
 def test_one_feature_far_out_of_range_is_flagged_and_named(feature: str, value: float) -> None:
-    model = KeyModel.fit(normal_rows(), contamination=0.005)
+    model = KeyModel.fit(normal_rows(), 10.0)
     row = normal_rows(1, seed=3)[0]
     row[IDX["publish_rate"]] = 1.0  # enough publishes for a cv to mean something
     row[IDX[feature]] = value
@@ -81,7 +93,7 @@ def test_one_feature_far_out_of_range_is_flagged_and_named(feature: str, value: 
 
 
 def test_reason_text_and_fields_follow_the_contract() -> None:
-    model = KeyModel.fit(normal_rows(), contamination=0.005)
+    model = KeyModel.fit(normal_rows(), 10.0)
     row = normal_rows(1, seed=3)[0]
     row[IDX["publish_rate"]] = 41.0
     reason = model.explain(features_of(row))[0].to_json()
@@ -91,14 +103,14 @@ def test_reason_text_and_fields_follow_the_contract() -> None:
 
 
 def test_a_normal_window_is_explained_by_its_most_extreme_features_only() -> None:
-    model = KeyModel.fit(normal_rows(), contamination=0.005)
+    model = KeyModel.fit(normal_rows(), 10.0)
     reasons = model.explain(features_of(np.median(normal_rows(), axis=0)))
     assert len(reasons) == 3
     assert all("percentile" in r.text for r in reasons)
 
 
 def test_saved_model_scores_the_same_after_loading(tmp_path: Path) -> None:
-    model = AnomalyModel.fit({"user@60s": normal_rows(), "address@60s": normal_rows(seed=1)}, 0.005)
+    model = AnomalyModel.fit({"user@60s": normal_rows(), "address@60s": normal_rows(seed=1)})
     path = tmp_path / "anomaly" / "model.npz"
     model.save(path)
     assert path.stat().st_mode & 0o077 == 0  # private to the gateway user
@@ -107,10 +119,11 @@ def test_saved_model_scores_the_same_after_loading(tmp_path: Path) -> None:
     for key in ("user@60s", "address@60s"):
         assert np.array_equal(model.score(key, probe), loaded.score(key, probe))
         assert loaded.keys[key].threshold == model.keys[key].threshold
+        assert loaded.keys[key].persist_threshold == model.keys[key].persist_threshold
 
 
 def test_keys_with_too_few_windows_get_no_forest() -> None:
-    model = AnomalyModel.fit({"user@60s": normal_rows(), "user@600s": normal_rows(5)}, 0.005)
+    model = AnomalyModel.fit({"user@60s": normal_rows(), "user@600s": normal_rows(5)})
     assert set(model.keys) == {"user@60s"}
     assert model.score("user@600s", normal_rows(3)) is None
 
@@ -155,7 +168,7 @@ def test_foreign_or_other_version_files_are_refused(
     tmp_path: Path, change: dict, message: str
 ) -> None:
     good = tmp_path / "good.npz"
-    AnomalyModel.fit({"user@60s": normal_rows()}, 0.005).save(good)
+    AnomalyModel.fit({"user@60s": normal_rows()}).save(good)
     bad = tmp_path / "bad.npz"
     _rewrite_meta(good, bad, change)
     with pytest.raises(ModelError, match=message):
@@ -164,7 +177,7 @@ def test_foreign_or_other_version_files_are_refused(
 
 def test_damaged_tree_links_are_refused(tmp_path: Path) -> None:
     good = tmp_path / "good.npz"
-    AnomalyModel.fit({"user@60s": normal_rows()}, 0.005).save(good)
+    AnomalyModel.fit({"user@60s": normal_rows()}).save(good)
     with np.load(good) as data:
         arrays = {name: data[name] for name in data.files}
     left = arrays["k0.left"].copy()

@@ -1,4 +1,4 @@
-"""The handshake request is not kept after it is parsed (gateway/transports/handshake_memory.py).
+"""The handshake request is not kept after it is parsed (gateway/transports/ws_adapter.py).
 
 websockets' sans-I/O ServerProtocol, fed real bytes: a handshake request with a
 bearer token, WebSocket frames in the same read and after the handshake.
@@ -17,7 +17,7 @@ from websockets.http11 import Request
 from websockets.protocol import CLOSED, OPEN
 from websockets.server import ServerProtocol
 
-from gateway.transports.handshake_memory import forget_request_in_parser
+from gateway.transports.ws_adapter import forget_request_in_parser
 
 TOKEN = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhbGljZSJ9.c2lnbmF0dXJl"
 

@@ -56,7 +56,11 @@ def _imports(path: Path) -> set[str]:
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             if node.module == "gateway":
-                found.update(f"gateway.{alias.name}" for alias in node.names)
+                # `from gateway import __version__` is the package itself, not a module.
+                found.update(
+                    "gateway" if alias.name.startswith("__") else f"gateway.{alias.name}"
+                    for alias in node.names
+                )
             else:
                 found.add(node.module)
         elif isinstance(node, ast.Import):

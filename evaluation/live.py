@@ -51,10 +51,11 @@ from typing import Any
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus, WebSocketException
 
+from anomaly.alerts import iso
 from anomaly.detector import Scored
 from anomaly.settings import AnomalySettings
 
-log = logging.getLogger("rabbitgate.scenarios")
+log = logging.getLogger("rabbitgate.evaluation")
 
 ATTACK_KINDS = (
     "credential_stuffing",
@@ -95,7 +96,7 @@ class ScenarioConfig:
     normal_users: int = 50
     attackers_per_kind: int = 3
     kinds: tuple[str, ...] = ATTACK_KINDS
-    contamination: float = 0.005
+    false_alerts_per_10k_subject_hours: float = 1.0
     seed: int = 7
     amqp_url: str = AMQP_URL
 
@@ -320,7 +321,7 @@ class Environment:
             window_seconds=c.window_seconds,
             long_window_windows=c.long_window_windows,
             warmup_windows=c.warmup_windows,
-            contamination=c.contamination,
+            false_alerts_per_10k_subject_hours=c.false_alerts_per_10k_subject_hours,
             retrain_interval_seconds=0,
             exchange=f"{self.prefix}.alerts",
         )
@@ -766,6 +767,41 @@ async def run_scenario(
     )
 
 
+def alert_lines(result: ScenarioResult) -> list[str]:
+    """Alerts (incidents), not windows: how many landed on normal subjects in the
+    attack phase, per subject-hour, and which attacks got one."""
+    c = result.config
+    short_key = f"@{c.window_seconds:g}s"
+    normal_windows = sum(
+        1
+        for d in result.decisions
+        if d.key.endswith(short_key) and label_of(d, result.labels) == "normal"
+    )
+    subject_hours = normal_windows * c.window_seconds / 3600.0
+    phase_start = min((d.window.start for d in result.decisions), default=0.0)
+    on_normal = []
+    alerted: set[tuple[str, str]] = set()
+    for alert in result.alerts:
+        subject = alert["subject"]
+        key = (subject["kind"], str(subject.get(subject["kind"]) or ""))
+        if key in result.labels.positives:
+            alerted.add(key)
+        elif key not in result.labels.excluded and alert.get("last_seen", "") >= iso(phase_start):
+            on_normal.append(alert)
+    rate = len(on_normal) / subject_hours * 10_000 if subject_hours else 0.0
+    lines = [
+        f"Alerts on normal subjects in the attack phase: {len(on_normal)}"
+        f" ({normal_windows} normal subject-windows = {subject_hours:.2f} subject-hours;"
+        f" {rate:.0f} per 10k subject-hours).",
+        f"Attack subjects with an alert: {len(alerted)} of {len(result.labels.positives)}.",
+    ]
+    for alert in on_normal[:10]:
+        subject = alert["subject"]
+        reasons = "; ".join(r["text"] for r in alert["reasons"][:2])
+        lines.append(f"  on {subject['kind']} {subject.get(subject['kind'])}: {reasons}")
+    return lines
+
+
 def report(result: ScenarioResult) -> str:
     """The evaluation tables as Markdown: by either window, then each length alone."""
     c = result.config
@@ -788,12 +824,13 @@ def report(result: ScenarioResult) -> str:
                 "",
                 format_table(metrics(result.decisions, result.labels, short_key, mode)),
             ]
+    parts += ["", *alert_lines(result)]
     parts += [
         "",
         f"{c.normal_users} normal users, {c.attackers_per_kind} attackers per kind, "
         f"{c.warmup_windows} warm-up + {c.attack_windows} attack windows, "
-        f"contamination {c.contamination}, seed {c.seed}; {len(result.alerts)} alerts raised; "
-        f"{result.seconds:.0f} s wall time.",
+        f"budget {c.false_alerts_per_10k_subject_hours:g} per 10k subject-hours, seed {c.seed}; "
+        f"{len(result.alerts)} alerts raised; {result.seconds:.0f} s wall time.",
     ]
     if result.loop_lag:
         lag = result.loop_lag

@@ -1,0 +1,1 @@
+"""Evaluations of the anomaly detector: offline (synthetic traffic, no network) and live."""
