@@ -61,3 +61,16 @@ def default_cluster_size(urls: Sequence[str], configured: int | None) -> int:
     if configured is not None:
         return configured
     return max(1, min(3, len(set(urls))))
+
+
+def stream_filtering(version: str | None) -> bool:
+    """Whether a RabbitMQ of this version filters stream reads (3.13 and later)."""
+    if not version:
+        return False
+    parts = []
+    for part in version.split(".")[:2]:
+        digits = "".join(ch for ch in part if ch.isdigit())
+        if not digits:
+            return False
+        parts.append(int(digits))
+    return tuple(parts) >= (3, 13)

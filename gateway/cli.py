@@ -175,9 +175,15 @@ def _serve(args: argparse.Namespace) -> int:
     worker = args.worker_index is not None
     if worker:
         # One of a supervisor's workers: a single gateway on the shared ports,
-        # its admin app on the supervisor's socket for it.
+        # its admin app on the supervisor's socket for it, and (when anomaly
+        # detection is on) its traffic events sent to the fleet's one detector.
         overrides.update(
-            {"workers": "1", "reuse_port": True, "admin_socket": args.worker_admin_socket}
+            {
+                "workers": "1",
+                "reuse_port": True,
+                "admin_socket": args.worker_admin_socket,
+                "anomaly.fleet": True,
+            }
         )
     settings = _settings(args, overrides)
     handler = configure_logging(settings.log_level, settings.log_format)
@@ -207,15 +213,31 @@ class _WorkerField(logging.Filter):
         return True
 
 
+def _config_of(argv: list[str]) -> str | None:
+    """The --config of a command line (the environment's is inherited anyway)."""
+    for index, arg in enumerate(argv):
+        if arg == "--config" and index + 1 < len(argv):
+            return argv[index + 1]
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+    return None
+
+
 def _supervise(settings: Settings, argv: list[str], count: int) -> int:
-    from gateway.operations.supervisor import Supervisor, SupervisorError, fleet_problem
+    from gateway.operations.supervisor import (
+        Supervisor,
+        SupervisorError,
+        fleet_children,
+        fleet_problem,
+    )
 
     problem = fleet_problem(settings, count)
     if problem is not None:
         raise CliError(problem)
     # Each worker is `serve` with the same arguments (the supervisor adds the
     # ports it holds and the worker flags; the last --port wins).
-    supervisor = Supervisor(settings, argv, count)
+    config = _config_of(argv)
+    supervisor = Supervisor(settings, argv, count, children=fleet_children(settings, config))
     try:
         return asyncio.run(supervisor.run())
     except SupervisorError as exc:

@@ -36,7 +36,7 @@ from aio_pika.abc import (
 from aiormq.abc import DeliveredMessage
 from yarl import URL
 
-from gateway.amqp_urls import connect_order, default_cluster_size
+from gateway.amqp_urls import connect_order, default_cluster_size, stream_filtering
 from gateway.amqp_urls import redacted as redacted
 from gateway.broker import amqpwire
 from gateway.broker.envelope import sender_of, timestamp_ms_of
@@ -123,6 +123,10 @@ class Broker:
         self._confirm_timeout = confirm_timeout
         self._connect_timeout = connect_timeout
         self.user: str = URL(self._url).user or "guest"
+        # The node's RabbitMQ version, from its connection.start (docs/fleet.md:
+        # stream filtering, the way past "every gateway reads every message",
+        # needs 3.13).
+        self.server_version: str | None = None
         # Recorded state, replayed after every reconnect.
         self._declared: set[str] = set()
         self._following: dict[str, int | None] = {}
@@ -240,7 +244,14 @@ class Broker:
             if not self.connected:
                 del self._following[exchange]
                 raise BrokerUnavailable("broker unavailable")
-            await self._start_consumer(exchange)
+            try:
+                await self._start_consumer(exchange)
+            except (aio_pika.exceptions.AMQPError, aiormq.AMQPError, ConnectionError) as exc:
+                # A cluster without a quorum for the stream (its leader being
+                # elected, a majority down): the client is told `unavailable`.
+                self._following.pop(exchange, None)
+                log.warning("could not follow stream %s: %s", stream_name(exchange), _describe(exc))
+                raise BrokerUnavailable("broker unavailable") from None
         # Once the consumer has seen this marker its position is known: a
         # subscribe ack can report it, and a reconnect resumes from there
         # instead of from "next" (which would lose what was published during
@@ -417,7 +428,13 @@ class Broker:
             self._lost.clear()
             self._ready = True
             connection.close_callbacks.add(self._on_connection_closed)
-        log.info("connected to RabbitMQ at %s", redacted(self._url))
+            self.server_version = _server_version(connection)
+        log.info(
+            "connected to RabbitMQ %s at %s (stream filtering: %s)",
+            self.server_version or "(version unknown)",
+            redacted(self._url),
+            "available" if stream_filtering(self.server_version) else "not before RabbitMQ 3.13",
+        )
         if self._on_state_change:
             self._on_state_change(True)
 
@@ -559,3 +576,14 @@ def _is_marker(message: AbstractIncomingMessage) -> bool:
 def _describe(exc: BaseException) -> str:
     text = str(exc) or type(exc).__name__
     return text.splitlines()[0][:200]
+
+
+def _server_version(connection: AbstractConnection) -> str | None:
+    try:
+        properties = connection.transport.connection.server_properties  # type: ignore[union-attr]
+        version = properties.get("version")
+    except AttributeError:
+        return None
+    if isinstance(version, bytes):
+        version = version.decode(errors="replace")
+    return str(version) if version else None

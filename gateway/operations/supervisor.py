@@ -492,19 +492,23 @@ def _reason(body: str) -> str:
 
 
 def fleet_problem(settings: Settings, count: int) -> str | None:
-    """Why ``settings`` cannot run as ``count`` workers, or None.
+    """Why ``settings`` cannot run as ``count`` workers, or None (none so far:
+    the anomaly detector runs once for the fleet, see ``fleet_children``)."""
+    return None
+
+
+def fleet_children(settings: Settings, config: str | None) -> list[ChildSpec]:
+    """The processes the fleet needs besides its workers.
 
     The anomaly detector must not run once per worker (N detectors would each
-    see 1/N of the traffic, and raise N copies of a fleet-wide alert): with
-    workers it needs the fleet mode (workers publish their traffic events,
-    one ``rabbitgate detector`` process scores them), which this build does
-    not have yet. The hook is ``ChildSpec``: the supervisor would run workers
-    with ``anomaly.fleet: true`` and one detector child.
+    see 1/N of the traffic and raise N copies of a fleet-wide alert): with
+    anomaly detection on, the workers run in fleet mode (``anomaly.fleet``:
+    they publish their traffic events, the CLI sets it for a worker) and the
+    supervisor keeps one ``rabbitgate detector`` with the same configuration
+    file. (Settings given to ``serve`` as flags do not reach it; the
+    environment does.)
     """
-    if count > 1 and settings.anomaly.enabled:
-        return (
-            f"workers {count} with anomaly.enabled: this build has no fleet detector yet, "
-            "and one detector per worker would see only its share of the traffic; "
-            "run workers: 1 or anomaly.enabled: false"
-        )
-    return None
+    if not settings.anomaly.enabled:
+        return []
+    argv = ["detector"] + (["--config", config] if config else [])
+    return [ChildSpec("anomaly detector", tuple(argv))]

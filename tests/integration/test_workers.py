@@ -329,8 +329,6 @@ def test_fleet_set_ups_that_cannot_work_are_refused_with_one_line(
     raw = fleet_config(settings)
     del raw["redis_url"]
     assert "needs redis_url" in one_error_line(run_serve(fleet_dir, raw, secret))
-    raw = fleet_config(settings, anomaly={"enabled": True})
-    assert "anomaly" in one_error_line(run_serve(fleet_dir, raw, secret))
     raw = fleet_config(settings, amqp_url=[AMQP_URL, "http://guest:hunter2@127.0.0.1:5682/"])
     line = one_error_line(run_serve(fleet_dir, raw, secret))
     assert "amqp_url entry 2" in line and "hunter2" not in line
@@ -356,3 +354,37 @@ def test_a_fleet_whose_workers_cannot_start_ends_with_exit_1(
     assert "hunter2" not in result.stderr + result.stdout
     assert "cannot reach RabbitMQ" in result.stderr
     assert "could not start" in result.stderr
+
+
+async def test_with_anomaly_detection_the_fleet_runs_one_detector_not_one_per_worker(
+    settings: Settings, fleet_dir: Path, exchange_prefix: str, cleanup_broker: None
+) -> None:
+    anomaly = {
+        "enabled": True,
+        "data_dir": str(fleet_dir / "anomaly"),
+        "traffic_exchange": f"{exchange_prefix}.traffic",
+        "responses_exchange": f"{exchange_prefix}.responses",
+        "detector_queue": f"{exchange_prefix}.detector",
+        "exchange": f"{exchange_prefix}.alerts",
+    }
+    fleet = Fleet(settings, fleet_dir, anomaly=anomaly).start()
+    try:
+        assert fleet.process is not None
+        pid = fleet.process.pid
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        commands = [Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0") for child in children]
+        detectors = [argv for argv in commands if b"detector" in argv]
+        assert len(detectors) == 1, commands
+        assert len(fleet.worker_pids()) == 2
+        deadline = time.monotonic() + 30
+        while "anomaly detector consuming" not in fleet.log.read_text():
+            assert time.monotonic() < deadline, fleet.tail()
+            await asyncio.sleep(0.2)
+    finally:
+        fleet.stop()
+        connection = await aio_pika.connect(AMQP_URL)
+        channel = await connection.channel()
+        for name in ("traffic", "responses", "alerts"):
+            await channel.exchange_delete(f"{exchange_prefix}.{name}")
+        await channel.queue_delete(f"{exchange_prefix}.detector")
+        await connection.close()

@@ -7,7 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from gateway.amqp_urls import connect_order, default_cluster_size, redacted, url_problem
+from gateway.amqp_urls import (
+    connect_order,
+    default_cluster_size,
+    redacted,
+    stream_filtering,
+    url_problem,
+)
 from gateway.config import ConfigError, amqp_urls, load_settings, worker_count
 
 SECRET = {"RABBITGATE_JWT_SECRET": "s" * 64}
@@ -102,3 +108,12 @@ def test_urls_are_checked_and_redacted() -> None:
     assert redacted("amqp://u:secret@h/") == "amqp://u:***@h/"
     with pytest.raises(ConfigError, match="stream_initial_cluster_size"):
         settings(stream_initial_cluster_size=0)
+
+
+@pytest.mark.parametrize(
+    ("version", "filters"),
+    [("3.10.8", False), ("3.12.14", False), ("3.13.0", True), ("4.0.5", True), ("", False),
+     (None, False), ("3.13.0-rc.1", True), ("garbage", False)],
+)  # fmt: skip
+def test_stream_filtering_needs_rabbitmq_3_13(version: str | None, filters: bool) -> None:
+    assert stream_filtering(version) is filters
