@@ -341,6 +341,8 @@ class Limiter:
             wait = await self._daily.hit(tenant, quota.messages_per_day)
             if wait is not None:
                 self._tenant_refused(tenant, "messages_per_day")
+                per_day = quota.messages_per_day
+                self._tenant_seen(tenant, "messages_per_day", per_day, per_day)
                 return Refusal("tenant_messages_per_day", wait)
             used = await self._daily.used(tenant, quota.messages_per_day)
             self._tenant_seen(tenant, "messages_per_day", used, quota.messages_per_day)
