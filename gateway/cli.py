@@ -138,6 +138,11 @@ def _parser() -> argparse.ArgumentParser:
 
     add_policy_commands(commands, _add_config_flag)
 
+    # connections list|kick|ban|unban|add-operator (the admin listener's /connections)
+    from gateway.operations.connections_cli import add_connections_commands
+
+    add_connections_commands(commands)
+
     # alerts list|show|ack|close|add-reviewer, anomaly train|evaluate
     from anomaly.cli import add_anomaly_commands
 

@@ -183,6 +183,10 @@ class Settings:
     # Per-tenant quotas (gateway/limits/tenants.py, docs/operators.md): the claim
     # that names a tenant and each tenant's caps, shared through redis_url.
     tenants: TenantSettings = field(default_factory=TenantSettings)
+    # Operators allowed the /connections endpoints of the admin listener
+    # (gateway/operations/connections_admin.py): lines "NAME sha256:HEX" written
+    # by `rabbitgate connections add-operator`. None: those endpoints are off.
+    operators_file: Path | None = None
 
 
 _SECTIONS: dict[str, type] = {

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -41,6 +42,24 @@ log = logging.getLogger("rabbitgate.node")
 UNFOLLOW_GRACE_SECONDS = 30.0
 
 
+class Sessions(set["Subscriber"]):
+    """The live connections of every transport, with when each was added
+    (``since``, epoch seconds: the operator's connection list shows it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.since: dict[str, float] = {}
+
+    def add(self, session: Subscriber) -> None:
+        self.since.setdefault(session.id, time.time())
+        super().add(session)
+
+    def discard(self, session: object) -> None:
+        if session in self:
+            self.since.pop(session.id, None)  # type: ignore[attr-defined]  # a Subscriber
+        super().discard(session)
+
+
 @dataclass(frozen=True, slots=True)
 class Subscribed:
     seq: int | None  # latest seq of the channel known here
@@ -67,7 +86,7 @@ class Node:
             connect_timeout=settings.broker_connect_timeout_seconds,
             initial_cluster_size=settings.stream_initial_cluster_size,
         )
-        self.sessions: set[Subscriber] = set()
+        self.sessions: Sessions = Sessions()
         self.events = EventBus()
         self.metrics = Metrics()  # its own registry; the Gateway serves it on /metrics
         self.limiter = Limiter(settings)  # rate limits and connection caps
