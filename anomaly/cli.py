@@ -389,8 +389,8 @@ def evaluation_problem(args: argparse.Namespace) -> str | None:
             return f"{flag} must be at least 1"
     if args.attackers < 0:
         return "--attackers must not be negative"
-    if not 0 < args.contamination < 0.5:
-        return "--contamination must be between 0 and 0.5"
+    if not args.budget > 0:
+        return "--budget must be positive (false alerts per 10k subject-hours)"
     # The attack phase starts and ends on long-window boundaries (run_scenario).
     if args.long_windows and args.attack_windows % args.long_windows:
         return (

@@ -1,4 +1,4 @@
-"""The ``rabbitgate`` command: serve, certs, token, policy, alerts, anomaly.
+"""The ``rabbitgate`` command: serve, certs, token, policy, alerts, anomaly, detector.
 
 Every failure an operator can cause (a bad config, a missing certificate, an
 invalid policy set, an unreachable broker) ends in a one-line message and a

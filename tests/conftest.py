@@ -3,14 +3,16 @@ on the real RabbitMQ (127.0.0.1:5672). Nothing here fakes the broker."""
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import aio_pika
 import pytest
+from tests_cleanup import delete_streams
 
 from gateway.config import JwtSettings, LimitSettings, Settings, TlsSettings
 from gateway.devtools.devcerts import make_dev_certificates
@@ -50,10 +52,29 @@ def make_token(jwt_settings: JwtSettings) -> Callable[..., str]:
     return make
 
 
+# Every prefix handed out in this run, so that its streams can be deleted at the end.
+_PREFIXES: set[str] = set()
+
+
 @pytest.fixture
 def exchange_prefix() -> str:
     """Exchanges unique to one test, so tests never see each other's history."""
-    return f"t{uuid.uuid4().hex[:10]}"
+    prefix = f"t{uuid.uuid4().hex[:10]}"
+    _PREFIXES.add(prefix)
+    return prefix
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _delete_test_streams() -> Iterator[None]:
+    """After the run, delete the history streams and exchanges its tests made.
+
+    Each stream keeps files open in RabbitMQ even with no reader: left behind,
+    a few hundred test streams use up the broker's 1,024 descriptors (the
+    common soft limit), and a broker out of descriptors stops serving.
+    """
+    yield
+    if _PREFIXES:
+        asyncio.run(delete_streams(_PREFIXES))
 
 
 POLICY_TEMPLATE = """
