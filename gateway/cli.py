@@ -1,4 +1,4 @@
-"""The ``rabbitgate`` command: serve, certs, token, policy, alerts, anomaly, detector.
+"""The ``rabbitgate`` command: serve, certs, token, policy, connections, alerts, anomaly, detector.
 
 Every failure an operator can cause (a bad config, a missing certificate, an
 invalid policy set, an unreachable broker) ends in a one-line message and a
@@ -71,8 +71,24 @@ def _version() -> str:
         return "unknown"
 
 
+class _CommandsFormatter(argparse.HelpFormatter):
+    """Python 3.11's formatter leaves the command names out of the help column's
+    width, so a long one ("connections") would wrap; count them in."""
+
+    def add_argument(self, action: argparse.Action) -> None:
+        super().add_argument(action)
+        for choice in getattr(action, "_choices_actions", ()):
+            name = choice.metavar or choice.dest
+            width = len(name) + self._current_indent + 4
+            self._action_max_length = max(self._action_max_length, width)
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rabbitgate", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="rabbitgate",
+        description=__doc__.splitlines()[0],
+        formatter_class=_CommandsFormatter,
+    )
     parser.add_argument("--version", action="version", version=f"rabbitgate {_version()}")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
