@@ -19,11 +19,12 @@ from typing import TYPE_CHECKING
 from websockets.asyncio.server import Server, ServerConnection
 
 from gateway.auth.tokens import TokenVerifier
-from gateway.config import Settings
+from gateway.config import ConfigError, Settings
 from gateway.core.gate import Gate
 from gateway.core.node import Node
 from gateway.core.reloader import PolicyReloader
 from gateway.devtools.devcerts import server_ssl_context
+from gateway.operations.connections_admin import ConnectionsAdmin, OperatorFileError
 from gateway.operations.malloc import fix_mmap_threshold
 from gateway.operations.operations import Operations
 from gateway.policy.rules import PolicySet
@@ -68,6 +69,13 @@ class Gateway:
         self.draining = False  # shutting down: /readyz answers 503
         self.ops = Operations(self)
         self.admin_app = self.ops.admin_app  # add admin routes to it before start()
+        # The operator's /connections endpoints (list, kick, ban), behind operators_file.
+        if settings.operators_file is not None:
+            try:
+                admin = ConnectionsAdmin(self.node, self.gate, settings.operators_file)
+            except OperatorFileError as exc:
+                raise ConfigError(str(exc)) from None
+            admin.install(self.admin_app)
         # Anomaly detection, alerts and their review page (anomaly/); None when off.
         self.anomaly: AnomalyService | None = None
         if settings.anomaly.enabled:

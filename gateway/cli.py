@@ -1,4 +1,4 @@
-"""The ``rabbitgate`` command: serve, certs, token, policy, alerts, anomaly, detector.
+"""The ``rabbitgate`` command: serve, certs, token, policy, connections, alerts, anomaly, detector.
 
 Every failure an operator can cause (a bad config, a missing certificate, an
 invalid policy set, an unreachable broker) ends in a one-line message and a
@@ -71,8 +71,24 @@ def _version() -> str:
         return "unknown"
 
 
+class _CommandsFormatter(argparse.HelpFormatter):
+    """Python 3.11's formatter leaves the command names out of the help column's
+    width, so a long one ("connections") would wrap; count them in."""
+
+    def add_argument(self, action: argparse.Action) -> None:
+        super().add_argument(action)
+        for choice in getattr(action, "_choices_actions", ()):
+            name = choice.metavar or choice.dest
+            width = len(name) + self._current_indent + 4
+            self._action_max_length = max(self._action_max_length, width)
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rabbitgate", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="rabbitgate",
+        description=__doc__.splitlines()[0],
+        formatter_class=_CommandsFormatter,
+    )
     parser.add_argument("--version", action="version", version=f"rabbitgate {_version()}")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
@@ -137,6 +153,11 @@ def _parser() -> argparse.ArgumentParser:
     from gateway.policy.cli import add_policy_commands
 
     add_policy_commands(commands, _add_config_flag)
+
+    # connections list|kick|ban|unban|add-operator (the admin listener's /connections)
+    from gateway.operations.connections_cli import add_connections_commands
+
+    add_connections_commands(commands)
 
     # alerts list|show|ack|close|add-reviewer, anomaly train|evaluate
     from anomaly.cli import add_anomaly_commands

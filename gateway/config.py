@@ -20,6 +20,7 @@ import yaml
 
 from anomaly.settings import AnomalySettings
 from gateway.amqp_urls import redacted, url_problem
+from gateway.limits.tenants import TenantSettings, parse_tenant_settings
 
 
 class ConfigError(Exception):
@@ -179,6 +180,13 @@ class Settings:
     # rest out of the collector's sight (gateway/operations/collector.py): no full
     # collection ever walks 10,000 connections. 0: Python's own GC schedule.
     gc_freeze_seconds: float = 1.0
+    # Per-tenant quotas (gateway/limits/tenants.py, docs/operators.md): the claim
+    # that names a tenant and each tenant's caps, shared through redis_url.
+    tenants: TenantSettings = field(default_factory=TenantSettings)
+    # Operators allowed the /connections endpoints of the admin listener
+    # (gateway/operations/connections_admin.py): lines "NAME sha256:HEX" written
+    # by `rabbitgate connections add-operator`. None: those endpoints are off.
+    operators_file: Path | None = None
 
 
 _SECTIONS: dict[str, type] = {
@@ -268,6 +276,11 @@ def _build(cls: type, raw: Mapping[str, Any], prefix: str) -> Any:
             raise ConfigError(f"unknown config key {prefix}{key!r}")
         if key in _SECTIONS and cls is Settings:
             values[key] = _build(_SECTIONS[key], value or {}, f"{key}.")
+        elif key == "tenants" and cls is Settings:
+            try:
+                values[key] = parse_tenant_settings(value)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
         else:
             values[key] = _coerce(fields[key], value, f"{prefix}{key}")
     return cls(**values)

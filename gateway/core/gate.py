@@ -150,6 +150,16 @@ class Gate:
             refused = TrafficEvent("rate_limited", address, principal.sub, detail=slot.limit)
             node.events.emit(refused)
             return Refused("too_many_connections", "too many connections", limit=slot)
+        # The tenant's connections (gateway/limits/tenants.py), refused as the user cap is.
+        tenant = await node.limiter.admit_tenant(principal)
+        if isinstance(tenant, Refusal):
+            node.limiter.release(slot)
+            refused = TrafficEvent("rate_limited", address, principal.sub, detail=tenant.limit)
+            node.events.emit(refused)
+            return Refused("too_many_connections", "too many connections", limit=tenant)
+        if tenant is not None:
+            # Given back with the user's slot, whichever transport releases it.
+            slot = Slot(slot.kind, slot.key, slot.member, linked=(tenant,))
         return slot
 
     # --- requests -------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -20,7 +21,7 @@ from gateway.core.client_address import TrustedProxies
 from gateway.core.deadlines import Deadlines
 from gateway.core.hub import Hub, Route
 from gateway.core.transport import FanOut, send_each
-from gateway.limits.limiter import Limiter
+from gateway.limits.limiter import Limiter, LimitRefused, Refusal, Slot
 from gateway.limits.replays import ReplayGate, Ticket
 from gateway.limits.restrictions import Restrictions
 from gateway.policy.rules import PolicySet
@@ -39,6 +40,24 @@ log = logging.getLogger("rabbitgate.node")
 # An exchange without local subscribers is still followed this long, so that
 # a client hopping between channels does not restart the stream consumer.
 UNFOLLOW_GRACE_SECONDS = 30.0
+
+
+class Sessions(set["Subscriber"]):
+    """The live connections of every transport, with when each was added
+    (``since``, epoch seconds: the operator's connection list shows it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.since: dict[str, float] = {}
+
+    def add(self, session: Subscriber) -> None:
+        self.since.setdefault(session.id, time.time())
+        super().add(session)
+
+    def discard(self, session: object) -> None:
+        if session in self:
+            self.since.pop(session.id, None)  # type: ignore[attr-defined]  # a Subscriber
+        super().discard(session)
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +86,7 @@ class Node:
             connect_timeout=settings.broker_connect_timeout_seconds,
             initial_cluster_size=settings.stream_initial_cluster_size,
         )
-        self.sessions: set[Subscriber] = set()
+        self.sessions: Sessions = Sessions()
         self.events = EventBus()
         self.metrics = Metrics()  # its own registry; the Gateway serves it on /metrics
         self.limiter = Limiter(settings)  # rate limits and connection caps
@@ -85,6 +104,8 @@ class Node:
         # route -> sessions reading its history, each with what arrived live meanwhile
         self._recovering: dict[Route, dict[Subscriber, list[tuple[int, bytes]]]] = {}
         self._unfollow_timers: dict[str, asyncio.TimerHandle] = {}
+        # Tenant subscription leases: (session id, channel) -> lease.
+        self._tenant_leases: dict[tuple[str, str], Slot] = {}
         self.dropped_messages = 0
         self.shutting_down = False
         # Who is subscribed where (spec section 11): this process's table unless
@@ -139,14 +160,25 @@ class Node:
         and ReplayRefused (before any read) when ``since`` asks for a replay
         the replay limits refuse.
         """
+        # The tenant's subscriptions (gateway/limits/tenants.py): a lease held
+        # while the subscription lives, given back by remove_subscriber.
+        lease = await self.limiter.take_tenant_subscription(session.principal)
+        if isinstance(lease, Refusal):
+            raise LimitRefused(lease)
         ticket = None
-        if since is not None:
-            ticket = await self.replays.admit(session.principal.sub)
         try:
-            return await self._add_subscriber(session, channel, exchange, since, history, ticket)
+            if since is not None:
+                ticket = await self.replays.admit(session.principal.sub)
+            joined = await self._add_subscriber(session, channel, exchange, since, history, ticket)
+        except BaseException:
+            self.limiter.release(lease)
+            raise
         finally:
             if ticket is not None:
                 self.replays.release(ticket)
+        if lease is not None:
+            self._tenant_leases[(session.id, channel)] = lease
+        return joined
 
     async def _add_subscriber(
         self,
@@ -213,6 +245,7 @@ class Node:
         self.presence.joined(exchange, channel, session.id, session.principal.sub)
 
     def remove_subscriber(self, session: Subscriber, channel: str) -> None:
+        self.limiter.release(self._tenant_leases.pop((session.id, channel), None))
         exchange = self.hub.exchange_of(channel, session)
         if exchange is not None:
             self.presence.left(exchange, channel, session.id)

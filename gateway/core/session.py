@@ -26,8 +26,7 @@ from gateway.broker.broker import BrokerUnavailable, publish_error
 from gateway.broker.envelope import ClientStamp
 from gateway.core.deadlines import CLOCK_SLACK_SECONDS, Deadline, loop_time_of
 from gateway.core.gate import Denied
-from gateway.limits.limiter import Refusal, rate_limited_frame
-from gateway.limits.replays import ReplayRefused
+from gateway.limits.limiter import LimitRefused, Refusal, rate_limited_frame
 from gateway.policy.rules import Principal, Rule
 from gateway.presence.store import PresenceUnavailable
 from gateway.protocol.codes import CLOSE_AUTH, CLOSE_IDLE, CLOSE_RATE_LIMITED
@@ -349,7 +348,7 @@ class Session:
             )
         except BrokerUnavailable:
             raise FrameError("unavailable", "broker unavailable, retry later", frame.id) from None
-        except ReplayRefused as refused:  # the replay limits (gateway/replays.py)
+        except LimitRefused as refused:  # the replay limits (gateway/replays.py)
             self._refuse(refused.refusal, frame.id)
             return
         finally:
@@ -393,6 +392,8 @@ class Session:
         refusal = self.node.restrictions.throttle(self.principal.sub, self.address)
         if refusal is None:
             refusal = await self.node.limiter.take_publish(self.principal.sub, rule)
+        if refusal is None:  # the tenant's publish rate and messages per day
+            refusal = await self.node.limiter.take_tenant_publish(self.principal)
         if refusal is not None:
             self._refuse(refusal, frame.id)  # nothing of it reaches RabbitMQ
             return

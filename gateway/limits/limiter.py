@@ -11,6 +11,9 @@ new connections                address          shared
 failed authentications         address          shared
 closes with 4429 (strikeouts)  address          shared
 concurrent connections         address, user    shared (leases)
+tenant connections, subs       tenant           shared (leases)
+tenant publishes               tenant           shared (bucket)
+tenant messages per day        tenant           shared (``limits`` day window)
 frames, subscribe requests     connection       this process (``ConnectionGuard``)
 rate_limited strikes, idle     connection       this process (``ConnectionGuard``)
 =============================  ===============  ==================================
@@ -37,8 +40,10 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from gateway.auth.principal import Principal
 from gateway.config import LimitSettings, Settings
 from gateway.limits.buckets import BucketTable, TokenBucket
+from gateway.limits.quota_windows import DailyQuotas
 from gateway.limits.redis_limits import LEASE_MS, REDIS_ERRORS, RedisLimits
 from gateway.policy.rules import Rule
 from gateway.protocol.frames import RequestId, error_frame
@@ -66,9 +71,19 @@ class Refusal:
 class Slot:
     """One held connection lease; give it back with ``Limiter.release``."""
 
-    kind: str  # "address" or "user"
+    kind: str  # "address", "user", "tenant" or "tenant-subscription"
     key: str
     member: str
+    # Leases taken with this one and given back with it (a user's tenant lease).
+    linked: tuple[Slot, ...] = ()
+
+
+class LimitRefused(Exception):
+    """A limit refused a subscribe on its way into the hub (``Node.add_subscriber``)."""
+
+    def __init__(self, refusal: Refusal) -> None:
+        super().__init__(refusal.limit)
+        self.refusal = refusal
 
 
 class ConnectionGuard:
@@ -128,6 +143,18 @@ class Limiter:
         self._task: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[None]] = set()
         self.redis_failures = 0
+        # Tenant quotas (gateway/limits/tenants.py). ``tenant_usage``: the last
+        # shared day count seen per tenant label as a fraction of its quota, for
+        # the metrics; ``tenant_refusals``: refusals per (tenant label, quota).
+        self.tenants = settings.tenants
+        self.tenant_usage: dict[tuple[str, str], float] = {}
+        self.tenant_refusals: dict[tuple[str, str], int] = {}
+        self._near: set[tuple[str, str]] = set()
+        self._daily: DailyQuotas | None = None
+        if any(
+            q.messages_per_day for q in (self.tenants.default, *self.tenants.overrides.values())
+        ):
+            self._daily = DailyQuotas(settings.redis_url, timeout=self.limits.redis_timeout_seconds)
 
     # --- life cycle ---------------------------------------------------------
 
@@ -159,6 +186,9 @@ class Limiter:
         if self._redis is not None:
             with contextlib.suppress(*REDIS_ERRORS):
                 await self._redis.close()
+        if self._daily is not None:
+            with contextlib.suppress(*REDIS_ERRORS):
+                await self._daily.close()
 
     def connection_guard(self) -> ConnectionGuard:
         return ConnectionGuard(self.limits, self._clock)
@@ -262,10 +292,124 @@ class Limiter:
         )
         return _refusal("presence", decision)
 
+    # --- tenant quotas (gateway/limits/tenants.py) -----------------------------
+
+    def tenant_of(self, principal: Principal) -> str | None:
+        return self.tenants.tenant_of(principal.claims)
+
+    def tenant_label(self, tenant: str) -> str:
+        """The metric label of ``tenant``: bounded to the configured tenants plus "other"."""
+        return tenant if tenant in self.tenants.overrides else "other"
+
+    async def admit_tenant(self, principal: Principal) -> Refusal | Slot | None:
+        """The tenant's concurrent connections; None: no tenant or no such cap."""
+        tenant = self.tenant_of(principal)
+        if tenant is None:
+            return None
+        cap = self.tenants.quota_for(tenant).connections
+        if cap is None:
+            return None
+        return await self._tenant_lease("tenant", tenant, cap, "tenant_connections")
+
+    async def take_tenant_subscription(self, principal: Principal) -> Refusal | Slot | None:
+        """One subscription of the tenant (a lease until unsubscribe or close)."""
+        tenant = self.tenant_of(principal)
+        if tenant is None:
+            return None
+        cap = self.tenants.quota_for(tenant).subscriptions
+        if cap is None:
+            return None
+        return await self._tenant_lease("tenant-subscription", tenant, cap, "tenant_subscriptions")
+
+    async def take_tenant_publish(self, principal: Principal) -> Refusal | None:
+        """One publish of the tenant: its token bucket, then its messages per day."""
+        tenant = self.tenant_of(principal)
+        if tenant is None:
+            return None
+        quota = self.tenants.quota_for(tenant)
+        if quota.publish_per_second is not None:
+            refusal = _refusal(
+                "tenant_publish",
+                await self._bucket(
+                    "tenant-publish", tenant, quota.publish_per_second, quota.burst or 1
+                ),
+            )
+            if refusal is not None:
+                self._tenant_refused(tenant, "publish")
+                return refusal
+        if quota.messages_per_day is not None and self._daily is not None:
+            wait = await self._daily.hit(tenant, quota.messages_per_day)
+            if wait is not None:
+                self._tenant_refused(tenant, "messages_per_day")
+                per_day = quota.messages_per_day
+                self._tenant_seen(tenant, "messages_per_day", per_day, per_day)
+                return Refusal("tenant_messages_per_day", wait)
+            used = await self._daily.used(tenant, quota.messages_per_day)
+            self._tenant_seen(tenant, "messages_per_day", used, quota.messages_per_day)
+        return None
+
+    async def _tenant_lease(self, kind: str, tenant: str, cap: int, limit: str) -> Refusal | Slot:
+        quota = "connections" if kind == "tenant" else "subscriptions"
+        acquired, count = await self._acquire_counted(kind, tenant, cap, limit)
+        if isinstance(acquired, Refusal):
+            self._tenant_refused(tenant, quota)
+            self._tenant_seen(tenant, quota, cap, cap)
+            return acquired
+        self._tenant_seen(tenant, quota, count, cap)
+        return acquired
+
+    def tenant_gauges(self) -> list[tuple[str, str, int, int | None]]:
+        """(tenant label, quota, leases this process holds, cap or None) for the metrics.
+
+        Summed over processes these are the tenant's shared use; the cap is
+        given for the configured tenants only ("other" is many tenants).
+        """
+        held: dict[tuple[str, str], int] = {}
+        for (kind, key), members in self._held.items():
+            if kind in ("tenant", "tenant-subscription"):
+                quota = "connections" if kind == "tenant" else "subscriptions"
+                row = (self.tenant_label(key), quota)
+                held[row] = held.get(row, 0) + len(members)
+        rows: list[tuple[str, str, int, int | None]] = []
+        for name, q in sorted(self.tenants.overrides.items()):
+            for quota, cap in (("connections", q.connections), ("subscriptions", q.subscriptions)):
+                if cap is not None:
+                    rows.append((name, quota, held.pop((name, quota), 0), cap))
+        for (name, quota), count in sorted(held.items()):
+            rows.append((name, quota, count, None))
+        return rows
+
+    def _tenant_refused(self, tenant: str, quota: str) -> None:
+        key = (self.tenant_label(tenant), quota)
+        self.tenant_refusals[key] = self.tenant_refusals.get(key, 0) + 1
+
+    def _tenant_seen(self, tenant: str, quota: str, used: int, cap: int) -> None:
+        """Record the tenant's use; log once when it passes ``warn_ratio`` of the cap."""
+        if quota == "messages_per_day":
+            self.tenant_usage[(self.tenant_label(tenant), quota)] = used / cap
+        key = (tenant, quota)
+        if self.tenants.near_cap(used, cap):
+            if key not in self._near and len(self._near) < 10_000:
+                self._near.add(key)
+                # The audit stream's logger: one line per tenant and quota
+                # crossing, not one per request (cleared when use falls back).
+                log.warning(
+                    "tenant %s near its %s cap: %d of %d",
+                    tenant,
+                    quota,
+                    used,
+                    cap,
+                    extra={"event": "tenant_near_cap", "tenant": tenant, "quota": quota},
+                )
+        else:
+            self._near.discard(key)
+
     def release(self, slot: Slot | None) -> None:
         """Give back a lease (idempotent); Redis is told in the background."""
         if slot is None:
             return
+        for linked in slot.linked:
+            self.release(linked)
         members = self._held.get((slot.kind, slot.key))
         if members is None or slot.member not in members:
             return
@@ -303,12 +447,20 @@ class Limiter:
         return table.take(key, rate, burst, now)
 
     async def _acquire(self, kind: str, key: str, maximum: int, limit: str) -> Refusal | Slot:
+        return (await self._acquire_counted(kind, key, maximum, limit))[0]
+
+    async def _acquire_counted(
+        self, kind: str, key: str, maximum: int, limit: str
+    ) -> tuple[Refusal | Slot, int]:
+        """A lease, and how many leases of ``key`` are held with it (shared with Redis)."""
         member = next(self._members)
         members = self._held.setdefault((kind, key), set())
         admitted: bool | None = None
+        count = len(members) + 1
         if self._redis is not None and self._healthy:
             try:
-                admitted = await self._redis.acquire(self._redis.key(kind, key), member, maximum)
+                count = await self._redis.acquire_count(self._redis.key(kind, key), member, maximum)
+                admitted = count > 0
             except REDIS_ERRORS as exc:
                 self._down(exc)
         if admitted is None:
@@ -316,9 +468,9 @@ class Limiter:
         if not admitted:
             if not members:
                 del self._held[(kind, key)]
-            return Refusal(limit, CAP_RETRY_AFTER_SECONDS)
+            return Refusal(limit, CAP_RETRY_AFTER_SECONDS), maximum
         members.add(member)
-        return Slot(kind, key, member)
+        return Slot(kind, key, member), count
 
     async def _redis_release(self, key: str, member: str) -> None:
         assert self._redis is not None

@@ -81,7 +81,7 @@ if not redis.call('ZSCORE', KEYS[1], ARGV[1])
 end
 redis.call('ZADD', KEYS[1], now + lease, ARGV[1])
 redis.call('PEXPIRE', KEYS[1], lease)
-return 1
+return redis.call('ZCARD', KEYS[1])
 """
 
 _RENEW = """
@@ -159,8 +159,15 @@ class RedisLimits:
 
     async def acquire(self, key: str, member: str, maximum: int) -> bool:
         """Hold one of ``maximum`` leases of ``key``; False when all are held."""
+        return await self.acquire_count(key, member, maximum) > 0
+
+    async def acquire_count(self, key: str, member: str, maximum: int) -> int:
+        """As ``acquire``; the leases of ``key`` held with this one (0: refused).
+
+        The tenant quotas use the count to tell when a tenant nears its cap.
+        """
         async with asyncio.timeout(self.timeout):
-            return bool(int(await self._acquire(keys=[key], args=[member, maximum, LEASE_MS])))
+            return int(await self._acquire(keys=[key], args=[member, maximum, LEASE_MS]))
 
     async def release(self, key: str, member: str) -> None:
         async with asyncio.timeout(self.timeout):

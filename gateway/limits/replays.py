@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 from gateway.config import LimitSettings
 from gateway.limits.buckets import BucketTable
-from gateway.limits.limiter import Refusal
+from gateway.limits.limiter import LimitRefused, Refusal
 
 # A user at its concurrency cap cannot be told when a read ends; the hint.
 BUSY_RETRY_AFTER_SECONDS = 1.0
@@ -35,12 +35,8 @@ BUSY_RETRY_AFTER_SECONDS = 1.0
 Clock = Callable[[], float]
 
 
-class ReplayRefused(Exception):
+class ReplayRefused(LimitRefused):
     """A replay the limits refused; answered ``rate_limited`` (WebSocket) or 429 (SSE)."""
-
-    def __init__(self, refusal: Refusal) -> None:
-        super().__init__(refusal.limit)
-        self.refusal = refusal
 
 
 @dataclass(slots=True)

@@ -37,9 +37,23 @@ class Restrictions:
         self._bans: dict[tuple[str, str], float] = {}
         self._throttles: dict[tuple[str, str], float] = {}
         self._buckets: dict[tuple[str, str], TokenBucket] = {}
+        # An operator's bans (`rabbitgate connections ban`), kept apart from the
+        # detector's, which ``replace`` swaps wholesale at every sync.
+        self._operator_bans: dict[tuple[str, str], float] = {}
 
     def __bool__(self) -> bool:
-        return bool(self._bans or self._throttles)
+        return bool(self._bans or self._throttles or self._operator_bans)
+
+    def operator_ban(self, kind: str, key: str, until: float) -> None:
+        self._operator_bans[(kind, key)] = until
+
+    def operator_unban(self, kind: str, key: str) -> bool:
+        """Lift an operator's ban; False when there was none."""
+        return self._operator_bans.pop((kind, key), None) is not None
+
+    def operator_bans(self, now: float | None = None) -> list[tuple[str, str, float]]:
+        now = time.time() if now is None else now
+        return [(k, v, until) for (k, v), until in self._operator_bans.items() if until > now]
 
     def replace(self, rules: Iterable[Rule]) -> None:
         """Put exactly ``rules`` in force (buckets of throttles kept go on counting)."""
@@ -59,10 +73,10 @@ class Restrictions:
         table[key] = max(table.get(key, 0.0), rule.until)
 
     def banned(self, kind: str, key: str | None, now: float | None = None) -> bool:
-        if not self._bans or key is None:
+        if not (self._bans or self._operator_bans) or key is None:
             return False
-        until = self._bans.get((kind, key))
-        return until is not None and until > (time.time() if now is None else now)
+        until = max(self._bans.get((kind, key), 0.0), self._operator_bans.get((kind, key), 0.0))
+        return until > (time.time() if now is None else now)
 
     def throttle(
         self, user: str | None, address: str | None, now: float | None = None

@@ -19,7 +19,7 @@ gateways (tests) can live in one process.
 from __future__ import annotations
 
 import time
-from collections.abc import Collection, Iterable, Iterator, Sized
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sized
 from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -74,6 +74,11 @@ RATE_LIMITS = (
     "replays_in_flight",
     "replay_budget",
     "presence",  # presence requests of one user (docs/presence.md)
+    # Tenant quotas (gateway/limits/tenants.py)
+    "tenant_connections",
+    "tenant_subscriptions",
+    "tenant_publish",
+    "tenant_messages_per_day",
 )
 MALFORMED_CODES = ("bad_request", "too_large")
 ACTIONS = ("subscribe", "publish")
@@ -110,6 +115,14 @@ class _Limiter(Protocol):
 
     @property
     def redis_failures(self) -> int: ...
+
+    @property
+    def tenant_refusals(self) -> Mapping[tuple[str, str], int]: ...
+
+    @property
+    def tenant_usage(self) -> Mapping[tuple[str, str], float]: ...
+
+    def tenant_gauges(self) -> list[tuple[str, str, int, int | None]]: ...
 
 
 class _Policies(Protocol):
@@ -361,6 +374,7 @@ class _LiveCollector:
             value=node.dropped_messages,
         )
         yield from _limits(node.limiter)
+        yield from _tenants(node.limiter)
         yield from _policy(node.policies, self._gateway.reloader)
 
 
@@ -378,6 +392,48 @@ def _limits(limiter: _Limiter) -> Iterator[Metric]:
         "Times Redis stopped answering and the limits fell back to this process.",
         value=limiter.redis_failures,
     )
+
+
+def _tenants(limiter: _Limiter) -> Iterator[Metric]:
+    """Tenant quotas (gateway/limits/tenants.py); label tenant = a configured tenant or "other".
+
+    ``rabbitgate_tenant_used`` is what this process holds: summed over the
+    processes it is the tenant's shared use, which the alert rule divides by
+    ``rabbitgate_tenant_cap``.
+    """
+    rows = limiter.tenant_gauges()
+    used = GaugeMetricFamily(
+        "rabbitgate_tenant_used",
+        "Connections or subscriptions of a tenant held by this process.",
+        labels=["tenant", "quota"],
+    )
+    cap = GaugeMetricFamily(
+        "rabbitgate_tenant_cap",
+        "A configured tenant's cap on connections or subscriptions (all processes).",
+        labels=["tenant", "quota"],
+    )
+    for tenant, quota, count, limit in rows:
+        used.add_metric([tenant, quota], count)
+        if limit is not None:
+            cap.add_metric([tenant, quota], limit)
+    yield used
+    yield cap
+    day = GaugeMetricFamily(
+        "rabbitgate_tenant_day_ratio",
+        "The last shared count of a tenant's messages today, as a fraction of its day quota.",
+        labels=["tenant"],
+    )
+    for (tenant, _), ratio in sorted(limiter.tenant_usage.items()):
+        day.add_metric([tenant], ratio)
+    yield day
+    refusals = CounterMetricFamily(
+        "rabbitgate_tenant_refusals",
+        "Requests refused by a tenant quota, by tenant and quota.",
+        labels=["tenant", "quota"],
+    )
+    for (tenant, quota), count in sorted(limiter.tenant_refusals.items()):
+        refusals.add_metric([tenant, quota], count)
+    yield refusals
 
 
 def _send_buffers(sessions: list[_Connection]) -> Iterator[Metric]:

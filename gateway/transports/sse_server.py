@@ -45,8 +45,7 @@ from gateway.config import Settings
 from gateway.core.deadlines import Deadline, loop_time_of
 from gateway.core.gate import Denied, Gate, Refused
 from gateway.core.transport import TransportKind
-from gateway.limits.limiter import Refusal
-from gateway.limits.replays import ReplayRefused
+from gateway.limits.limiter import LimitRefused, Refusal
 from gateway.policy.rules import Principal, Rule
 from gateway.protocol.channels import is_valid_channel
 from gateway.protocol.codes import (
@@ -331,7 +330,7 @@ class SseEndpoint:
         except BrokerUnavailable:
             stream.release()
             return _refuse(503, "broker unavailable, retry later", cors)
-        except ReplayRefused as refused:  # Last-Event-ID asked for too much replaying
+        except LimitRefused as refused:  # Last-Event-ID asked for too much replaying
             stream.release()
             refusal = refused.refusal
             event = TrafficEvent("rate_limited", address, principal.sub, detail=refusal.limit)

@@ -318,7 +318,14 @@ def _all_metrics() -> Metrics:
         broker=SimpleNamespace(connected=True),
         dropped_messages=0,
         policies=SimpleNamespace(digest="d", rules=[], exchanges=frozenset),
-        limiter=SimpleNamespace(redis_url="redis://x", redis_healthy=True, redis_failures=0),
+        limiter=SimpleNamespace(
+            redis_url="redis://x",
+            redis_healthy=True,
+            redis_failures=0,
+            tenant_gauges=lambda: [("acme", "connections", 1, 10)],
+            tenant_usage={("acme", "messages_per_day"): 0.5},
+            tenant_refusals={("acme", "publish"): 1},
+        ),
     )
     reloader = SimpleNamespace(reloads_ok=0, reloads_failed=0, last_error=None, loaded_at=1.0)
     metrics.watch(SimpleNamespace(node=node, reloader=reloader))

@@ -14,7 +14,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # Bottom to top; a module may import from its own layer or a lower one.
 LAYERS = [
-    ("gateway.config", "gateway.amqp_urls"),
+    # gateway.limits.tenants is the pure parser of config's `tenants:` section
+    # (imports nothing of the gateway), so it sits with config.
+    ("gateway.config", "gateway.amqp_urls", "gateway.limits.tenants"),
     ("gateway.commands",),
     ("gateway.protocol",),
     ("gateway.auth",),

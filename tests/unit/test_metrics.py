@@ -81,7 +81,9 @@ def _gateway(reloader: object = None) -> SimpleNamespace:
         hub=[1, 2],
         broker=SimpleNamespace(connected=False),
         dropped_messages=4,
-        limiter=SimpleNamespace(redis_url=None),  # limits kept locally
+        limiter=SimpleNamespace(  # limits kept locally, no tenants
+            redis_url=None, tenant_gauges=list, tenant_usage={}, tenant_refusals={}
+        ),
         policies=SimpleNamespace(digest="abc123", rules=[1, 2, 3]),
     )
     return SimpleNamespace(node=node, reloader=reloader)
