@@ -409,7 +409,8 @@ def _credentials(request: web.Request) -> str | AuthError:
         if scheme.lower() != "bearer" or not token.strip():
             return AuthError("malformed", "Authorization must be 'Bearer <token>'")
         return token.strip()
-    query_token = request.query.get("access_token")
+    # Stripped like the header's: a blank ?access_token= is no token (the fuzzer's find).
+    query_token = (request.query.get("access_token") or "").strip()
     if not query_token:
         return AuthError("missing")
     return query_token
