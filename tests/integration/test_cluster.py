@@ -167,6 +167,31 @@ async def receive_frames(
     return frames
 
 
+async def subscribe_when_ready(
+    client: Client, channel: str, since: int | None = None, timeout: float = 60
+) -> dict[str, Any]:
+    """The first subscribe of a test, retried while the broker answers ``unavailable``.
+
+    A cluster that was just started may not yet have a stream coordinator to
+    place a new replicated stream, and a stream whose leader was on a killed
+    node is unreadable until a replica is elected (RabbitMQ refuses the read
+    meanwhile); the contract says the client may retry on ``unavailable``, as
+    the client libraries do. What the tests check is what the ack then says.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    fields: dict[str, Any] = {"channel": channel}
+    if since is not None:
+        fields["since"] = since
+    while True:
+        answer = await client.request("subscribe", timeout=15, **fields)
+        if answer["type"] == "ack":
+            return answer
+        assert answer.get("code") == "unavailable", answer
+        assert loop.time() < deadline, f"the cluster never took the subscribe: {answer}"
+        await asyncio.sleep(1.0)
+
+
 async def receive_all(client: Client, wanted: set[str], timeout: float = 40) -> list[str]:
     return [frame["data"] for frame in await receive_frames(client, wanted, timeout)]
 
@@ -198,7 +223,7 @@ async def test_killing_the_node_a_gateway_uses_loses_no_acked_message(
         alice = await open_client(first.port, make_token("alice"), client_ssl)
         carol = await open_client(second.port, make_token("carol"), client_ssl)
         for subscriber in (alice, carol):
-            assert (await subscriber.request("subscribe", channel="chat.kill"))["type"] == "ack"
+            await subscribe_when_ready(subscriber, "chat.kill")
         bob = Publisher(
             await open_client(first.port, make_token("bob"), client_ssl), "chat.kill", "b"
         )
@@ -223,7 +248,7 @@ async def test_killing_the_node_a_gateway_uses_loses_no_acked_message(
         # (the channel's history is 100 messages: resume 50 back).
         erin = await open_client(second.port, make_token("erin"), client_ssl)
         since = frames[-51]["seq"]
-        ack = await erin.request("subscribe", channel="chat.kill", since=since, timeout=15)
+        ack = await subscribe_when_ready(erin, "chat.kill", since=since)
         assert ack["type"] == "ack" and ack["recovered"] is True, ack
         replayed = await erin.messages_until(50, timeout=15)
         assert [f["data"] for f in replayed] == [f["data"] for f in frames[-50:]]
@@ -236,7 +261,7 @@ async def test_a_rolling_restart_of_every_node_loses_no_acked_message(
     cluster_gateway: Gateway, make_token: Any, client_ssl: ssl.SSLContext
 ) -> None:
     alice = await open_client(cluster_gateway.port, make_token("alice"), client_ssl)
-    assert (await alice.request("subscribe", channel="chat.rolling"))["type"] == "ack"
+    await subscribe_when_ready(alice, "chat.rolling")
     bob = Publisher(
         await open_client(cluster_gateway.port, make_token("bob"), client_ssl), "chat.rolling", "r"
     )
@@ -266,7 +291,7 @@ async def test_a_cluster_without_a_majority_answers_unavailable_never_hangs(
     cluster_gateway: Gateway, make_token: Any, client_ssl: ssl.SSLContext
 ) -> None:
     alice = await open_client(cluster_gateway.port, make_token("alice"), client_ssl)
-    assert (await alice.request("subscribe", channel="chat.quorum"))["type"] == "ack"
+    await subscribe_when_ready(alice, "chat.quorum")
     bob = await open_client(cluster_gateway.port, make_token("bob"), client_ssl)
     assert (await bob.request("publish", channel="chat.quorum", data="before"))["type"] == "ack"
     keep = node_of(cluster_gateway.node.broker._url)
