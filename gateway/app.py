@@ -24,6 +24,7 @@ from gateway.core.gate import Gate
 from gateway.core.node import Node
 from gateway.core.reloader import PolicyReloader
 from gateway.devtools.devcerts import server_ssl_context
+from gateway.operations.connections import Connections, LocalConnections
 from gateway.operations.connections_admin import ConnectionsAdmin, OperatorFileError
 from gateway.operations.malloc import fix_mmap_threshold
 from gateway.operations.operations import Operations
@@ -69,10 +70,13 @@ class Gateway:
         self.draining = False  # shutting down: /readyz answers 503
         self.ops = Operations(self)
         self.admin_app = self.ops.admin_app  # add admin routes to it before start()
+        # What operators see of and do to live connections (the service behind the
+        # /connections endpoints, the CLI and the console).
+        self.connections: Connections = LocalConnections(self.node, self.gate)
         # The operator's /connections endpoints (list, kick, ban), behind operators_file.
         if settings.operators_file is not None:
             try:
-                admin = ConnectionsAdmin(self.node, self.gate, settings.operators_file)
+                admin = ConnectionsAdmin(self.connections, settings.operators_file)
             except OperatorFileError as exc:
                 raise ConfigError(str(exc)) from None
             admin.install(self.admin_app)
