@@ -256,10 +256,10 @@ def _connection_row(row: Mapping[str, Any], view: View) -> str:
 <input name="reason" class="kick-reason" placeholder="reason the client sees" maxlength="200"
  size="16"><button type="submit" class="kick">Disconnect</button></form>"""
     return f"""<tr class="connection" data-session="{escape(session or "")}">
-<td><code>{escape(session or DASH)}</code></td>
+<td class="session"><code title="{escape(session or "")}">{escape(_short(session))}</code></td>
 <td class="user"><code>{_text(row.get("user"))}</code></td>
 <td class="address"><code>{_text(row.get("address"))}</code></td>
-<td>{_text(row.get("transport"))}</td><td>{_when(row.get("since"))}</td>
+<td>{_text(row.get("transport"))}</td><td class="when">{_when(row.get("since"))}</td>
 <td class="channels">{listed or DASH}</td><td class=num>{_buffer(row)}</td>
 <td class="num in">{_counted(row.get("messages_in"))}</td>
 <td class="num out">{_counted(row.get("messages_out"))}</td>
@@ -278,7 +278,8 @@ def _ban_row(ban: Mapping[str, Any], view: View) -> str:
 <button type="submit" class="unban">Unban</button></form>"""
     return f"""<tr class="ban" data-kind="{escape(kind or "")}">
 <td>{_text(kind)}</td><td class="key"><code>{_text(key)}</code></td>
-<td>{_when(ban.get("until"))}</td><td>{_text(ban.get("process"))}</td><td>{action}</td></tr>"""
+<td class="when">{_when(ban.get("until"))}</td><td>{_text(ban.get("process"))}</td>
+<td>{action}</td></tr>"""
 
 
 def _action_forms(view: View) -> str:
@@ -334,6 +335,13 @@ def _when(value: object) -> str:
     if not _is_number(value) or not 0 < value < 1e11:
         return DASH
     return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(float(value)))
+
+
+def _short(session: object) -> str:
+    """The first 12 characters of a session id (the whole one is the cell's title)."""
+    if not isinstance(session, str) or not session:
+        return DASH
+    return session if len(session) <= 12 else session[:12] + "…"
 
 
 def _rate(value: float | None) -> str:

@@ -27,6 +27,7 @@ import os
 import secrets
 import time
 from dataclasses import dataclass, field
+from http.cookies import SimpleCookie
 from pathlib import Path
 
 from aiohttp import web
@@ -199,7 +200,9 @@ class StaffLogin:
             member.name, secrets.token_urlsafe(32), time.time() + self.session_seconds
         )
         response = web.HTTPSeeOther(f"{area.prefix}/")
-        for each in self._areas:  # one login opens every area the roles grant
+        # One login opens every area the roles grant: the cookie for each area's
+        # path, this area's first.
+        for each in [area, *(a for a in self._areas if a != area)]:
             _set_cookie(
                 request,
                 response,
@@ -208,7 +211,7 @@ class StaffLogin:
                 int(self.session_seconds),
                 f"{each.prefix}/",
             )
-        response.del_cookie(LOGIN_COOKIE, path=f"{area.prefix}/")
+        _set_cookie(request, response, LOGIN_COOKIE, "", 0, f"{area.prefix}/")
         raise response
 
     def _login_allowed(self, address: str) -> bool:
@@ -230,7 +233,7 @@ class StaffLogin:
         self._sessions.pop(request.cookies.get(SESSION_COOKIE, ""), None)
         response = web.HTTPSeeOther(f"{area.prefix}/login")
         for each in self._areas:
-            response.del_cookie(SESSION_COOKIE, path=f"{each.prefix}/")
+            _set_cookie(request, response, SESSION_COOKIE, "", 0, f"{each.prefix}/")
         raise response
 
     def header(self, area: Area, session: StaffSession, who: str = "staff") -> str:
@@ -278,15 +281,21 @@ def _set_cookie(
     max_age: int,
     path: str,
 ) -> None:
-    response.set_cookie(
-        name,
-        value,
-        max_age=max_age,
-        path=path,
-        httponly=True,
-        samesite="Strict",
-        secure=request.secure,
-    )
+    """Add one Set-Cookie header. Added by hand, not with ``response.set_cookie``:
+    that keeps one cookie per name, and the session needs one per area's path
+    (a cookie scoped to the staff pages only, not to the whole admin listener)."""
+    cookie: SimpleCookie = SimpleCookie()
+    cookie[name] = value
+    morsel = cookie[name]
+    morsel["max-age"] = str(max_age)
+    morsel["path"] = path
+    morsel["httponly"] = True
+    morsel["samesite"] = "Strict"
+    if request.secure:
+        morsel["secure"] = True
+    if max_age == 0:
+        morsel["expires"] = "Thu, 01 Jan 1970 00:00:00 GMT"
+    response.headers.add("Set-Cookie", morsel.OutputString())
 
 
 def _as_error(response: web.Response) -> web.HTTPForbidden:

@@ -24,7 +24,9 @@ body { font: 14px/1.4 system-ui, sans-serif; margin: 1.5em; color: #222; }
 header { display: flex; gap: 1.5em; align-items: center; margin-bottom: 1em; }
 table { border-collapse: collapse; width: 100%; }
 th, td { border-bottom: 1px solid #ddd; padding: 4px 8px; text-align: left; vertical-align: top; }
-td, code { unicode-bidi: isolate; overflow-wrap: anywhere; }
+td, code { unicode-bidi: isolate; overflow-wrap: break-word; }
+td.user, td.key { max-width: 16em; overflow-wrap: anywhere; }
+td.when, td.session { white-space: nowrap; }
 ul.reasons { margin: 0; padding-left: 1.1em; }
 .sev, tr.alert td.sev { font-weight: bold; }
 tr.critical td.sev, .sev.critical { color: #b00020; }
