@@ -129,7 +129,8 @@ def covers_html(processes: object) -> str:
             silent += 1
             shown.append(f'<span class="error">{name} (did not answer)</span>')
         elif "connections" in item:
-            shown.append(f"{name} ({_count(item.get('connections'))} connections)")
+            n = _count(item.get("connections"))
+            shown.append(f"{name} ({n} connection{'' if n == 1 else 's'})")
         else:
             shown.append(name)
     warning = ""
@@ -260,7 +261,7 @@ def _connection_row(row: Mapping[str, Any], view: View) -> str:
 <td class="user"><code>{_text(row.get("user"))}</code></td>
 <td class="address"><code>{_text(row.get("address"))}</code></td>
 <td>{_text(row.get("transport"))}</td><td class="when">{_when(row.get("since"))}</td>
-<td class="channels">{listed or DASH}</td><td class=num>{_buffer(row)}</td>
+<td class="channels">{listed or DASH}</td><td class="num when">{_buffer(row)}</td>
 <td class="num in">{_counted(row.get("messages_in"))}</td>
 <td class="num out">{_counted(row.get("messages_out"))}</td>
 <td class="process">{_text(row.get("process"))}</td><td>{action}</td></tr>"""
