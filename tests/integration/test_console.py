@@ -134,7 +134,7 @@ async def test_an_operator_sees_searches_kicks_bans_and_unbans_in_a_real_browser
     scripted = await connect_client(SCRIPT, gw=console)
     assert (await scripted.request("subscribe", channel="chat.lobby"))["type"] == "ack"
     await connect_client(IMG, gw=console)
-    await connect_client(QUOTES, gw=console)
+    first_quoted = await connect_client(QUOTES, gw=console)
     await connect_client(UNICODE, gw=console)
     ann_session = (await console.connections.list(_everyone()))["connections"]
     ann_id = next(r["session"] for r in ann_session if r["user"] == "ann")
@@ -183,6 +183,20 @@ async def test_an_operator_sees_searches_kicks_bans_and_unbans_in_a_real_browser
         assert await browser.text("#message") == "Disconnected 1 session (close code 1008)."
         assert await closed(ann) == (1008, "disconnected by an operator: maintenance")
 
+        # Disconnect every session of a user (a second one of the quoted name first).
+        quoted = [first_quoted, await connect_client(QUOTES, gw=console)]
+        await browser.goto(base)
+        await browser.fill("#kick-user", QUOTES)
+        await browser.fill("#kick-user-reason", "token leaked, reconnect")
+        await browser.click_and_wait("#kick-user-go")
+        assert await browser.text("#message") == "Disconnected 2 sessions (close code 1008)."
+        for client in quoted:
+            assert await closed(client) == (
+                1008,
+                "disconnected by an operator: token leaked, reconnect",
+            )
+        await until_listed(browser, base, sorted([SCRIPT, IMG, UNICODE]))
+
         # Ban the scripted user: its session closes with 4403, a new one is refused.
         await browser.fill("#ban-key", SCRIPT)
         await browser.fill("#ban-duration", "2h")
@@ -203,7 +217,7 @@ async def test_an_operator_sees_searches_kicks_bans_and_unbans_in_a_real_browser
         assert fresh.close_code == 4403
         assert await browser.text("#bans tr.ban td.key") == SCRIPT
         # The closed session leaves the list once its closing handshake is over.
-        await until_listed(browser, base, sorted([IMG, QUOTES, UNICODE]))
+        await until_listed(browser, base, sorted([IMG, UNICODE]))
         await no_injected_markup(browser)
         await screenshot(browser, "2-banned")
 
@@ -232,6 +246,7 @@ async def test_an_operator_sees_searches_kicks_bans_and_unbans_in_a_real_browser
     ]
     assert done == [
         ("operator_kick", "olga", f"session {ann_id}"),
+        ("operator_kick", "olga", f"user {QUOTES}"),
         ("operator_ban", "olga", f"user {SCRIPT}"),
         ("operator_unban", "olga", f"user {SCRIPT}"),
     ]
@@ -349,6 +364,23 @@ async def test_console_defenses(console: Gateway, connect_client: Any, staff_fil
         async with http.post(kick, data={"csrf": csrf, "reason": "x"}) as answer:
             assert answer.status == 400
         assert not console.node.restrictions.banned("user", "mallory")
+        # An address ban closes the address's sessions and refuses its handshakes.
+        ban_address = {**ban, "kind": "address", "key": "127.0.0.1", "duration": "10m"}
+        async with http.post(base + "ban", data=ban_address, allow_redirects=False) as answer:
+            assert answer.status == 303
+            assert answer.headers["Location"] == "/console/?msg=banned&n=1"
+        assert (await closed(target))[0] == 4403
+        with pytest.raises(InvalidStatus) as refused:
+            await connect_client("ann", gw=console)
+        assert refused.value.response.status_code == 403
+        unban = {"csrf": csrf, "kind": "address", "key": "127.0.0.1", "reason": ""}
+        async with http.post(base + "unban", data=unban, allow_redirects=False) as answer:
+            assert answer.headers["Location"] == "/console/?msg=unbanned"
+        async with http.post(base + "unban", data=unban, allow_redirects=False) as answer:
+            assert answer.headers["Location"] == "/console/?msg=nothing-to-unban"
+        target = await connect_client("ann", gw=console)
+        (row,) = (await console.connections.list(_everyone()))["connections"]
+        form = {"csrf": csrf, "session": row["session"], "reason": "x"}
         # A role taken out of the staff file holds at the next click.
         set_member(staff_file, "olga", PASSWORD, frozenset({CONSOLE_VIEW}))
         async with http.post(kick, data=form) as answer:
@@ -424,3 +456,63 @@ def test_a_missing_or_bad_staff_file_stops_the_gateway_in_one_line(
             Gateway(custom, load_policy_set(custom.policies_dir))
         assert expected in str(caught.value) and "\n" not in str(caught.value)
         assert str(path) in str(caught.value)
+
+
+@pytest.fixture
+async def crowded_console(
+    settings: Settings, cleanup_broker: None, staff_file: Path
+) -> AsyncIterator[Gateway]:
+    """A console whose one address may open a few hundred connections at once."""
+    limits = dataclasses.replace(
+        settings.limits, connects_burst=1000, connects_per_second_per_address=1000.0
+    )
+    custom = dataclasses.replace(settings, staff=StaffSettings(file=staff_file), limits=limits)
+    gw = Gateway(custom, load_policy_set(custom.policies_dir))
+    await gw.start()
+    yield gw
+    await gw.stop()
+
+
+async def test_a_long_list_is_paged_in_a_real_browser(
+    crowded_console: Gateway, connect_client: Any
+) -> None:
+    """205 real connections: 200 on the first page, "showing N of M", a next link."""
+    assert CHROMIUM.exists(), (
+        "chromium is missing: run `RABBITGATE_BROWSER_TESTS=1 bash scripts/setup`"
+    )
+    console = crowded_console
+    for start in range(0, 205, 41):
+        crowd = (connect_client(f"crowd{n:03d}", gw=console) for n in range(start, start + 41))
+        await asyncio.gather(*crowd)
+    base = f"http://127.0.0.1:{console.admin_port}/console/"
+    async with Browser() as browser:
+        await log_in(browser, base, "vera")
+        assert await browser.text("#count") == "showing 1–200 of 205 · page 1 of 2 next →"
+        assert len(await browser.evaluate(user_cells())) == 200
+        await browser.click_and_wait("#next")
+        assert await browser.text("#count") == "showing 201–205 of 205 · page 2 of 2 ← previous"
+        page_two = await browser.evaluate(user_cells())
+        await browser.goto(base + "?user=crowd007&page=9")  # a page past the end: the last
+        assert await browser.evaluate(user_cells()) == ["crowd007"]
+    assert len(page_two) == 5 and all(u.startswith("crowd") for u in page_two)
+
+
+def test_add_reviewer_writes_roles(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import io
+
+    from gateway.cli import main
+    from gateway.operations.staff import read_staff
+
+    target = tmp_path / "staff"
+    argv = ["alerts", "add-reviewer", "olga", "--file", str(target), "--password-stdin"]
+    monkeypatch.setattr("sys.stdin", io.StringIO(PASSWORD + "\n"))
+    assert main([*argv, "--roles", "console-act,review"]) == 0
+    assert read_staff(target)["olga"].roles == {CONSOLE_ACT, REVIEW}
+    assert "with roles console-act,review" in capsys.readouterr().out
+    monkeypatch.setattr("sys.stdin", io.StringIO(PASSWORD + "\n"))
+    assert main([*argv, "--roles", "console-act,root"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "unknown role 'root'" in err and "\n" not in err
+    assert read_staff(target)["olga"].roles == {CONSOLE_ACT, REVIEW}  # unchanged
