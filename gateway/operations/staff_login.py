@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import logging
 import os
 import secrets
 import time
@@ -36,6 +37,8 @@ from gateway.config import ConfigError, Settings, staff_login_settings
 from gateway.limits.buckets import TokenBucket
 from gateway.operations.staff import StaffFileError, check_login, grants, read_staff
 from gateway.operations.staff_page import error_html, escape, page
+
+log = logging.getLogger("rabbitgate.server")
 
 SESSION_COOKIE = "rabbitgate_staff"
 LOGIN_COOKIE = "rabbitgate_staff_login"
@@ -69,10 +72,22 @@ class StaffSession:
 class StaffLogin:
     """Sessions of the staff file's people, shared by every installed area."""
 
-    def __init__(self, staff_file: Path, session_seconds: float) -> None:
+    def __init__(
+        self, staff_file: Path, session_seconds: float, *, may_be_missing: bool = False
+    ) -> None:
+        """Raises StaffFileError (one line) for a bad file, or a missing one unless
+        ``may_be_missing`` (then nobody can log in until the file is written)."""
         self.staff_file = staff_file
         self.session_seconds = session_seconds
-        read_staff(staff_file)  # at start: a missing or bad file stops the gateway
+        if may_be_missing and not staff_file.exists():
+            log.warning(
+                "staff file %s does not exist yet: nobody can log in to the admin pages"
+                " until `rabbitgate alerts add-reviewer NAME --file %s` writes it",
+                staff_file,
+                staff_file,
+            )
+        else:
+            read_staff(staff_file)  # at start: a bad file stops the gateway
         self._sessions: dict[str, StaffSession] = {}
         self._login_buckets: dict[str, TokenBucket] = {}
         self._areas: list[Area] = []
@@ -258,10 +273,17 @@ def staff_login_for(settings: Settings) -> StaffLogin | None:
     configured = staff_login_settings(settings)
     if configured is None:
         return None
+    # The old anomaly.reviewers_file could name a file not written yet (the compose
+    # stack starts first, then `add-reviewer` runs in its container); staff.file
+    # must exist.
+    legacy = settings.staff.file is None
     try:
-        return StaffLogin(*configured)
+        return StaffLogin(*configured, may_be_missing=legacy)
     except StaffFileError as exc:
-        raise ConfigError(str(exc)) from None
+        hint = ""
+        if not configured[0].exists():
+            hint = f" (write it with `rabbitgate alerts add-reviewer NAME --file {configured[0]}`)"
+        raise ConfigError(f"{exc}{hint}") from None
 
 
 def same_origin(request: web.Request) -> None:

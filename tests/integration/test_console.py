@@ -456,6 +456,34 @@ def test_a_missing_or_bad_staff_file_stops_the_gateway_in_one_line(
             Gateway(custom, load_policy_set(custom.policies_dir))
         assert expected in str(caught.value) and "\n" not in str(caught.value)
         assert str(path) in str(caught.value)
+    missing = tmp_path / "missing"
+    with pytest.raises(ConfigError, match="add-reviewer NAME --file"):
+        Gateway(
+            dataclasses.replace(settings, staff=StaffSettings(file=missing)),
+            load_policy_set(settings.policies_dir),
+        )
+
+
+def test_the_old_reviewers_file_may_be_written_after_the_start(
+    settings: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As with the first version (the compose stack adds reviewers once it runs):
+    anomaly.reviewers_file not written yet is a warning, and the console is there."""
+    later = tmp_path / "reviewers"
+    old = dataclasses.replace(
+        settings, anomaly=dataclasses.replace(settings.anomaly, reviewers_file=later)
+    )
+    with caplog.at_level(logging.WARNING, "rabbitgate.server"):
+        gateway = Gateway(old, load_policy_set(old.policies_dir))
+    assert gateway.staff_login is not None
+    assert any("does not exist yet" in r.getMessage() for r in caplog.records)
+    bad = tmp_path / "bad"
+    bad.write_text("sam:not-a-hash\n")
+    wrong = dataclasses.replace(
+        settings, anomaly=dataclasses.replace(settings.anomaly, reviewers_file=bad)
+    )
+    with pytest.raises(ConfigError, match="expected name:scrypt"):
+        Gateway(wrong, load_policy_set(wrong.policies_dir))
 
 
 @pytest.fixture
