@@ -11,13 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from gateway.operations.passwords import MAX_PASSWORD, hash_password, verify_password
-from gateway.operations.staff import (
-    REVIEW,
-    StaffFileError,
-    grants,
-    read_staff,
-    set_member,
-)
+from gateway.operations.staff import REVIEW, StaffFileError, grants, read_staff, set_member
+from gateway.operations.staff import check_login as check_staff_login
 
 ReviewerFileError = StaffFileError
 
@@ -43,9 +38,7 @@ def read_reviewers(path: Path) -> dict[str, str]:
 
 def check_login(path: Path, name: str, password: str) -> bool:
     """True when ``name`` is a reviewer and ``password`` is theirs (timing-flat)."""
-    from gateway.operations.staff import check_login as check_staff
-
-    member = check_staff(path, name, password)
+    member = check_staff_login(path, name, password)
     return member is not None and grants(member.roles, REVIEW)
 
 

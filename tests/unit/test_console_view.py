@@ -8,6 +8,8 @@ from html.parser import HTMLParser
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway.operations.console_view import (
     MAX_CHANNELS_SHOWN,
@@ -202,3 +204,28 @@ def test_messages_are_fixed_texts_with_a_count() -> None:
     )
     assert message_text({"msg": "<script>"}) is None
     assert message_text({}) is None
+
+
+ALLOWED_TAGS = {
+    "header", "p", "span", "b", "form", "label", "input", "button", "a", "section",
+    "fieldset", "legend", "select", "option", "h2", "table", "thead", "tbody", "tr",
+    "th", "td", "code",
+}  # fmt: skip
+
+
+@settings(max_examples=200, deadline=None)
+@given(values=st.lists(st.text(min_size=1, max_size=40), min_size=1, max_size=5))
+def test_any_text_in_any_field_stays_text(values: list[str]) -> None:
+    """Whatever a hostile value is, the page's elements are the page's own, and each
+    value comes back whole from the attribute that carries it."""
+    rows = [
+        row(i, user=v, address=v, session=v, process=v, transport=v, channels=[v])
+        for i, v in enumerate(values)
+    ]
+    bans = [{"kind": v, "key": v, "until": 1.77e9} for v in values]
+    body = render(View({"connections": rows, "bans": bans}, Search(user=values[0]), "", "C", True))
+    tags = parsed(body)
+    assert {tag for tag, _ in tags.tags} <= ALLOWED_TAGS
+    assert all(not a.startswith("on") for _, attrs in tags.tags for a in attrs)
+    carried = [a["value"] for t, a in tags.tags if t == "input" and a.get("name") == "session"]
+    assert carried == values
