@@ -16,7 +16,6 @@ address may come from a proxy header) is HTML-escaped here.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import time
 from typing import Any
 from urllib.parse import urlencode
@@ -34,7 +33,7 @@ from anomaly.alerts import (
 )
 from anomaly.settings import SEVERITIES, AnomalySettings
 from gateway.operations.staff import REVIEW
-from gateway.operations.staff_login import Area, StaffLogin, StaffSession, same_origin
+from gateway.operations.staff_login import Area, StaffLogin, StaffSession
 from gateway.operations.staff_page import error_html as _error
 from gateway.operations.staff_page import escape as _e
 from gateway.operations.staff_page import page as _page
@@ -210,14 +209,10 @@ class ReviewPages:
     async def bulk(self, request: web.Request) -> web.Response:
         """Acknowledge or close many alerts at once; each one as if done alone."""
         session = self._require(request)
-        same_origin(request)
-        form = await request.post()
-        token = str(form.get("csrf", ""))
-        if not hmac.compare_digest(token.encode(), session.csrf.encode()):
-            raise web.HTTPForbidden(text="bad or missing CSRF token\n")
-        ids = [str(v) for v in form.getall("id", [])][:MAX_BULK]
-        action = str(form.get("action", ""))
-        note = str(form.get("note", "")) or None
+        fields = await self.login.checked_fields(request, session)  # every "id" of it
+        ids = fields.get("id", [])[:MAX_BULK]
+        action = fields.get("action", [""])[0]
+        note = fields.get("note", [""])[0] or None
         resolution = None
         if action in RESOLUTIONS:
             action, resolution = "close", action

@@ -142,14 +142,25 @@ class StaffLogin:
             raise _as_error(page(f"Not allowed — {area.title}", body, status=403))
         return session
 
-    async def checked_form(self, request: web.Request, session: StaffSession) -> dict[str, str]:
-        """The POSTed form, after the same-origin and CSRF checks (403 otherwise)."""
+    async def checked_fields(
+        self, request: web.Request, session: StaffSession
+    ) -> dict[str, list[str]]:
+        """Every value of every POSTed field (repeated ones too), as text, after the
+        same-origin and CSRF checks (403 otherwise)."""
         same_origin(request)
         form = await request.post()
         token = str(form.get("csrf", ""))
         if not hmac.compare_digest(token.encode(), session.csrf.encode()):
             raise web.HTTPForbidden(text="bad or missing CSRF token\n")
-        return {key: str(value) for key, value in form.items()}
+        fields: dict[str, list[str]] = {}
+        for key, value in form.items():
+            fields.setdefault(key, []).append(str(value))
+        return fields
+
+    async def checked_form(self, request: web.Request, session: StaffSession) -> dict[str, str]:
+        """The POSTed form, the first value of each field, after the same checks."""
+        fields = await self.checked_fields(request, session)
+        return {key: values[0] for key, values in fields.items()}
 
     def _current_roles(self) -> dict[str, frozenset[str]]:
         """name -> roles from the staff file, read again when it changed; a file
