@@ -24,7 +24,7 @@ from anomaly.settings import SEVERITIES
 # Every failure the operator can cause ends as one line (gateway/cli.py prints it).
 from gateway.commands import CliError, no_config_hint
 from gateway.commands import settings_from_args as _settings
-from gateway.config import Settings
+from gateway.config import Settings, staff_login_settings
 
 AddConfigFlag = Callable[[argparse.ArgumentParser], None]
 
@@ -67,9 +67,18 @@ def add_anomaly_commands(commands: Any, add_config_flag: AddConfigFlag) -> None:
     close.add_argument("--reviewer", required=True)
     close.add_argument("--note", required=True)
 
-    reviewer = command("add-reviewer", "add or change a login of the review page", _add_reviewer)
+    reviewer = command(
+        "add-reviewer",
+        "add or change a login of the review page and the console (the staff file)",
+        _add_reviewer,
+    )
     reviewer.add_argument("name")
-    reviewer.add_argument("--file", help="default: anomaly.reviewers_file")
+    reviewer.add_argument("--file", help="default: staff.file (or anomaly.reviewers_file)")
+    reviewer.add_argument(
+        "--roles",
+        help="comma-separated, of review, console-view, console-act"
+        " (default: review, and the roles the line had)",
+    )
     reviewer.add_argument(
         "--password-stdin", action="store_true", help="read the password from stdin"
     )
@@ -236,11 +245,13 @@ def _check_reviewer(args: argparse.Namespace, settings: Settings) -> None:
     can write the store anyway; the check keeps the names of the record true)."""
     from anomaly.passwords import ReviewerFileError, read_reviewers
 
-    path = settings.anomaly.reviewers_file
+    staff = staff_login_settings(settings)
+    path = staff[0] if staff is not None else None
     if path is None:
         hint = no_config_hint(args)
         raise CliError(
-            "--reviewer is checked against anomaly.reviewers_file, which is not set"
+            "--reviewer is checked against staff.file (or anomaly.reviewers_file), which is"
+            " not set"
             + (f" ({hint})" if hint else "")
             + "; add reviewers with `rabbitgate alerts add-reviewer`"
         )
@@ -276,16 +287,26 @@ async def _publish(store: AlertStore, settings: Any) -> int | None:
 
 def _add_reviewer(args: argparse.Namespace) -> int:
     from anomaly.passwords import ReviewerFileError, set_reviewer
+    from gateway.operations.staff import parse_roles, set_member
 
     target = Path(args.file) if args.file else None
     if target is None:
-        target = _settings(args, check_jwt=False).anomaly.reviewers_file
+        staff = staff_login_settings(_settings(args, check_jwt=False))
+        target = staff[0] if staff is not None else None
     if target is None:
         raise CliError(
-            "give --file FILE, or --config FILE with anomaly.reviewers_file set"
+            "give --file FILE, or --config FILE with staff.file (or anomaly.reviewers_file) set"
             if not args.config
-            else f"give --file FILE, or set anomaly.reviewers_file in {args.config}"
+            else f"give --file FILE, or set staff.file (or anomaly.reviewers_file) in {args.config}"
         )
+    roles = None
+    if args.roles is not None:
+        try:
+            roles = parse_roles(args.roles)
+        except ValueError as exc:
+            raise CliError(f"--roles: {exc}") from None
+        if not roles:
+            raise CliError("--roles: name at least one role")
     if args.password_stdin:
         password = sys.stdin.readline().rstrip("\n")
     else:
@@ -293,10 +314,14 @@ def _add_reviewer(args: argparse.Namespace) -> int:
         if getpass.getpass("again: ") != password:
             raise CliError("the passwords differ")
     try:
-        set_reviewer(target, args.name, password)
+        if roles is None:
+            set_reviewer(target, args.name, password)
+        else:
+            set_member(target, args.name, password, roles)
     except (ReviewerFileError, OSError) as exc:
         raise CliError(str(exc)) from None
-    print(f"reviewer {args.name} saved in {target}")
+    shown = f" with roles {','.join(sorted(roles))}" if roles is not None else ""
+    print(f"reviewer {args.name} saved in {target}{shown}")
     return 0
 
 

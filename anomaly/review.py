@@ -1,34 +1,22 @@
 """The alert review page, on the admin listener under ``/alerts/``.
 
-Security staff log in with their own name and password (``anomaly.reviewers_file``,
-scrypt hashes; not the gateway's JWTs, not the admin port's lack of any
-authentication), see the open alerts with their reasons, filter them, and
-acknowledge or close them; the reviewer recorded on an alert is the name
-they logged in with.
+Security staff log in with their own name and password (the staff file,
+scrypt hashes, with the ``review`` role; not the gateway's JWTs, not the admin
+port's lack of any authentication), see the open alerts with their reasons,
+filter them, and acknowledge or close them; the reviewer recorded on an alert
+is the name they logged in with.
 
-Defenses, because the page shows data attackers chose (a user name is a
-token's ``sub``, an address may come from a proxy header):
-
-* every value is HTML-escaped; no JavaScript at all, and a CSP that forbids it
-  (``default-src 'none'``), forms may only post here, no framing;
-* the session is a random 256-bit token in an HttpOnly, SameSite=Strict cookie
-  scoped to ``/alerts/`` (Secure on HTTPS), held server-side, expiring after
-  ``anomaly.review_session_seconds``; logout ends it;
-* every POST carries the session's CSRF token (and a login form its own,
-  double-submitted with a cookie); a cross-origin ``Origin`` is refused;
-* logins are throttled per client address (5 a minute, 10 at once), password
-  checks run off the event loop and take as long for unknown names.
+The login, its sessions, CSRF tokens, Origin check, throttle and the page
+shell with its CSP are the gateway's (gateway/operations/staff_login.py,
+staff_page.py), shared with the live console: one login opens both, per
+role. Every value attackers chose (a user name is a token's ``sub``, an
+address may come from a proxy header) is HTML-escaped here.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
-import html
-import secrets
 import time
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
 
@@ -43,21 +31,15 @@ from anomaly.alerts import (
     ReviewError,
     UnknownAlert,
 )
-from anomaly.passwords import check_login
 from anomaly.settings import SEVERITIES, AnomalySettings
-from gateway.limits.buckets import TokenBucket
+from gateway.operations.staff import REVIEW
+from gateway.operations.staff_login import Area, StaffLogin, StaffSession
+from gateway.operations.staff_page import error_html as _error
+from gateway.operations.staff_page import escape as _e
+from gateway.operations.staff_page import page as _page
 
 PREFIX = "/alerts"
-SESSION_COOKIE = "rabbitgate_review"
-LOGIN_COOKIE = "rabbitgate_review_login"
-LOGIN_PER_MINUTE = 5.0
-LOGIN_BURST = 10
-MAX_SESSIONS = 1000
-MAX_LOGIN_BUCKETS = 10_000
-_CSP = (
-    "default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; "
-    "frame-ancestors 'none'; base-uri 'none'"
-)
+AREA = Area(PREFIX, "Alert review", REVIEW)
 _MESSAGES = {
     "acknowledged": "Alert acknowledged.",
     "closed": "Alert closed.",
@@ -72,31 +54,21 @@ MAX_BULK = 500
 CHART_HOURS = 24
 
 
-@dataclass
-class ReviewSession:
-    reviewer: str
-    csrf: str
-    expires: float
-
-
 class ReviewPages:
     """Routes under /alerts/ of an admin app; needs the detector's store once started."""
 
-    def __init__(self, detector: Any, settings: AnomalySettings) -> None:
+    def __init__(self, detector: Any, settings: AnomalySettings, login: StaffLogin) -> None:
         self.detector = detector
         self.settings = settings
+        self.login = login
         self.store: AlertStore | None = None
-        self._sessions: dict[str, ReviewSession] = {}
-        self._login_buckets: dict[str, TokenBucket] = {}
 
     def install(self, app: web.Application) -> None:
         """Add the routes (before the app starts: its router is frozen then)."""
+        self.login.install(app, AREA)
         r = app.router
         r.add_get(f"{PREFIX}/", self.index)
         r.add_get(PREFIX, self._to_index)
-        r.add_get(f"{PREFIX}/login", self.login_form)
-        r.add_post(f"{PREFIX}/login", self.login)
-        r.add_post(f"{PREFIX}/logout", self.logout)
         r.add_get(PREFIX + "/{alert_id:a-[0-9a-f-]{1,40}}", self.detail)
         r.add_post(PREFIX + "/{alert_id:a-[0-9a-f-]{1,40}}/ack", self.acknowledge)
         r.add_post(PREFIX + "/{alert_id:a-[0-9a-f-]{1,40}}/close", self.close)
@@ -110,102 +82,20 @@ class ReviewPages:
 
     # --- sessions -----------------------------------------------------------
 
-    def _session(self, request: web.Request) -> ReviewSession | None:
-        token = request.cookies.get(SESSION_COOKIE)
-        if not token:
-            return None
-        session = self._sessions.get(token)
-        if session is None or session.expires < time.time():
-            self._sessions.pop(token, None)
-            return None
-        return session
+    def _require(self, request: web.Request) -> StaffSession:
+        return self.login.require(request, AREA)
 
-    def _require(self, request: web.Request) -> ReviewSession:
-        session = self._session(request)
-        if session is None:
-            raise web.HTTPSeeOther(f"{PREFIX}/login")
-        return session
-
-    async def _form(self, request: web.Request, session: ReviewSession) -> dict[str, str]:
+    async def _form(self, request: web.Request, session: StaffSession) -> dict[str, str]:
         """The POSTed form, after the same-origin and CSRF checks."""
-        _same_origin(request)
-        form = await request.post()
-        token = str(form.get("csrf", ""))
-        if not hmac.compare_digest(token.encode(), session.csrf.encode()):
-            raise web.HTTPForbidden(text="bad or missing CSRF token\n")
-        return {key: str(value) for key, value in form.items()}
+        return await self.login.checked_form(request, session)
 
     def _store(self) -> AlertStore:
         if self.store is None:
             raise web.HTTPServiceUnavailable(text="the alert store is not open yet\n")
         return self.store
 
-    # --- login --------------------------------------------------------------
-
     async def _to_index(self, request: web.Request) -> web.Response:
         raise web.HTTPSeeOther(f"{PREFIX}/")
-
-    async def login_form(self, request: web.Request, error: str | None = None) -> web.Response:
-        token = secrets.token_urlsafe(32)
-        body = f"""
-<h1>Alert review</h1>
-{_error(error)}
-<form method="post" action="{PREFIX}/login" class="login">
-  <input type="hidden" name="csrf" value="{token}">
-  <label>Name <input name="name" id="name" autocomplete="username" required maxlength="64"></label>
-  <label>Password <input name="password" id="password" type="password"
-         autocomplete="current-password" required maxlength="1024"></label>
-  <button type="submit" id="login">Log in</button>
-</form>"""
-        response = _page("Log in — rabbitgate alerts", body, status=401 if error else 200)
-        _set_cookie(request, response, LOGIN_COOKIE, token, 600)
-        return response
-
-    async def login(self, request: web.Request) -> web.Response:
-        _same_origin(request)
-        form = await request.post()
-        cookie = request.cookies.get(LOGIN_COOKIE, "")
-        sent = str(form.get("csrf", ""))
-        if not cookie or not hmac.compare_digest(sent.encode(), cookie.encode()):
-            raise web.HTTPForbidden(text="bad or missing CSRF token\n")
-        if not self._login_allowed(request.remote or "?"):
-            return await self.login_form(request, "Too many attempts; wait a minute.")
-        name, password = str(form.get("name", "")), str(form.get("password", ""))
-        path = self.settings.reviewers_file
-        ok = path is not None and await asyncio.to_thread(check_login, Path(path), name, password)
-        if not ok:
-            return await self.login_form(request, "Wrong name or password.")
-        if len(self._sessions) >= MAX_SESSIONS:
-            now = time.time()
-            self._sessions = {k: s for k, s in self._sessions.items() if s.expires > now}
-        token = secrets.token_urlsafe(32)
-        lifetime = self.settings.review_session_seconds
-        self._sessions[token] = ReviewSession(
-            name, secrets.token_urlsafe(32), time.time() + lifetime
-        )
-        response = web.HTTPSeeOther(f"{PREFIX}/")
-        _set_cookie(request, response, SESSION_COOKIE, token, int(lifetime))
-        response.del_cookie(LOGIN_COOKIE, path=f"{PREFIX}/")
-        raise response
-
-    def _login_allowed(self, address: str) -> bool:
-        bucket = self._login_buckets.get(address)
-        if bucket is None:
-            if len(self._login_buckets) >= MAX_LOGIN_BUCKETS:
-                self._login_buckets.clear()
-            bucket = self._login_buckets[address] = TokenBucket(
-                LOGIN_PER_MINUTE / 60.0, LOGIN_BURST
-            )
-        allowed, _ = bucket.take(time.monotonic())
-        return allowed
-
-    async def logout(self, request: web.Request) -> web.Response:
-        session = self._require(request)
-        await self._form(request, session)
-        self._sessions.pop(request.cookies.get(SESSION_COOKIE, ""), None)
-        response = web.HTTPSeeOther(f"{PREFIX}/login")
-        response.del_cookie(SESSION_COOKIE, path=f"{PREFIX}/")
-        raise response
 
     # --- pages --------------------------------------------------------------
 
@@ -293,7 +183,7 @@ class ReviewPages:
 {" · ".join(nav)}</p>"""
         return _page("Alerts — rabbitgate", body)
 
-    def _row(self, alert: dict[str, Any], session: ReviewSession) -> str:
+    def _row(self, alert: dict[str, Any], session: StaffSession) -> str:
         alert_id = _e(alert["id"])
         reasons = "".join(f"<li>{_e(r['text'])}</li>" for r in alert["reasons"][:3])
         ack = ""
@@ -319,14 +209,10 @@ class ReviewPages:
     async def bulk(self, request: web.Request) -> web.Response:
         """Acknowledge or close many alerts at once; each one as if done alone."""
         session = self._require(request)
-        _same_origin(request)
-        form = await request.post()
-        token = str(form.get("csrf", ""))
-        if not hmac.compare_digest(token.encode(), session.csrf.encode()):
-            raise web.HTTPForbidden(text="bad or missing CSRF token\n")
-        ids = [str(v) for v in form.getall("id", [])][:MAX_BULK]
-        action = str(form.get("action", ""))
-        note = str(form.get("note", "")) or None
+        fields = await self.login.checked_fields(request, session)  # every "id" of it
+        ids = fields.get("id", [])[:MAX_BULK]
+        action = fields.get("action", [""])[0]
+        note = fields.get("note", [""])[0] or None
         resolution = None
         if action in RESOLUTIONS:
             action, resolution = "close", action
@@ -340,7 +226,7 @@ class ReviewPages:
                     store.review,
                     alert_id,
                     action,
-                    session.reviewer,
+                    session.name,
                     resolution=resolution,
                     note=note,
                 )
@@ -487,11 +373,11 @@ score {float(a["score"]):.2f} · status <b id="status">{_e(a["status"])}</b>
             seconds = self.settings.ban_seconds
             until = time.time() + seconds
             await asyncio.to_thread(store.restrict, Restriction(alert_id, kind, key, "ban", until))
-            action = f"banned {kind} {key} for {seconds:g} s by {session.reviewer}"
+            action = f"banned {kind} {key} for {seconds:g} s by {session.name}"
         else:
             lifted = await asyncio.to_thread(store.lift, kind, key)
-            action = f"unbanned {kind} {key} by {session.reviewer} ({lifted} lifted)"
-        changed = await asyncio.to_thread(store.note_step, alert_id, session.reviewer, action, note)
+            action = f"unbanned {kind} {key} by {session.name} ({lifted} lifted)"
+        changed = await asyncio.to_thread(store.note_step, alert_id, session.name, action, note)
         await self.detector.sync_restrictions()
         if ban:
             disconnect = getattr(self.detector, "disconnect", None)
@@ -510,7 +396,7 @@ score {float(a["score"]):.2f} · status <b id="status">{_e(a["status"])}</b>
                 self._store().review,
                 alert_id,
                 action,
-                session.reviewer,
+                session.name,
                 resolution=form.get("resolution"),
                 note=form.get("note"),
             )
@@ -532,42 +418,11 @@ score {float(a["score"]):.2f} · status <b id="status">{_e(a["status"])}</b>
             _background.add(task)
             task.add_done_callback(_background.discard)
 
-    def _header(self, session: ReviewSession) -> str:
-        return f"""<header><b>rabbitgate alerts</b>
-<span>reviewer <b id="reviewer">{_e(session.reviewer)}</b></span>
-<form method="post" action="{PREFIX}/logout" class="inline">
-<input type="hidden" name="csrf" value="{session.csrf}">
-<button type="submit" id="logout">Log out</button></form></header>"""
+    def _header(self, session: StaffSession) -> str:
+        return self.login.header(AREA, session, "reviewer")
 
 
 _background: set[asyncio.Task[Any]] = set()
-
-
-def _same_origin(request: web.Request) -> None:
-    origin = request.headers.get("Origin")
-    if origin is None:  # not a browser, or one too old to say; the CSRF token still holds
-        return
-    expected = f"{request.scheme}://{request.host}"
-    if origin != expected:
-        raise web.HTTPForbidden(text="cross-origin request refused\n")
-
-
-def _set_cookie(
-    request: web.Request, response: web.StreamResponse, name: str, value: str, max_age: int
-) -> None:
-    response.set_cookie(
-        name,
-        value,
-        max_age=max_age,
-        path=f"{PREFIX}/",
-        httponly=True,
-        samesite="Strict",
-        secure=request.secure,
-    )
-
-
-def _e(value: Any) -> str:
-    return html.escape(str(value), quote=True)
 
 
 def _subject_html(alert: dict[str, Any]) -> str:
@@ -644,36 +499,3 @@ def _select(name: str, options: list[str], chosen: str) -> str:
 def _message(code: str | None) -> str:
     text = _MESSAGES.get(code or "")
     return f'<p class="message" id="message">{text}</p>' if text else ""
-
-
-def _error(text: str | None) -> str:
-    return f'<p class="error" id="error">{_e(text)}</p>' if text else ""
-
-
-def _page(title: str, body: str, status: int = 200) -> web.Response:
-    document = f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>{_e(title)}</title>
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<style>
-body {{ font: 14px/1.4 system-ui, sans-serif; margin: 1.5em; color: #222; }}
-header {{ display: flex; gap: 1.5em; align-items: center; margin-bottom: 1em; }}
-table {{ border-collapse: collapse; width: 100%; }}
-th, td {{ border-bottom: 1px solid #ddd; padding: 4px 8px; text-align: left; vertical-align: top; }}
-ul.reasons {{ margin: 0; padding-left: 1.1em; }}
-.sev, tr.alert td.sev {{ font-weight: bold; }}
-tr.critical td.sev, .sev.critical {{ color: #b00020; }}
-tr.high td.sev, .sev.high {{ color: #d35400; }}
-tr.medium td.sev, .sev.medium {{ color: #9a7d0a; }}
-form.inline {{ display: inline; }} .filters label, .login label {{ margin-right: 1em; }}
-.login label {{ display: block; margin: .5em 0; }}
-.error {{ color: #b00020; }} .message {{ color: #1e7e34; }} .dim {{ color: #777; }}
-textarea {{ width: 30em; display: block; }}
-</style></head><body>{body}</body></html>"""
-    response = web.Response(text=document, content_type="text/html", status=status)
-    response.headers["Content-Security-Policy"] = _CSP
-    response.headers["X-Frame-Options"] = "DENY"
-    response.headers["X-Content-Type-Options"] = "nosniff"
-    # Not no-referrer: with it, browsers send "Origin: null" on same-origin posts.
-    response.headers["Referrer-Policy"] = "same-origin"
-    response.headers["Cache-Control"] = "no-store"
-    return response

@@ -17,6 +17,7 @@ from aiohttp import web
 from anomaly.alerts import STORE_FILE, AlertStore
 from anomaly.detector import Detector, Host
 from gateway.config import ConfigError
+from gateway.operations.staff_login import StaffLogin
 from gateway.telemetry.metrics import Metrics
 
 
@@ -28,6 +29,9 @@ class ServiceHost(Host, Protocol):
 
     @property
     def metrics(self) -> Metrics: ...
+
+    @property
+    def staff_login(self) -> StaffLogin | None: ...
 
 
 log = logging.getLogger("rabbitgate.anomaly")
@@ -50,10 +54,12 @@ class AnomalyService:
         check_store(settings.data_dir / STORE_FILE)
         self.detector = Detector(gateway, metrics=gateway.metrics)
         admin_app = gateway.admin_app
-        if settings.reviewers_file is not None:
+        # The review page is an area of the gateway's one staff login (staff.file,
+        # or anomaly.reviewers_file, its old name); none configured: no page.
+        if gateway.staff_login is not None:
             from anomaly.review import ReviewPages
 
-            self.review = ReviewPages(self.detector, settings)
+            self.review = ReviewPages(self.detector, settings, gateway.staff_login)
             self.review.install(admin_app)
 
     async def start(self) -> None:

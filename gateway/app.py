@@ -26,8 +26,10 @@ from gateway.core.reloader import PolicyReloader
 from gateway.devtools.devcerts import server_ssl_context
 from gateway.operations.connections import Connections, LocalConnections
 from gateway.operations.connections_admin import ConnectionsAdmin, OperatorFileError
+from gateway.operations.console import ConsolePages
 from gateway.operations.malloc import fix_mmap_threshold
 from gateway.operations.operations import Operations
+from gateway.operations.staff_login import StaffLogin, staff_login_for
 from gateway.policy.rules import PolicySet
 from gateway.presence.service import PresenceService
 from gateway.transports.admission import RefusalMemory
@@ -80,6 +82,11 @@ class Gateway:
             except OperatorFileError as exc:
                 raise ConfigError(str(exc)) from None
             admin.install(self.admin_app)
+        # One login for the admin pages (staff.file): the live console here, the
+        # alert review page with anomaly detection. None: neither is served.
+        self.staff_login: StaffLogin | None = staff_login_for(settings)
+        if self.staff_login is not None:
+            ConsolePages(self.connections, self.staff_login).install(self.admin_app)
         # Anomaly detection, alerts and their review page (anomaly/); None when off.
         self.anomaly: AnomalyService | None = None
         if settings.anomaly.enabled:

@@ -118,6 +118,22 @@ class LimitSettings:
 
 
 @dataclass(frozen=True)
+class StaffSettings:
+    """The people who log in to the admin listener's pages (the alert review page,
+    the live console): gateway/operations/staff.py, docs/console.md."""
+
+    # Lines "name:scrypt$...[:roles]" (`rabbitgate alerts add-reviewer`, or
+    # `--roles`). None: anomaly.reviewers_file, its old name; neither: no page
+    # behind a login is served.
+    file: Path | None = None
+    # A login lasts this long (logout ends it sooner).
+    session_seconds: float = 8 * 3600.0
+
+
+MAX_STAFF_SESSION_SECONDS = 7 * 86400.0
+
+
+@dataclass(frozen=True)
 class Settings:
     host: str = "0.0.0.0"
     port: int = 8443
@@ -187,6 +203,8 @@ class Settings:
     # (gateway/operations/connections_admin.py): lines "NAME sha256:HEX" written
     # by `rabbitgate connections add-operator`. None: those endpoints are off.
     operators_file: Path | None = None
+    # Staff of the admin pages behind a login (alert review, live console).
+    staff: StaffSettings = field(default_factory=StaffSettings)
 
 
 _SECTIONS: dict[str, type] = {
@@ -194,6 +212,7 @@ _SECTIONS: dict[str, type] = {
     "jwt": JwtSettings,
     "limits": LimitSettings,
     "anomaly": AnomalySettings,
+    "staff": StaffSettings,
 }
 
 
@@ -393,9 +412,40 @@ def _check_rest(settings: Settings) -> None:
     if not 1 <= settings.presence_ttl_seconds <= 30:
         raise ConfigError("presence_ttl_seconds must be between 1 and 30")
     _check_fleet(settings)
+    _check_staff(settings)
     anomaly_problem = settings.anomaly.problem()
     if anomaly_problem is not None:
         raise ConfigError(anomaly_problem)
+
+
+def staff_login_settings(settings: Settings) -> tuple[Path, float] | None:
+    """The staff file and login lifetime in force, or None: no page needs a login.
+
+    ``staff.file`` wins; ``anomaly.reviewers_file`` (with
+    ``anomaly.review_session_seconds``) is its old name, kept so that a
+    configuration of the first version goes on working.
+    """
+    if settings.staff.file is not None:
+        return settings.staff.file, settings.staff.session_seconds
+    if settings.anomaly.reviewers_file is not None:
+        return settings.anomaly.reviewers_file, settings.anomaly.review_session_seconds
+    return None
+
+
+def _check_staff(settings: Settings) -> None:
+    staff, old = settings.staff.file, settings.anomaly.reviewers_file
+    if staff is not None and old is not None and Path(staff) != Path(old):
+        raise ConfigError(
+            "staff.file and anomaly.reviewers_file name different files; set staff.file"
+            " only (anomaly.reviewers_file is its old name)"
+        )
+    lifetimes = {
+        "staff.session_seconds": settings.staff.session_seconds,
+        "anomaly.review_session_seconds": settings.anomaly.review_session_seconds,
+    }
+    for name, seconds in lifetimes.items():
+        if not 60 <= seconds <= MAX_STAFF_SESSION_SECONDS:
+            raise ConfigError(f"{name} must be between 60 and {MAX_STAFF_SESSION_SECONDS:g}")
 
 
 def amqp_urls(settings: Settings) -> tuple[str, ...]:

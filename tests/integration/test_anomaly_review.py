@@ -195,7 +195,7 @@ async def test_review_page_defenses(review_page: Any) -> None:
         assert await login(http, base, "wrong password!") == 401
         set_cookies: list[str] = []
         assert await login(http, base, cookies=set_cookies) == 303
-        session_cookie = next(c for c in set_cookies if c.startswith("rabbitgate_review="))
+        session_cookie = next(c for c in set_cookies if c.startswith("rabbitgate_staff="))
         for attribute in ("HttpOnly", "SameSite=Strict", "Path=/alerts/"):
             assert attribute in session_cookie
         async with http.get(base) as page:
