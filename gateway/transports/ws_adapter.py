@@ -117,6 +117,18 @@ def transport_of(connection: Connection) -> asyncio.Transport:
     return transport
 
 
+def is_open(connection: Connection) -> bool:
+    """``connection.state is State.OPEN``, read without its two properties.
+
+    ``Connection.state`` returns ``protocol.state``, itself a property over
+    ``protocol._state``; the outbox asks once per subscriber per delivery
+    (py-spy at 1,000 subscribers x 20 msg/s: the two properties were 7.6 %
+    of the gateway's samples). A released connection's protocol has
+    ``_state`` too (``_Released``).
+    """
+    return connection.protocol._state is State.OPEN  # type: ignore[attr-defined, no-any-return]
+
+
 def extensions_of(connection: Connection) -> Sequence[Extension]:
     """The extensions negotiated (permessage-deflate): frames must then go through websockets."""
     return connection.protocol.extensions
@@ -188,6 +200,7 @@ class _Released:
 
     __slots__ = ("close_code", "close_reason")
     state = State.CLOSED
+    _state = State.CLOSED  # what ``is_open`` reads
     extensions: tuple[()] = ()
 
     def __init__(self, close_code: int | None, close_reason: str | None) -> None:
