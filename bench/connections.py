@@ -303,7 +303,7 @@ def render(r: dict[str, Any]) -> str:
             f"gateway RSS before / after       {r['rss_kib_before'] / 1024:.1f} / "
             f"{r['rss_kib_after'] / 1024:.1f} MiB",
             f"RSS per idle connection          {r['rss_kib_per_connection']:.1f} KiB  "
-            "(target <= 40)",
+            "(issue 18: target <= 30)",
         ]
         + ([f"failures                         {r['failures']}"] if r["failures"] else [])
     )
