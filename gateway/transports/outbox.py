@@ -79,7 +79,7 @@ class Outbox:
         self._on_overflow = on_overflow
         self._written = 0
         # Where each frame still in the transport buffer ends, in bytes written;
-        # None while nothing is in flight (an empty deque is ~600 bytes, and
+        # None while nothing is in flight (an empty deque is 760 bytes, and
         # most connections sit idle with nothing in flight).
         self._ends: deque[int] | None = None
         self.overflowed = False
