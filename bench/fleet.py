@@ -241,6 +241,7 @@ def run_sink_case(case: str, args: argparse.Namespace, log: Any) -> dict[str, An
         "published_per_s": stats["sent"] / elapsed,
         "confirmed_per_s": stats["acked"] / elapsed,
         "errors": stats["errors"],
+        "error_samples": stats["error_samples"],
         "closed_connections": stats["closed"],
         "latency_ms": {
             "p50": float(np.percentile(latencies, 50)) if len(latencies) else float("nan"),
@@ -350,6 +351,10 @@ def render(rounds: list[dict[str, dict[str, Any]]], args: argparse.Namespace) ->
                     + ", ".join(f"{x:.2f}" for x in ratio)
                     + f"), gateway CPU per delivery x{np.median(cpu):.2f}"
                 )
+    for number, results in enumerate(rounds, 1):
+        for name, r in results.items():
+            if r.get("error_samples"):
+                lines.append(f"round {number}, {name}: errors like {r['error_samples'][:2]}")
     return "\n".join(lines)
 
 

@@ -170,10 +170,19 @@ class Sink:
         self.sent = 0
         self.acked = 0
         self.latencies_ns: array[int] = array("q")
+        self.error_samples: list[str] = []
 
     def reset(self) -> None:
         self.received = self.errors = self.sent = self.acked = 0
         self.latencies_ns = array("q")
+        self.error_samples = []
+
+    def error_seen(self, data: bytes, count: int) -> None:
+        self.errors += count
+        if len(self.error_samples) < 3:
+            at = data.find(ERROR)
+            if at >= 0:
+                self.error_samples.append(data[at : at + 160].decode(errors="replace"))
 
 
 class _Conn:
@@ -266,7 +275,8 @@ def _on_data(conn: _Conn, data: bytes, sink: Sink, now_ns: int) -> None:
         conn.inflight -= answered + failed
         if sink.measuring:
             sink.acked += answered
-            sink.errors += failed
+            if failed:
+                sink.error_seen(data, failed)
     else:
         found = count_markers(carry, data, MESSAGE)
         if sink.measuring:
@@ -276,7 +286,7 @@ def _on_data(conn: _Conn, data: bytes, sink: Sink, now_ns: int) -> None:
                 if sent is not None:
                     sink.latencies_ns.append(now_ns - sent)
             if ERROR in data:
-                sink.errors += count_markers(carry, data, ERROR)
+                sink.error_seen(data, count_markers(carry, data, ERROR))
     conn.carry = (carry + data)[-CARRY:] if len(data) < CARRY else data[-CARRY:]
 
 
@@ -323,7 +333,7 @@ def _run(
                             "acked": sink.acked,
                             "errors": sink.errors,
                             "other": 0,
-                            "error_samples": [],
+                            "error_samples": sink.error_samples,
                             "closed": closed,
                             "close_codes": {},
                         },
