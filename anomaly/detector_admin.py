@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -28,10 +28,31 @@ from prometheus_client.registry import Collector
 from gateway.transports.httplistener import HttpListener
 
 if TYPE_CHECKING:
+    from anomaly.detector import Detector
     from anomaly.exchange import AlertOutbox
-    from anomaly.fleet import FleetDetector
 
 _background: set[asyncio.Task[None]] = set()
+
+
+class FleetDetector(Protocol):
+    """What the listener reads of ``anomaly.fleet.FleetDetector`` (a seam, so
+    that this module does not import the one that starts it)."""
+
+    events_received: int
+    batches_refused: int
+    responses_published: int
+    responses_failed: int
+
+    @property
+    def settings(self) -> Any: ...
+
+    @property
+    def detector(self) -> Detector: ...
+
+    @property
+    def connected(self) -> bool: ...
+
+    async def ban_now(self, kind: str, key: str) -> None: ...
 
 
 class FleetReviewHost:
