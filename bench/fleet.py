@@ -79,7 +79,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "with each tool, interleaved",
     )
     parser.add_argument(
-        "--tick", type=float, default=0.1, help="the sink's read tick in seconds (0.1)"
+        "--tick", type=float, default=0.25, help="the sink's read tick in seconds (0.25)"
     )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)

@@ -5,7 +5,7 @@ On a 2-core machine the load tool shares the cores with the gateway workers
 and RabbitMQ, so every microsecond it spends per delivery is taken from the
 workers it measures. bench/clients.py (bench.load's tool) parses every
 WebSocket frame in Python, runs a regex on every message and wakes up for
-every read: about 0.85 of a core at 70,000-100,000 deliveries/s here. This
+every read: 7-10 us of CPU per delivery here (0.5-0.9 of a core). This
 tool, after the setup (upgrade, ``welcome``, ``subscribe`` acked, on plain
 blocking sockets), runs one loop over epoll without asyncio:
 
@@ -20,9 +20,13 @@ blocking sockets), runs one loop over epoll without asyncio:
   in the read (``"t":<ns>``), against the time of the read. Per read, not per
   message: the percentiles are of reads (at saturation every figure is the
   queue, seconds; docs/fleet.md uses these runs for throughput only).
-* **Reading in ticks.** The loop sleeps out the rest of each ``tick`` (100 ms
+* **Reading in ticks.** The loop sleeps out the rest of each ``tick`` (250 ms
   by default) before it polls again, so a read carries every message that
   arrived during the tick instead of one wakeup and one ``recv`` per message.
+  Most of what is left is the kernel's (loopback TCP receive, ~25-35 us per
+  ``recv`` here, mostly system time): 9.5-10 us per delivery with 20 ms
+  ticks, 2.2-3.9 with 100 ms, 1.4-2.0 with 250 ms (``--tick``, measured
+  interleaved on this 2-vCPU VM).
   That adds at most a tick to the latency and leaves the gateway's work per
   delivery unchanged (its writes go to socket buffers of ~200 KiB either way;
   a real client on another host never costs the gateway a wakeup at all).
@@ -298,7 +302,7 @@ def _run(
     sink: Sink,
     spec: dict[str, Any],
 ) -> None:
-    tick = spec.get("tick_seconds", 0.1)
+    tick = spec.get("tick_seconds", 0.25)
     window = spec["window"]
     channel = spec["channel"].encode()
     padding = body_padding(spec["size"])
