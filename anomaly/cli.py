@@ -334,12 +334,14 @@ def _detector(args: argparse.Namespace) -> int:
     from anomaly.service import check_store
     from gateway.telemetry.logs import configure_logging
 
-    settings = _settings(args)
+    # The detector verifies no token: the gateways do. What it needs (amqp_url,
+    # the anomaly section, its store and admin port) still fails in one line.
+    settings = _settings(args, check_jwt=False)
     configure_logging(settings.log_level, settings.log_format)
     check_store(settings.anomaly.data_dir / STORE_FILE)  # ConfigError: one line
     try:
         return asyncio.run(run_detector(settings))
-    except OSError as exc:  # RabbitMQ unreachable at start
+    except OSError as exc:  # RabbitMQ unreachable, or the admin port taken, at start
         raise CliError(f"detector cannot start: {exc}") from None
 
 

@@ -23,7 +23,10 @@ starts), and a gateway never pays for the scoring.
 Bounds: a gateway never waits for the detector and never queues without
 bound. Events go out every 25 ms without publisher confirms; while the broker
 connection is down, or more than ``MAX_PENDING_EVENTS`` wait, they are dropped
-and counted (``events_dropped``). The detector's queue holds at most
+and counted (``events_dropped``, exported as
+``rabbitgate_anomaly_traffic_events_dropped_total`` in the gateway's
+/metrics; the detector's own counters are on its admin listener,
+``anomaly/detector_admin.py``). The detector's queue holds at most
 ``QUEUE_MAX_BATCHES`` batches (RabbitMQ drops the oldest beyond), so a
 detector that is down costs the broker a bounded amount. The wire format is
 JSON (never pickle: nothing read from the network is unpickled); a batch or a
@@ -39,13 +42,15 @@ import logging
 import math
 import signal
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import astuple
 from types import SimpleNamespace
 from typing import Any
 
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 from anomaly.worker import EVENT_FIELDS
 from gateway.limits.restrictions import Restrictions, Rule
@@ -150,6 +155,9 @@ class TrafficShipper:
         self._tasks: list[asyncio.Task[None]] = []
         self.node.restrictions.throttle_per_second = self.settings.throttle_per_second
         self.node.events.subscribe(self._pending.append)
+        metrics = getattr(gateway, "metrics", None)
+        if metrics is not None:
+            metrics.registry.register(ShipperCollector(self))
 
     async def start(self) -> None:
         s = self.settings
@@ -225,6 +233,42 @@ class TrafficShipper:
                 close_subject(self.node, rule.kind, rule.key)
 
 
+class ShipperCollector(Collector):
+    """The shipper's counters in the gateway's /metrics, read at scrape time."""
+
+    def __init__(self, shipper: TrafficShipper) -> None:
+        self.shipper = shipper
+
+    def collect(self) -> Iterator[Any]:
+        s = self.shipper
+        for name, text, value in (
+            (
+                "rabbitgate_anomaly_traffic_events_sent",
+                "Traffic events published to the fleet detector (anomaly.traffic_exchange).",
+                s.events_sent,
+            ),
+            (
+                "rabbitgate_anomaly_traffic_events_dropped",
+                "Traffic events dropped instead of published to the fleet detector: broker"
+                " connection down, publish failed, or over 100000 waiting.",
+                s.events_dropped,
+            ),
+            (
+                "rabbitgate_anomaly_responses_applied",
+                "Detector responses (bans, throttles, restriction sets) applied here.",
+                s.responses_applied,
+            ),
+            (
+                "rabbitgate_anomaly_responses_refused",
+                "Detector responses dropped because they did not parse.",
+                s.responses_refused,
+            ),
+        ):
+            family = CounterMetricFamily(name, text)
+            family.add_metric([], value)
+            yield family
+
+
 def close_subject(node: Any, kind: str, key: str) -> int:
     """Close every live connection of a banned subject with 4403; returns how many."""
     closed = 0
@@ -250,6 +294,9 @@ class FleetDetector:
         self.node = node
         self.events_received = 0
         self.batches_refused = 0
+        self.responses_published = 0
+        self.responses_failed = 0
+        self._in_force: list[Rule] = []  # the latest full set sent to the gateways
         self.detector = Detector(SimpleNamespace(node=node, settings=settings))
         self.detector.on_restrict = self._restricted
         self.detector.on_restrictions = self._restrictions
@@ -301,27 +348,57 @@ class FleetDetector:
         await self._publish(encode_rules("restrict", [rule]))
 
     async def _restrictions(self, rules: list[Rule]) -> None:
+        self._in_force = list(rules)
         await self._publish(encode_rules("restrictions", rules))
+
+    async def ban_now(self, kind: str, key: str) -> None:
+        """A reviewer's ban (already in the set in force): sent again as a
+        ``restrict``, which also closes the subject's live connections."""
+        rules = [r for r in self._in_force if (r.kind, r.key, r.mode) == (kind, key, "ban")]
+        if rules:
+            await self._publish(encode_rules("restrict", rules))
+
+    @property
+    def connected(self) -> bool:
+        return self._connection is not None and not self._connection.is_closed
 
     async def _publish(self, body: bytes) -> None:
         if self._responses is None:
+            self.responses_failed += 1
             return
         try:
             await self._responses.publish(
                 aio_pika.Message(body, content_type="application/json"), routing_key=""
             )
         except Exception as exc:  # the next window's full set catches up
+            self.responses_failed += 1
             log.warning("detector response not published (%s)", type(exc).__name__)
+        else:
+            self.responses_published += 1
 
 
 async def run_detector(settings: Any) -> int:
-    """``rabbitgate detector``: run until SIGTERM or SIGINT."""
+    """``rabbitgate detector``: run until SIGTERM or SIGINT.
+
+    Raises OSError when RabbitMQ does not answer or the admin port is taken."""
+    from anomaly.detector_admin import DetectorAdmin
+
     detector = FleetDetector(settings)
+    admin = DetectorAdmin(detector)
     await detector.start()
+    try:
+        await admin.start()
+    except OSError:
+        await detector.stop()
+        raise
+    s = settings.anomaly
     log.info(
-        "anomaly detector consuming %s (queue %s)",
-        settings.anomaly.traffic_exchange,
-        settings.anomaly.detector_queue,
+        "anomaly detector consuming %s (queue %s); admin on http://%s:%d/ (review page %s)",
+        s.traffic_exchange,
+        s.detector_queue,
+        s.detector_admin_host,
+        admin.port,
+        "/alerts/" if admin.review is not None else "off: no anomaly.reviewers_file",
     )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -331,5 +408,6 @@ async def run_detector(settings: Any) -> int:
     try:
         await stop.wait()
     finally:
+        await admin.stop()
         await detector.stop()
     return 0

@@ -80,6 +80,11 @@ class AnomalySettings:
     traffic_exchange: str = "rabbitgate.traffic"
     responses_exchange: str = "rabbitgate.responses"
     detector_queue: str = "rabbitgate.detector.traffic"
+    # The fleet detector's admin listener (anomaly/detector_admin.py): /healthz,
+    # /readyz, /metrics and, with reviewers_file, the review page under /alerts/.
+    # 0: any free port (logged at start).
+    detector_admin_host: str = "127.0.0.1"
+    detector_admin_port: int = 9091
     # Reviewers of the admin review page: lines "name:scrypt$..." (see
     # `rabbitgate alerts add-reviewer`). No file: the review page is not served.
     reviewers_file: Path | None = None
@@ -109,6 +114,8 @@ class AnomalySettings:
             return "anomaly.ban_seconds, throttle_seconds and throttle_per_second must be positive"
         if self.retrain_interval_seconds < 0:
             return "anomaly.retrain_interval_seconds must not be negative (0: never)"
+        if not 0 <= self.detector_admin_port <= 65535:
+            return "anomaly.detector_admin_port must be between 0 and 65535"
         if not self.exchange or not self.traffic_exchange or not self.responses_exchange:
             return "anomaly.exchange, traffic_exchange and responses_exchange must not be empty"
         return None

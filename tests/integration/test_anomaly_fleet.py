@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import ssl
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aio_pika
+import aiohttp
 import pytest
 
 from anomaly.fleet import FleetDetector, decode_events, encode_events
@@ -136,3 +138,45 @@ def test_the_wire_format_round_trips_and_refuses_what_is_not_an_event() -> None:
     ):
         with pytest.raises(ValueError):
             decode_events(bad)
+
+
+async def scrape(port: int) -> str:
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"http://127.0.0.1:{port}/metrics") as answer:
+            return await answer.text()
+
+
+def sample(text: str, name: str) -> float:
+    found = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
+    assert found is not None, f"{name} not in /metrics"
+    return float(found.group(1))
+
+
+async def test_the_shippers_sent_and_dropped_events_are_counters_in_the_gateways_metrics(
+    fleet_settings: Settings,
+    start_gateway: Callable[[Settings], Any],
+    client_ssl: ssl.SSLContext,
+    make_token: Callable[..., str],
+) -> None:
+    gateway = await start_gateway(fleet_settings)
+    shipper = gateway.anomaly.shipper
+    ws = await open_ws(gateway.port, client_ssl, make_token("alice"), "127.0.6.20")
+    await welcome(ws)
+    await until(lambda: shipper.events_sent >= 2)  # connect, auth_ok
+    text = await scrape(gateway.admin_port)
+    assert sample(text, "rabbitgate_anomaly_traffic_events_sent_total") == shipper.events_sent
+    assert sample(text, "rabbitgate_anomaly_traffic_events_dropped_total") == 0.0
+    assert "# HELP rabbitgate_anomaly_traffic_events_dropped_total Traffic events dropped" in text
+    assert "# TYPE rabbitgate_anomaly_traffic_events_sent_total counter" in text
+    await ws.close()
+    # The shipper's broker connection gone: what the gateway sees is dropped, and counted.
+    assert shipper._connection is not None
+    await shipper._connection.close()
+    sent = shipper.events_sent
+    ws = await open_ws(gateway.port, client_ssl, make_token("bob"), "127.0.6.21")
+    await welcome(ws)
+    await until(lambda: shipper.events_dropped >= 2)
+    await ws.close()
+    text = await scrape(gateway.admin_port)
+    assert sample(text, "rabbitgate_anomaly_traffic_events_dropped_total") >= 2.0
+    assert sample(text, "rabbitgate_anomaly_traffic_events_sent_total") == sent
