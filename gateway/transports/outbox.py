@@ -60,6 +60,7 @@ class Outbox:
         "_written",
         "_ends",
         "overflowed",
+        "messages_out",
     )
 
     def __init__(
@@ -84,6 +85,9 @@ class Outbox:
         # most connections sit idle with nothing in flight).
         self._ends: deque[int] | None = None
         self.overflowed = False
+        # Frames written to this connection, for the operator's list
+        # (gateway/operations/connections.py): one += on the delivery path.
+        self.messages_out = 0
 
     def pending(self) -> tuple[int, int]:
         """(bytes, frames) written but not yet taken by the network."""
@@ -121,6 +125,7 @@ class Outbox:
             self._transport.write(text_frame(frame))
         else:
             broadcast((self.connection,), frame, text=True)
+        self.messages_out += 1
         self.pending()  # usually all gone to the socket already: frees the deque
         return True
 
@@ -139,6 +144,7 @@ class Outbox:
             wire.append(text_frame(frame))
         if wire:
             self._transport.write(b"".join(wire))
+            self.messages_out += len(wire)
         return len(wire)
 
     def _overflow(self) -> None:
@@ -179,6 +185,7 @@ def fan_out(outboxes: Iterable[Outbox | FrameSink], frame: bytes) -> int:
                 outbox.pending()  # usually all gone already: frees its deque
             else:
                 compressed.append(outbox.connection)
+            outbox.messages_out += 1
             taken += 1
         elif outbox.send(frame):
             taken += 1
