@@ -355,13 +355,22 @@ class FleetConnections:
                 while True:
                     message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
                     if message is not None and message.get("type") == "message":
-                        await self._on_message(message["channel"], message["data"])
+                        await self._on_message_safely(message["channel"], message["data"])
             except (RedisError, OSError) as exc:
                 log.warning("operator control: Redis unreachable (%s)", type(exc).__name__)
                 await asyncio.sleep(1.0)
             finally:
                 with contextlib.suppress(RedisError, OSError):
                     await pubsub.aclose()
+
+    async def _on_message_safely(self, channel: bytes, data: bytes) -> None:
+        """One message; whatever goes wrong with it, the listener goes on."""
+        try:
+            await self._on_message(channel, data)
+        except (RedisError, OSError):
+            raise  # the connection: _listen subscribes again
+        except Exception as exc:  # a bug must not end the fleet's control channel
+            log.warning("operator control: a message failed (%s: %s)", type(exc).__name__, exc)
 
     async def _on_message(self, channel: bytes, data: bytes) -> None:
         message = open_message(self._key, data)

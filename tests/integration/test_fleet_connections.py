@@ -50,6 +50,7 @@ class Operator:
     def __init__(self, token_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
         self.token_file = token_file
         self.capsys = capsys
+        self.err = ""  # the latest command's stderr
 
     async def run(self, admin_port: int, *argv: str) -> str:
         flags = [
@@ -59,8 +60,8 @@ class Operator:
             str(self.token_file),
         ]
         code = await asyncio.to_thread(main, ["connections", *argv, *flags])
-        out, err = self.capsys.readouterr()
-        assert code == 0, err
+        out, self.err = self.capsys.readouterr()
+        assert code == 0, self.err
         return out
 
     async def list(self, admin_port: int, *argv: str) -> Any:
@@ -209,6 +210,14 @@ async def test_a_killed_gateway_is_named_as_not_answering_then_dropped(
     missing = [p for p in answer["processes"] if p.get("answered") is False]
     assert [p["process"] for p in missing] == [zed["process"]]
     assert answer["connections"] == []
+    out = await operator.run(a.admin_port, "list")
+    assert f"process {zed['process']}: did not answer" in out
+    # An action says what it did not reach, and does not wait longer for it.
+    began = time.monotonic()
+    out = await operator.run(a.admin_port, "kick", "--user", "zed")
+    assert time.monotonic() - began < 3
+    assert "closed 0 connection(s)" in out
+    assert operator.err == f"not reached (did not answer): {zed['process']}\n"
     # Its registry entry lapses (presence_ttl_seconds: 3): then it is not named at all.
     for _ in range(50):
         answer = await operator.list(a.admin_port)
