@@ -274,6 +274,21 @@ class FleetConnections:
         # Bumped by every ban or unban made here: a sync of the bans read
         # before it must not undo it.
         self._changes = 0
+        self._reachable = True  # logged once when it changes, not every retry
+
+    def _redis_down(self, exc: BaseException) -> None:
+        if self._reachable:
+            self._reachable = False
+            log.warning(
+                "operator control: Redis unreachable (%s); lists and actions cover"
+                " this process only until it is back",
+                type(exc).__name__,
+            )
+
+    def _redis_up(self) -> None:
+        if not self._reachable:
+            self._reachable = True
+            log.info("operator control: Redis reachable again")
 
     # --- life ---------------------------------------------------------------
 
@@ -283,8 +298,10 @@ class FleetConnections:
             asyncio.create_task(self._listen()),
             asyncio.create_task(self._keep_alive()),
         ]
+        # Subscribed before the first heartbeat: once other processes see this
+        # one, it hears their requests. Redis down: no more than 2 s of delay.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._listening.wait(), 5)
+            await asyncio.wait_for(self._listening.wait(), 2)
         await self._heartbeat()
 
     async def stop(self) -> None:
@@ -309,8 +326,9 @@ class FleetConnections:
             await self.redis.zadd(self._processes, {self.me: now_ms + self._ttl * 1000})
             await self.redis.zremrangebyscore(self._processes, "-inf", now_ms)
             await self._sync_bans()
+            self._redis_up()
         except (RedisError, OSError) as exc:
-            log.warning("operator control: Redis unreachable (%s)", type(exc).__name__)
+            self._redis_down(exc)
 
     async def _sync_bans(self) -> None:
         """Make this process's operator bans those stored in Redis (missed messages,
@@ -357,7 +375,7 @@ class FleetConnections:
                     if message is not None and message.get("type") == "message":
                         await self._on_message_safely(message["channel"], message["data"])
             except (RedisError, OSError) as exc:
-                log.warning("operator control: Redis unreachable (%s)", type(exc).__name__)
+                self._redis_down(exc)
                 await asyncio.sleep(1.0)
             finally:
                 with contextlib.suppress(RedisError, OSError):
@@ -444,7 +462,7 @@ class FleetConnections:
             await self.redis.publish(self._requests, seal(self._key, request))
         except (RedisError, OSError) as exc:
             self._waiting.pop(ident, None)
-            log.warning("operator control: Redis unreachable (%s)", type(exc).__name__)
+            self._redis_down(exc)
             return None
         try:
             with contextlib.suppress(TimeoutError):

@@ -241,3 +241,53 @@ def test_channel_rates_average_the_complete_seconds_of_the_window() -> None:
     assert rates.rates() == {"a": 0.1}
     now[0] = 200.0
     assert rates.rates() == {}
+
+
+# --- with Redis unreachable ----------------------------------------------------------
+
+
+class _Here:
+    """A LocalConnections stand-in: this process, one connection of ann."""
+
+    def __init__(self) -> None:
+        self.banned: list[tuple[str, str]] = []
+
+    async def list(self, where: ConnectionFilter) -> dict[str, object]:
+        return own_answer()
+
+    def close_sessions(self, session: str | None, user: str | None, shown: str) -> int:
+        return 1 if user == "ann" else 0
+
+    def apply_ban(self, kind: str, key: str, until: float, shown: str) -> int:
+        self.banned.append((kind, key))
+        return 1
+
+
+async def test_with_redis_unreachable_answers_say_so_and_a_ban_is_refused() -> None:
+    import dataclasses
+
+    from gateway.config import LimitSettings, Settings
+    from gateway.operations.connections import ConnectionsRequestError
+    from gateway.operations.fleet_connections import UNREACHABLE, FleetConnections
+    from gateway.telemetry.metrics import Metrics
+
+    settings = Settings(redis_url="redis://127.0.0.1:1/0")  # nothing listens on port 1
+    settings = dataclasses.replace(settings, limits=LimitSettings(redis_timeout_seconds=0.1))
+    here = _Here()
+    fleet = FleetConnections(here, settings, Metrics())  # type: ignore[arg-type]
+    try:
+        began = time.monotonic()
+        answer = await fleet.list(ConnectionFilter())
+        assert time.monotonic() - began < 2
+        assert answer["processes"][-1] == {"process": UNREACHABLE, "answered": False}
+        assert [r["session"] for r in answer["connections"]] == ["s2"]  # this process's
+        kicked = await fleet.kick("olga", session=None, user="ann", reason="")
+        assert kicked["closed"] == 1
+        assert kicked["processes"][-1] == {"process": UNREACHABLE, "answered": False}
+        with pytest.raises(ConnectionsRequestError, match="nothing was banned"):
+            await fleet.ban("olga", "user", "eve", 60, "spam")
+        assert here.banned == []  # not banned here alone either
+        with pytest.raises(ConnectionsRequestError, match="name either a session or a user"):
+            await fleet.kick("olga", session=None, user=None, reason="")
+    finally:
+        await fleet.redis.aclose()
