@@ -219,9 +219,10 @@ def checked_request(message: Mapping[str, Any]) -> Request | None:
             kind, key = checked_subject(message.get("kind"), message.get("key"))
             args = {"kind": kind, "key": key}
             if op == "ban":
-                args["until"] = time.time() + checked_seconds(
-                    _number(message.get("until")) - time.time()
-                )
+                until = _number(message.get("until"))
+                checked_seconds(until - time.time())  # no ban ended or longer than 30 days
+                # The asker's end as is: the stored entry has the same one (see _sync_bans).
+                args["until"] = until
                 args["shown"] = checked_text(message.get("shown"), "shown")
     except ConnectionsRequestError:
         return None
