@@ -66,7 +66,7 @@ from gateway.operations.connections import (
     process_name,
     record,
 )
-from gateway.operations.control_messages import Ignored, open_message, seal
+from gateway.operations.control_messages import MAX_SKEW_SECONDS, Ignored, open_message, seal
 from gateway.telemetry.metrics import Metrics
 
 log = logging.getLogger("rabbitgate.control")
@@ -232,6 +232,24 @@ def checked_request(message: Mapping[str, Any]) -> Request | None:
 FILTER = ("user", "address", "channel")
 
 
+class SeenRequests:
+    """Request ids acted on within the time a message is taken (MAX_SKEW_SECONDS
+    either way): a captured, signed request replayed in that time is refused."""
+
+    def __init__(self, keep_seconds: float = 2 * MAX_SKEW_SECONDS) -> None:
+        self._keep = keep_seconds
+        self._seen: dict[str, float] = {}
+
+    def first_time(self, ident: str, now: float) -> bool:
+        # Kept in the order seen, so the first one is the first to expire.
+        if self._seen and next(iter(self._seen.values())) < now:
+            self._seen = {k: t for k, t in self._seen.items() if t > now}
+        if ident in self._seen:
+            return False
+        self._seen[ident] = now + self._keep
+        return True
+
+
 def checked_ban_entry(message: Mapping[str, Any], now: float) -> tuple[str, str, float, str] | None:
     """A stored ban (kind, key, until, shown) still in force, or None."""
     try:
@@ -276,6 +294,7 @@ class FleetConnections:
         # before it must not undo it.
         self._changes = 0
         self._reachable = True  # logged once when it changes, not every retry
+        self._seen = SeenRequests()
 
     def _redis_down(self, exc: BaseException) -> None:
         if self._reachable:
@@ -413,6 +432,9 @@ class FleetConnections:
         request = checked_request(message)
         if request is None:
             self._ignored.labels("malformed").inc()
+            return
+        if not self._seen.first_time(f"{request.sender} {request.id}", time.time()):
+            self._ignored.labels("stale").inc()  # a replay of a request done already
             return
         answer = await self._serve(request)
         reply = seal(self._key, {"id": request.id, "process": self.me, "answer": answer})

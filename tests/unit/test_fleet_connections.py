@@ -13,6 +13,7 @@ from gateway.operations.connections import ConnectionFilter, channel_loads
 from gateway.operations.control_messages import MAX_SKEW_SECONDS, Ignored, open_message, seal
 from gateway.operations.fleet_connections import (
     Gathering,
+    SeenRequests,
     alive_processes,
     checked_ban_entry,
     checked_request,
@@ -293,3 +294,13 @@ async def test_with_redis_unreachable_answers_say_so_and_a_ban_is_refused() -> N
             await fleet.kick("olga", session=None, user=None, reason="")
     finally:
         await fleet.redis.aclose()
+
+
+def test_a_request_is_acted_on_once_while_it_could_be_replayed() -> None:
+    seen = SeenRequests(keep_seconds=60)
+    assert seen.first_time("a/1 x", now=1000.0)
+    assert not seen.first_time("a/1 x", now=1059.0)  # a replay
+    assert seen.first_time("a/1 y", now=1059.0)
+    # After the time a message is taken at all, its id is forgotten (the
+    # message itself is refused as stale by then).
+    assert seen.first_time("a/1 x", now=1061.0)
