@@ -38,8 +38,9 @@ def test_a_sealed_message_opens_with_its_key_and_carries_its_time() -> None:
     [
         (seal(b"another key", {"op": "list"}), "bad_signature"),
         (seal(None, {"op": "list"}), "unsigned"),
-        (seal(KEY, {"op": "list"}, now=time.time() - MAX_SKEW_SECONDS - 1), "stale"),
-        (seal(KEY, {"op": "list"}, now=time.time() + MAX_SKEW_SECONDS + 1), "stale"),
+        # Built at collection time: far enough out that it stays stale until run.
+        (seal(KEY, {"op": "list"}, now=time.time() - 100 * MAX_SKEW_SECONDS), "stale"),
+        (seal(KEY, {"op": "list"}, now=time.time() + 100 * MAX_SKEW_SECONDS), "stale"),
         (b"v1.", "malformed"),
         (b"v2.abc.{}", "malformed"),
         (b"", "malformed"),
@@ -50,6 +51,13 @@ def test_a_sealed_message_opens_with_its_key_and_carries_its_time() -> None:
 )
 def test_what_cannot_be_trusted_is_ignored_with_its_reason(raw: object, reason: str) -> None:
     assert open_message(KEY, raw) == Ignored(reason)
+
+
+def test_a_message_just_inside_the_skew_is_taken_and_just_outside_is_stale() -> None:
+    raw = seal(KEY, {"op": "list"}, now=1000.0)
+    assert isinstance(open_message(KEY, raw, now=1000.0 + MAX_SKEW_SECONDS - 0.1), dict)
+    assert open_message(KEY, raw, now=1000.0 + MAX_SKEW_SECONDS + 0.1) == Ignored("stale")
+    assert open_message(KEY, raw, now=1000.0 - MAX_SKEW_SECONDS - 0.1) == Ignored("stale")
 
 
 def test_a_signed_body_that_is_not_an_object_with_a_time_is_malformed() -> None:
