@@ -27,12 +27,7 @@ from typing import Any, cast
 
 import aio_pika
 import aiormq
-from aio_pika.abc import (
-    AbstractChannel,
-    AbstractConnection,
-    AbstractIncomingMessage,
-    AbstractQueue,
-)
+from aio_pika.abc import AbstractChannel, AbstractConnection
 from aiormq.abc import DeliveredMessage
 from yarl import URL
 
@@ -137,7 +132,8 @@ class Broker:
         self._consume_channel: AbstractChannel | None = None
         # Exchanges declared on the current connection, as AMQP short strings.
         self._exchanges: dict[str, bytes] = {}
-        self._consumers: dict[str, tuple[AbstractQueue, str]] = {}
+        # exchange -> (the consume channel's aiormq channel, consumer tag)
+        self._consumers: dict[str, tuple[aiormq.Channel, str]] = {}
         self._unacked: dict[str, int] = {}
         self._marker_waiters: dict[str, asyncio.Future[int]] = {}
         self._ready = False
@@ -273,9 +269,9 @@ class Broker:
         self._following.pop(exchange, None)
         consumer = self._consumers.pop(exchange, None)
         if consumer is not None and self.connected:
-            queue, tag = consumer
+            channel, tag = consumer
             with contextlib.suppress(Exception):
-                await queue.cancel(tag)
+                await channel.basic_cancel(tag)
 
     async def replay(
         self,
@@ -505,26 +501,47 @@ class Broker:
             return
         last = self._following.get(exchange)
         offset: int | str = "next" if last is None else last + 1
-        queue = await self._consume_channel.get_queue(stream_name(exchange), ensure=False)
+        # Consumed on aiormq's channel, under aio-pika's: aio-pika would build
+        # an IncomingMessage and start one more task per message, for nothing
+        # read here that aiormq's DeliveredMessage does not hold. py-spy at
+        # 100 subscribers x 100 msg/s (2026-12-02): aio-pika's consumer path
+        # was 3.3 % of the gateway's samples, aiormq's grew by 1.1 % without
+        # it; no CPU difference beyond the noise of a shared machine
+        # (docs/performance.md, issue 18, second session).
+        channel = cast(aiormq.Channel, await self._consume_channel.get_underlay_channel())
 
-        async def on_message(message: AbstractIncomingMessage) -> None:
-            await self._on_stream_message(exchange, message)
+        async def on_message(message: DeliveredMessage) -> None:
+            await self._on_stream_message(exchange, channel, message)
 
-        tag = await queue.consume(on_message, arguments={"x-stream-offset": offset})
-        self._consumers[exchange] = (queue, tag)
+        ok = await channel.basic_consume(
+            stream_name(exchange), on_message, arguments={"x-stream-offset": offset}
+        )
+        assert ok.consumer_tag is not None
+        self._consumers[exchange] = (channel, ok.consumer_tag)
 
-    async def _on_stream_message(self, exchange: str, message: AbstractIncomingMessage) -> None:
-        offset = (message.headers or {}).get("x-stream-offset")
+    async def _on_stream_message(
+        self, exchange: str, channel: aiormq.Channel, message: DeliveredMessage
+    ) -> None:
+        properties = message.header.properties
+        headers = properties.headers or {}
+        offset = headers.get("x-stream-offset")
         last = self._following.get(exchange, -1)
         # A stream consumer starts at a chunk boundary: skip what we already delivered.
         fresh = isinstance(offset, int) and (last is None or offset > last)
         if fresh and exchange in self._following:
             assert isinstance(offset, int)
             self._following[exchange] = offset
-            if _is_marker(message):
-                self._marker_seen(message, offset)
+            if MARKER_HEADER in headers:
+                self._marker_seen(headers, offset)
             else:
-                delivery = self._delivery(exchange, offset, message)
+                delivery = Delivery(
+                    exchange=exchange,
+                    channel=message.routing_key or "",
+                    seq=offset,
+                    body=message.body,
+                    sender=sender_of(headers, properties.user_id, properties.app_id, self.user),
+                    ts_ms=timestamp_ms_of(headers, properties.timestamp, int(time.time() * 1000)),
+                )
                 try:
                     self._on_delivery(delivery)
                 except Exception:
@@ -532,24 +549,16 @@ class Broker:
         unacked = self._unacked.get(exchange, 0) + 1
         if unacked >= ACK_EVERY:
             unacked = 0
-            with contextlib.suppress(Exception):
-                await message.ack(multiple=True)
+            tag = message.delivery_tag
+            if tag is not None:
+                with contextlib.suppress(Exception):
+                    await channel.basic_ack(tag, multiple=True)
         self._unacked[exchange] = unacked
 
-    def _marker_seen(self, message: AbstractIncomingMessage, offset: int) -> None:
-        waiter = self._marker_waiters.get(str((message.headers or {}).get(MARKER_HEADER)))
+    def _marker_seen(self, headers: dict[str, Any], offset: int) -> None:
+        waiter = self._marker_waiters.get(str(headers.get(MARKER_HEADER)))
         if waiter is not None and not waiter.done():
             waiter.set_result(offset)
-
-    def _delivery(self, exchange: str, offset: int, message: AbstractIncomingMessage) -> Delivery:
-        return Delivery(
-            exchange=exchange,
-            channel=message.routing_key or "",
-            seq=offset,
-            body=message.body,
-            sender=sender_of(message.headers, message.user_id, message.app_id, self.user),
-            ts_ms=timestamp_ms_of(message.headers, message.timestamp, int(time.time() * 1000)),
-        )
 
     def _connection_or_fail(self) -> AbstractConnection:
         if self._connection is None:
@@ -567,10 +576,6 @@ def publish_error(future: asyncio.Future[object]) -> BrokerUnavailable | None:
     if isinstance(error, Expired | aiormq.exceptions.DeliveryError):
         return BrokerUnavailable("broker did not confirm the message")
     return BrokerUnavailable("broker connection lost")
-
-
-def _is_marker(message: AbstractIncomingMessage) -> bool:
-    return MARKER_HEADER in (message.headers or {})
 
 
 def _describe(exc: BaseException) -> str:

@@ -117,6 +117,21 @@ def transport_of(connection: Connection) -> asyncio.Transport:
     return transport
 
 
+def is_open(connection: Connection) -> bool:
+    """``connection.state is State.OPEN``, read without its two properties.
+
+    ``Connection.state`` returns ``protocol.state``, itself a property over
+    ``protocol._state``; the outbox asks once per subscriber per delivery.
+    py-spy at 1,000 subscribers x 20 msg/s (2026-12-02): the two properties
+    and their callers' lines were ~8 % of the gateway's samples, and this
+    read is still ~10 % after: what costs is the first touch of each
+    connection's objects in a delivery, whoever reads them, so the gain is
+    the two calls only. A released connection's protocol has ``_state``
+    too (``_Released``).
+    """
+    return connection.protocol._state is State.OPEN  # type: ignore[attr-defined, no-any-return]
+
+
 def extensions_of(connection: Connection) -> Sequence[Extension]:
     """The extensions negotiated (permessage-deflate): frames must then go through websockets."""
     return connection.protocol.extensions
@@ -188,6 +203,7 @@ class _Released:
 
     __slots__ = ("close_code", "close_reason")
     state = State.CLOSED
+    _state = State.CLOSED  # what ``is_open`` reads
     extensions: tuple[()] = ()
 
     def __init__(self, close_code: int | None, close_reason: str | None) -> None:

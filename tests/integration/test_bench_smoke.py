@@ -194,3 +194,46 @@ def test_connections() -> None:
     number(report["rss_kib_per_connection"])
     assert number(report["rss_kib_after"]) > 0
     number(report["setup_ms"]["p99"])
+
+
+def test_connections_with_a_variant_in_rounds() -> None:
+    report = run_tool(
+        "connections",
+        "--connections",
+        "20",
+        "--hold",
+        "0.2",
+        "--variant",
+        "mmap,MALLOC_ARENA_MAX=2",
+    )
+    assert [run["target"] for run in report["runs"]] == ["gateway", "mmap"]
+    for run in report["runs"]:
+        assert run["opened"] > 0
+        number(run["rss_kib_per_connection"])
+
+
+def test_broker_cost_of_every_variant() -> None:
+    variants = (
+        "gateway,replica,write-only,no-confirm,default-exchange,prefetch-100,batch-2,"
+        "classic-transient,classic-transient-ack,classic-durable,classic-maxlen,classic-lazy"
+    )
+    report = run_tool(
+        "brokercost",
+        "--rate",
+        "50",
+        "--seconds",
+        "0.4",
+        "--idle-seconds",
+        "0.2",
+        "--variants",
+        variants,
+    )
+    found = {r["variant"]: r for r in report["results"]}
+    assert set(found) == set(variants.split(","))
+    for name, r in found.items():
+        assert r["published"] > 0
+        # Every message published is delivered once, but for the variant that
+        # consumes nothing.
+        assert r["received"] == (0 if name == "write-only" else r["published"]), name
+        number(r["broker_us_per_message"])
+        number(r["broker_us_per_message_above_idle"])

@@ -134,6 +134,24 @@ async def test_release_leaves_no_cycle_behind(server: Any) -> None:
         gc.enable()
 
 
+async def test_is_open_follows_the_state_through_closing_and_release(server: Any) -> None:
+    """``is_open`` reads ``protocol._state``: it must say what ``connection.state`` says."""
+    s, seen, end = server
+    async with connect(url(s)) as client:
+        await until(lambda: bool(seen))
+        connection = seen[0]
+        assert connection.state is State.OPEN and ws_adapter.is_open(connection)
+        closing = asyncio.ensure_future(connection.close())
+        await asyncio.sleep(0)
+        assert connection.state is not State.OPEN
+        assert not ws_adapter.is_open(connection)
+        await closing
+        end.set()
+        await client.wait_closed()
+    await until(lambda: isinstance(connection.protocol, ws_adapter._Released))
+    assert not ws_adapter.is_open(connection)
+
+
 def test_release_empties_attribute_dicts_of_both_objects() -> None:
     """What release clears must be plain instance dicts (no __slots__)."""
     assert "__dict__" in dir(ServerConnection)
