@@ -27,6 +27,7 @@ from gateway.devtools.devcerts import server_ssl_context
 from gateway.operations.connections import Connections, LocalConnections
 from gateway.operations.connections_admin import ConnectionsAdmin, OperatorFileError
 from gateway.operations.console import ConsolePages
+from gateway.operations.fleet_connections import FleetConnections
 from gateway.operations.malloc import fix_mmap_threshold
 from gateway.operations.operations import Operations
 from gateway.operations.staff_login import StaffLogin, staff_login_for
@@ -74,7 +75,13 @@ class Gateway:
         self.admin_app = self.ops.admin_app  # add admin routes to it before start()
         # What operators see of and do to live connections (the service behind the
         # /connections endpoints, the CLI and the console).
-        self.connections: Connections = LocalConnections(self.node, self.gate)
+        # With redis_url, every process sharing it (gateway/operations/fleet_connections.py).
+        local = LocalConnections(self.node, self.gate)
+        self.connections: Connections = local
+        self.fleet_connections: FleetConnections | None = None
+        if settings.redis_url is not None:
+            self.fleet_connections = FleetConnections(local, settings, self.metrics)
+            self.connections = self.fleet_connections
         # The operator's /connections endpoints (list, kick, ban), behind operators_file.
         if settings.operators_file is not None:
             try:
@@ -130,6 +137,8 @@ class Gateway:
         await self.verifier.start()
         await self.node.start()
         await self.node.presence.start()
+        if self.fleet_connections is not None:
+            await self.fleet_connections.start()  # takes the fleet's operator bans
         if self.anomaly is not None:
             await self.anomaly.start()
         await self.reloader.start()  # watches policies_dir; SIGHUP calls reload_soon
@@ -166,6 +175,8 @@ class Gateway:
         # After every connection ended: a clean stop takes this process's
         # entries out of Redis at once instead of letting them lapse.
         await self.node.presence.stop()
+        if self.fleet_connections is not None:
+            await self.fleet_connections.stop()
         if self.anomaly is not None:
             await self.anomaly.stop()
         await self.node.stop()

@@ -134,6 +134,25 @@ MAX_STAFF_SESSION_SECONDS = 7 * 86400.0
 
 
 @dataclass(frozen=True)
+class ControlSettings:
+    """How the operator's tools reach every gateway process sharing redis_url
+    (gateway/operations/fleet_connections.py, docs/console.md)."""
+
+    # Signs the control messages (HMAC-SHA256) and the operator bans kept in
+    # Redis: a process ignores (and counts) any that is unsigned or signed with
+    # another key. Give it through RABBITGATE_CONTROL_KEY, the same on every
+    # process. None: messages are not signed and whoever can publish on the
+    # Redis server can kick and ban.
+    key: str | None = dataclasses.field(default=None, repr=False)
+    # The Redis keys and channels of this fleet: fleets that share a Redis
+    # server but must not act on each other's connections need their own.
+    prefix: str = "rabbitgate:control"
+    # How long a list or an action waits for the other processes; one that did
+    # not answer by then is named as such ("answered": false).
+    deadline_seconds: float = 1.0
+
+
+@dataclass(frozen=True)
 class Settings:
     host: str = "0.0.0.0"
     port: int = 8443
@@ -205,6 +224,8 @@ class Settings:
     operators_file: Path | None = None
     # Staff of the admin pages behind a login (alert review, live console).
     staff: StaffSettings = field(default_factory=StaffSettings)
+    # The operator's tools across the processes sharing redis_url.
+    control: ControlSettings = field(default_factory=ControlSettings)
 
 
 _SECTIONS: dict[str, type] = {
@@ -213,6 +234,7 @@ _SECTIONS: dict[str, type] = {
     "limits": LimitSettings,
     "anomaly": AnomalySettings,
     "staff": StaffSettings,
+    "control": ControlSettings,
 }
 
 
@@ -413,6 +435,7 @@ def _check_rest(settings: Settings) -> None:
         raise ConfigError("presence_ttl_seconds must be between 1 and 30")
     _check_fleet(settings)
     _check_staff(settings)
+    _check_control(settings.control)
     anomaly_problem = settings.anomaly.problem()
     if anomaly_problem is not None:
         raise ConfigError(anomaly_problem)
@@ -430,6 +453,15 @@ def staff_login_settings(settings: Settings) -> tuple[Path, float] | None:
     if settings.anomaly.reviewers_file is not None:
         return settings.anomaly.reviewers_file, settings.anomaly.review_session_seconds
     return None
+
+
+def _check_control(control: ControlSettings) -> None:
+    if not 0.1 <= control.deadline_seconds <= 10:
+        raise ConfigError("control.deadline_seconds must be between 0.1 and 10")
+    if not control.prefix or len(control.prefix) > 100 or not control.prefix.isprintable():
+        raise ConfigError("control.prefix must be 1-100 printable characters")
+    if control.key is not None and len(control.key) < 16:
+        raise ConfigError("control.key must be at least 16 characters")
 
 
 def _check_staff(settings: Settings) -> None:

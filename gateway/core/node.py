@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from gateway.broker.broker import Broker, Delivery
 from gateway.config import Settings
+from gateway.core.channel_rates import ChannelRates
 from gateway.core.client_address import TrustedProxies
 from gateway.core.deadlines import Deadlines
 from gateway.core.hub import Hub, Route
@@ -107,6 +108,8 @@ class Node:
         # Tenant subscription leases: (session id, channel) -> lease.
         self._tenant_leases: dict[tuple[str, str], Slot] = {}
         self.dropped_messages = 0
+        # Messages per second per channel with local subscribers (the operator's list).
+        self.channel_rates = ChannelRates()
         self.shutting_down = False
         # Who is subscribed where (spec section 11): this process's table unless
         # the Gateway puts the Redis service here (gateway/presence/).
@@ -302,6 +305,7 @@ class Node:
         if frame is None:
             return
         if subscribers:
+            self.channel_rates.count(delivery.channel)
             delivered = self._fan_out((session.outbox for session in subscribers), frame)
             self.metrics.delivered(delivery.exchange, delivered, delivery.ts_ms)
         if recovering:

@@ -56,10 +56,14 @@ class Connections(Protocol):
     ``list`` answers ``{"processes": [{"process": "host/pid", ...}],
     "connections": [row, ...], "bans": [{"kind", "key", "until"}]}``, a row
     being ``session, user, address, transport, since, channels,
-    send_buffer_bytes, send_buffer_frames, send_buffer_fill, messages_in``
-    (plus ``process``). The actions answer what they did (``closed``,
-    ``until``, ``lifted``) and record it on the audit stream under
-    ``operator``, a name the caller authenticated (never one a request gave).
+    send_buffer_bytes, send_buffer_frames, send_buffer_fill, messages_in,
+    messages_out`` (plus ``process``), and ``"channels": [{"channel",
+    "subscribers", "messages_per_second"}]``. A process entry with
+    ``"answered": false`` is one known to be alive that did not answer: its
+    connections are not listed and the actions did not reach it. The
+    actions answer what they did (``closed``, ``until``, ``lifted``) and
+    record it on the audit stream under ``operator``, a name the caller
+    authenticated (never one a request gave).
     """
 
     async def list(self, where: ConnectionFilter) -> dict[str, Any]: ...
@@ -153,6 +157,9 @@ class LocalConnections:
                     "send_buffer_frames": frames,
                     "send_buffer_fill": round(pending / limit, 4) if limit else None,
                     "messages_in": self.messages_in.get(s.id, 0),
+                    # Counted by the WebSocket send path (transports/outbox.py);
+                    # None (a dash) for a transport that does not count them.
+                    "messages_out": getattr(s.outbox, "messages_out", None),
                 }
             )
         bans = [
@@ -163,27 +170,19 @@ class LocalConnections:
             "process": process,  # kept for the clients of the first version
             "processes": [{"process": process, "connections": len(self.node.sessions)}],
             "connections": rows,
+            "channels": channel_loads(rows, self.node.channel_rates.rates(), where),
             "bans": bans,
         }
 
     async def kick(
         self, operator: str, *, session: str | None, user: str | None, reason: str
     ) -> dict[str, Any]:
-        reason = checked_text(reason, "reason")
-        if (session is None) == (user is None):
-            raise ConnectionsRequestError("name either a session or a user")
-        chosen = [
-            s
-            for s in list(self.node.sessions)
-            if (session is not None and s.id == session)
-            or (user is not None and s.principal.sub == user)
-        ]
+        reason = checked_kick(session, user, reason)
         shown = close_reason("disconnected by an operator", reason)
-        for s in chosen:
-            s.close(CLOSE_POLICY, shown)
+        closed = self.close_sessions(session, user, shown)
         target = f"session {session}" if session is not None else f"user {user}"
-        record(operator, "kick", target, reason, closed=len(chosen))
-        return {"closed": len(chosen), "code": CLOSE_POLICY, "reason": shown}
+        record(operator, "kick", target, reason, closed=closed)
+        return {"closed": closed, "code": CLOSE_POLICY, "reason": shown}
 
     async def ban(
         self, operator: str, kind: object, key: object, seconds: object, reason: object
@@ -192,12 +191,7 @@ class LocalConnections:
         length = checked_seconds(seconds)
         reason = checked_text(reason, "reason")
         until = time.time() + length
-        self.node.restrictions.operator_ban(kind, key, until)
-        shown = close_reason("banned by an operator", reason)
-        closed = 0
-        for s in list(self.gate.banned_subscribers(kind, key)):
-            s.close(CLOSE_BANNED, shown)
-            closed += 1
+        closed = self.apply_ban(kind, key, until, close_reason("banned by an operator", reason))
         record(operator, "ban", f"{kind} {key}", reason, closed=closed, seconds=length)
         return {"until": until, "closed": closed, "code": CLOSE_BANNED}
 
@@ -206,9 +200,67 @@ class LocalConnections:
     ) -> dict[str, Any]:
         kind, key = checked_subject(kind, key)
         reason = checked_text(reason, "reason")
-        lifted = self.node.restrictions.operator_unban(kind, key)
+        lifted = self.apply_unban(kind, key)
         record(operator, "unban", f"{kind} {key}", reason)
         return {"lifted": lifted}
+
+    # What an action does here, without the audit record: the fleet-wide
+    # service (fleet_connections.py) runs these on each process for one record.
+
+    def close_sessions(self, session: str | None, user: str | None, shown: str) -> int:
+        chosen = [
+            s
+            for s in list(self.node.sessions)
+            if (session is not None and s.id == session)
+            or (user is not None and s.principal.sub == user)
+        ]
+        for s in chosen:
+            s.close(CLOSE_POLICY, shown)
+        return len(chosen)
+
+    def apply_ban(self, kind: str, key: str, until: float, shown: str) -> int:
+        self.node.restrictions.operator_ban(kind, key, until)
+        closed = 0
+        for s in list(self.gate.banned_subscribers(kind, key)):
+            s.close(CLOSE_BANNED, shown)
+            closed += 1
+        return closed
+
+    def apply_unban(self, kind: str, key: str) -> bool:
+        return self.node.restrictions.operator_unban(kind, key)
+
+
+def checked_kick(session: object, user: object, reason: object) -> str:
+    """The reason of a valid kick (one of session or user, as text)."""
+    reason = checked_text(reason, "reason")
+    if (session is None) == (user is None):
+        raise ConnectionsRequestError("name either a session or a user")
+    checked_text(session if session is not None else user, "session" if user is None else "user")
+    return reason
+
+
+def channel_loads(
+    rows: list[dict[str, Any]], rates: Mapping[str, float], where: ConnectionFilter
+) -> list[dict[str, Any]]:
+    """Subscribers (among the listed connections) and message rate per channel.
+
+    A filter narrows the subscribers to the connections it lists, and a
+    channel filter to that channel; the rate is the channel's own (messages
+    per second fanned out here over the last seconds), whoever is listed.
+    """
+    subscribers: dict[str, int] = {}
+    for row in rows:
+        for channel in row["channels"]:
+            if where.channel is None or channel == where.channel:
+                subscribers[channel] = subscribers.get(channel, 0) + 1
+    return [
+        {
+            "channel": channel,
+            "subscribers": n,
+            "messages_per_second": round(rates.get(channel, 0.0), 3),
+        }
+        for channel, n in sorted(subscribers.items(), key=lambda item: (-item[1], item[0]))
+    ]
 
 
 def record(operator: str, action: str, target: str, reason: str, **more: object) -> None:

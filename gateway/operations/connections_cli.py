@@ -13,6 +13,7 @@ import datetime
 import json
 import os
 import re
+import sys
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -131,8 +132,14 @@ def _list(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(answer, indent=2))
         return 0
-    print(f"process {answer['process']}: {len(answer['connections'])} connections")
-    print("SESSION\tUSER\tADDRESS\tTRANSPORT\tSINCE\tCHANNELS\tBUFFER\tIN")
+    for process in answer.get("processes") or [{"process": answer["process"]}]:
+        name = _shown(process.get("process"))
+        if process.get("answered") is False:
+            print(f"process {name}: did not answer; its connections are not listed")
+        else:
+            count = process.get("connections", len(answer["connections"]))
+            print(f"process {name}: {count} connections")
+    print("SESSION\tUSER\tADDRESS\tTRANSPORT\tSINCE\tCHANNELS\tBUFFER\tIN\tOUT\tPROCESS")
     for c in answer["connections"]:
         since = c["since"]
         when = (
@@ -146,9 +153,30 @@ def _list(args: argparse.Namespace) -> int:
         channels = ",".join(json.dumps(ch)[1:-1] for ch in c["channels"]) or "-"
         print(
             f"{c['session']}\t{user}\t{c['address']}\t{c['transport']}\t{when}\t{channels}"
-            f"\t{fill}\t{c['messages_in']}"
+            f"\t{fill}\t{c['messages_in']}\t{_counted(c.get('messages_out'))}"
+            f"\t{_shown(c.get('process'))}"
         )
     return 0
+
+
+def _shown(value: object) -> str:
+    """Text from the gateway as one terminal-safe cell (JSON-escaped)."""
+    return json.dumps(value if isinstance(value, str) else "-")[1:-1]
+
+
+def _counted(value: object) -> str:
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else "-"
+
+
+def _unreached(answer: Any) -> None:
+    """A fleet-wide action that did not reach every process says which, on stderr."""
+    missing = [
+        _shown(p.get("process"))
+        for p in answer.get("processes") or []
+        if isinstance(p, dict) and p.get("answered") is False
+    ]
+    if missing:
+        print(f"not reached (did not answer): {', '.join(missing)}", file=sys.stderr)
 
 
 def _kick(args: argparse.Namespace) -> int:
@@ -156,6 +184,7 @@ def _kick(args: argparse.Namespace) -> int:
     body.update({"session": args.session} if args.session else {"user": args.user})
     answer = _call(args, "POST", "/connections/kick", body)
     print(f"closed {answer['closed']} connection(s) with {answer['code']} {answer['reason']!r}")
+    _unreached(answer)
     return 0
 
 
@@ -171,12 +200,14 @@ def _ban(args: argparse.Namespace) -> int:
     body = {**_subject(args), "seconds": args.seconds, "reason": args.reason}
     answer = _call(args, "POST", "/connections/ban", body)
     print(f"banned for {args.seconds} s; closed {answer['closed']} connection(s)")
+    _unreached(answer)
     return 0
 
 
 def _unban(args: argparse.Namespace) -> int:
     answer = _call(args, "POST", "/connections/unban", {**_subject(args), "reason": args.reason})
     print("unbanned" if answer["lifted"] else "no operator ban was in force")
+    _unreached(answer)
     return 0
 
 

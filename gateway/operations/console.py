@@ -15,6 +15,7 @@ page says which at the top. Rendering is console_view.py's.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 from urllib.parse import urlencode
 
@@ -96,7 +97,7 @@ class ConsolePages:
             )
         except ConnectionsRequestError as exc:
             return await self._refused(session, str(exc))
-        raise _done("kicked", done.get("closed"))
+        raise _done("kicked", done.get("closed"), _partial(done))
 
     async def ban(self, request: web.Request) -> web.Response:
         session, form = await self._acting(request)
@@ -114,7 +115,7 @@ class ConsolePages:
             )
         except ConnectionsRequestError as exc:
             return await self._refused(session, str(exc))
-        raise _done("banned", done.get("closed"))
+        raise _done("banned", done.get("closed"), _partial(done))
 
     async def unban(self, request: web.Request) -> web.Response:
         session, form = await self._acting(request)
@@ -127,11 +128,22 @@ class ConsolePages:
             )
         except ConnectionsRequestError as exc:
             return await self._refused(session, str(exc))
-        raise _done("unbanned" if done.get("lifted") else "nothing-to-unban", None)
+        code = "unbanned" if done.get("lifted") else "nothing-to-unban"
+        raise _done(code, None, _partial(done))
 
 
-def _done(code: str, count: Any) -> web.HTTPSeeOther:
+def _partial(done: Mapping[str, Any]) -> bool:
+    """Whether a fleet-wide action did not reach some process (it did not answer)."""
+    processes = done.get("processes")
+    return isinstance(processes, list) and any(
+        isinstance(p, dict) and p.get("answered") is False for p in processes
+    )
+
+
+def _done(code: str, count: Any, partial: bool = False) -> web.HTTPSeeOther:
     query = {"msg": code}
     if isinstance(count, int) and not isinstance(count, bool):
         query["n"] = str(count)
+    if partial:
+        query["partial"] = "1"
     return web.HTTPSeeOther(f"{PREFIX}/?{urlencode(query)}")

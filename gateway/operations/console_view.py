@@ -161,7 +161,10 @@ def message_text(query: Mapping[str, str]) -> str | None:
         n = max(0, min(int(query.get("n", "0")), 10**9))
     except ValueError:
         n = 0
-    return template.format(n=n, s="" if n == 1 else "s")
+    text = template.format(n=n, s="" if n == 1 else "s")
+    if query.get("partial") == "1":
+        text += " Some processes did not answer: it did not reach them."
+    return text
 
 
 @dataclass(frozen=True)

@@ -206,7 +206,7 @@ class StaffLogin:
         sent = str(form.get("csrf", ""))
         if not cookie or not hmac.compare_digest(sent.encode(), cookie.encode()):
             raise web.HTTPForbidden(text="bad or missing CSRF token\n")
-        if not self._login_allowed(request.remote or "?"):
+        if not self._login_allowed(login_address(request)):
             return await self.login_form(request, area, "Too many attempts; wait a minute.", 401)
         name, password = str(form.get("name", "")), str(form.get("password", ""))
         member = await asyncio.to_thread(check_login, self.staff_file, name, password)
@@ -295,6 +295,27 @@ def staff_login_for(settings: Settings) -> StaffLogin | None:
         if not configured[0].exists():
             hint = f" (write it with `rabbitgate alerts add-reviewer NAME --file {configured[0]}`)"
         raise ConfigError(f"{exc}{hint}") from None
+
+
+# The header the supervisor of `serve --workers N` names the browser's address
+# in when it forwards the admin pages to a worker (gateway/operations/supervisor.py).
+FORWARDED_FOR = "X-Rabbitgate-Forwarded-For"
+
+
+def login_address(request: web.Request) -> str:
+    """The address logins are throttled by.
+
+    Behind the supervisor a worker's admin app is on a Unix socket in a
+    private directory that only the supervisor can reach, so there (and only
+    there: over TCP anyone could set it) the supervisor's header names the
+    browser; otherwise every login would share one throttle.
+    """
+    peer = request.transport.get_extra_info("peername") if request.transport else None
+    if not isinstance(peer, tuple):  # AF_UNIX: a path (str) or nothing
+        forwarded = request.headers.get(FORWARDED_FOR)
+        if forwarded:
+            return forwarded[:64]
+    return request.remote or "?"
 
 
 def same_origin(request: web.Request) -> None:

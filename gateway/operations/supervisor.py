@@ -21,7 +21,11 @@ The supervisor itself serves no client. It
 * serves the one admin port: ``/metrics`` merges every worker's metrics,
   each series labelled ``worker="i"`` (``gateway/operations/fleetmetrics.py``), and
   ``/readyz`` is ready only while every worker is. Each worker serves its own
-  admin app on a Unix socket in a private directory.
+  admin app on a Unix socket in a private directory. The operator's tools
+  (``/connections*``, ``/console/*``, ``/alerts/*``) are forwarded to one
+  ready worker, the same one while it lives (the staff logins are held in
+  its memory); its Connections service covers every worker through Redis
+  (``gateway/operations/fleet_connections.py``).
 
 Decisions (``on_exit``, ``fleet_readiness``) are pure and table-tested; the
 rest is I/O. Workers are separate interpreters (``exec``), never ``fork``s of
@@ -52,6 +56,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from gateway.config import Settings
 from gateway.operations.fleetmetrics import render
+from gateway.operations.staff_login import FORWARDED_FOR
 from gateway.transports.httplistener import HttpListener
 
 log = logging.getLogger("rabbitgate.supervisor")
@@ -64,6 +69,24 @@ WORKER_REQUEST_TIMEOUT_SECONDS = 2.0
 # connection), how long the supervisor waits before it kills what is left.
 STOP_GRACE_SECONDS = 30.0
 PR_SET_PDEATHSIG = 1
+# A forwarded operator request waits for the fleet-wide list (control.deadline_seconds).
+FORWARD_TIMEOUT_SECONDS = 30.0
+# Not passed on either way: they describe one hop, not the request.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "content-length",
+        "content-encoding",
+        FORWARDED_FOR.lower(),
+    }
+)
 
 
 class SupervisorError(Exception):
@@ -234,6 +257,8 @@ class Supervisor:
         self.stopping = False
         self.fleet_started = False
         self.failure: str | None = None
+        # The worker the operator's pages and endpoints go to (see _forward_operator).
+        self._operator_worker: tuple[_Worker, int] | None = None
 
     async def run(self) -> int:
         """Start the fleet, keep it until SIGTERM/SIGINT; the exit status.
@@ -440,7 +465,60 @@ class Supervisor:
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
+        for prefix in ("/connections", "/console", "/alerts"):
+            app.router.add_route("*", prefix, self._forward_operator)
+            app.router.add_route("*", prefix + "/{tail:.*}", self._forward_operator)
         return app
+
+    def _pick_operator_worker(self) -> _Worker | None:
+        """The worker the operator's requests go to: the same one while it lives,
+        since a login session is held in that worker's memory; else a ready one."""
+        if self._operator_worker is not None:
+            worker, pid = self._operator_worker
+            if worker.alive and worker.process is not None and worker.process.pid == pid:
+                return worker
+            self._operator_worker = None
+        for worker in self._workers:
+            if worker.admin_socket is not None and worker.alive and worker.ready:
+                assert worker.process is not None
+                self._operator_worker = (worker, worker.process.pid)
+                return worker
+        return None
+
+    async def _forward_operator(self, request: web.Request) -> web.StreamResponse:
+        """Pass an operator's request to one worker and its answer back, as is.
+
+        The worker authenticates it (operator token, staff login) and its
+        Connections service covers every worker. Host and Origin go through
+        unchanged (the pages check that a POST is same-origin).
+        """
+        worker = self._pick_operator_worker()
+        if worker is None:
+            return web.json_response(
+                {"error": "no worker is ready to answer; try again"}, status=503
+            )
+        headers = [(k, v) for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP]
+        headers.append((FORWARDED_FOR, request.remote or "?"))
+        body = await request.read()
+        try:
+            async with self._session(worker).request(
+                request.method,
+                f"http://worker{request.rel_url}",
+                headers=headers,
+                data=body or None,
+                allow_redirects=False,
+                skip_auto_headers=("User-Agent", "Accept-Encoding"),
+                timeout=aiohttp.ClientTimeout(total=FORWARD_TIMEOUT_SECONDS),
+            ) as answer:
+                payload = await answer.read()
+                back = [(k, v) for k, v in answer.headers.items() if k.lower() not in HOP_BY_HOP]
+        except (aiohttp.ClientError, OSError, TimeoutError):
+            self._operator_worker = None
+            return web.json_response({"error": f"{worker.name} did not answer"}, status=502)
+        response = web.Response(status=answer.status, body=payload)
+        for key, value in back:
+            response.headers.add(key, value)
+        return response
 
     async def _healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok", "workers": self.count})

@@ -40,6 +40,9 @@ from gateway.telemetry.events import TRANSPORT_KINDS, TrafficEvent
 # that failure). tests/unit/test_metrics_coverage.py checks these lists against
 # the values the code emits.
 TRANSPORTS = TRANSPORT_KINDS
+# Why a control message between gateway processes was ignored
+# (gateway/operations/control_messages.py).
+CONTROL_IGNORED = ("malformed", "unsigned", "bad_signature", "stale")
 # Close codes the gateway itself ends connections with, and 1006 (the client
 # vanished without a close frame). Contract section 9.
 # 1002, 1011 and 1013 close STOMP conversations after an ERROR (transports/stomp/).
@@ -259,6 +262,12 @@ class Metrics:
             "Times the anomaly detector's worker process ended and was started again.",
             registry=r,
         )
+        self.control_ignored = Counter(
+            "rabbitgate_control_messages_ignored",
+            "Operator control messages from other processes ignored (forged, stale, malformed).",
+            ["reason"],
+            registry=r,
+        )
         # Label children cached: the message path must not pay labels() each time.
         self._in: dict[str, Any] = {}
         self._out: dict[str, Any] = {}
@@ -272,6 +281,7 @@ class Metrics:
             (self.rate_limited, RATE_LIMITS),
             (self.malformed, MALFORMED_CODES),
             (self.alerts_total, SEVERITIES),
+            (self.control_ignored, CONTROL_IGNORED),
         ]
         for counter, values in known:
             for value in values:

@@ -59,6 +59,7 @@ class Outbox:
         "_written",
         "_ends",
         "overflowed",
+        "messages_out",
     )
 
     def __init__(
@@ -83,6 +84,9 @@ class Outbox:
         # most connections sit idle with nothing in flight).
         self._ends: deque[int] | None = None
         self.overflowed = False
+        # Frames written to this connection, for the operator's list
+        # (gateway/operations/connections.py): one += on the delivery path.
+        self.messages_out = 0
 
     def pending(self) -> tuple[int, int]:
         """(bytes, frames) written but not yet taken by the network."""
@@ -149,6 +153,7 @@ class Outbox:
             self._transport.write(text_frame(frame))
         else:
             broadcast((self.connection,), frame, text=True)
+        self.messages_out += 1
         self._sent()
         return True
 
@@ -172,6 +177,7 @@ class Outbox:
             wire.append(text_frame(frame))
         if wire:
             self._transport.write(b"".join(wire))
+            self.messages_out += len(wire)
             if self._transport.get_write_buffer_size() == 0:
                 self._ends = None
         return len(wire)
@@ -216,6 +222,7 @@ def fan_out(outboxes: Iterable[Outbox | FrameSink], frame: bytes) -> int:
                 outbox._sent()
             else:
                 compressed.append(outbox)
+            outbox.messages_out += 1
             taken += 1
         elif outbox.send(frame):
             taken += 1

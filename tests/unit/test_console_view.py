@@ -204,6 +204,12 @@ def test_messages_are_fixed_texts_with_a_count() -> None:
     )
     assert message_text({"msg": "<script>"}) is None
     assert message_text({}) is None
+    # A fleet-wide action some process did not answer says so (a fixed text too).
+    assert message_text({"msg": "kicked", "n": "2", "partial": "1"}) == (
+        "Disconnected 2 sessions (close code 1008)."
+        " Some processes did not answer: it did not reach them."
+    )
+    assert message_text({"msg": "unbanned", "partial": "<b>"}) == "Ban lifted."
 
 
 ALLOWED_TAGS = {

@@ -137,3 +137,26 @@ async def test_send_many_writes_once_and_its_frames_count_against_later_ones() -
     assert not box.send(b"e")
     connection.transport.drain_all()
     assert box.pending() == (0, 0)
+
+
+# messages_out: the operator's per-connection count (gateway/operations/connections.py).
+
+
+async def test_every_write_path_counts_the_frames_it_wrote() -> None:
+    box, connection = outbox(max_messages=100)
+    assert box.messages_out == 0
+    assert box.send(b"a")
+    assert box.send_many([b"b", b"c", b"d"]) == 3
+    assert fan_out([box, box], b"e") == 2
+    assert box.messages_out == 6
+
+
+async def test_frames_refused_are_not_counted() -> None:
+    box, connection = outbox(max_messages=2)
+    connection.transport.stalled = True
+    assert box.send(b"a") and fan_out([box], b"b") == 1
+    assert fan_out([box], b"c") == 0  # over the frame limit: not written
+    assert not box.send(b"d") and box.send_many([b"e"]) == 0
+    await asyncio.sleep(0)
+    assert box.messages_out == 2 and connection.closed_with == 4409
+    assert len(connection.transport.written) == 2

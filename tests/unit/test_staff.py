@@ -157,3 +157,25 @@ def test_bad_staff_settings_are_one_line(tmp_path: Path, text: str, message: str
     with pytest.raises(ConfigError) as caught:
         _load(tmp_path, text)
     assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_the_login_throttle_trusts_the_supervisors_header_only_on_its_unix_socket() -> None:
+    from unittest import mock
+
+    from aiohttp.test_utils import make_mocked_request
+
+    from gateway.operations.staff_login import FORWARDED_FOR, login_address
+
+    def request(peer: object, forwarded: str | None) -> object:
+        transport = mock.Mock()
+        transport.get_extra_info.side_effect = lambda name, default=None: (
+            peer if name == "peername" else default
+        )
+        headers = {FORWARDED_FOR: forwarded} if forwarded is not None else {}
+        return make_mocked_request("POST", "/console/login", headers=headers, transport=transport)
+
+    # Over TCP anyone could send the header: the peer address counts.
+    assert login_address(request(("203.0.113.9", 5000), "10.0.0.1")) == "203.0.113.9"  # type: ignore[arg-type]
+    # On the worker's Unix socket only the supervisor connects: its header names the browser.
+    assert login_address(request("", "198.51.100.7")) == "198.51.100.7"  # type: ignore[arg-type]
+    assert login_address(request("", None)) == "?"  # type: ignore[arg-type]
