@@ -268,3 +268,28 @@ async def test_redis_down_answers_unavailable_fast(
             writer.close()
         server.close()
         await server.wait_closed()
+
+
+async def test_a_flood_of_presence_requests_ends_in_one_error_and_the_gateway_goes_on(
+    two_gateways: tuple[Gateway, Gateway], stomp_client: Callable[..., Any]
+) -> None:
+    one, _ = two_gateways
+    wire: StompWire = await stomp_client(one, "mallory")
+    flood = b"".join(
+        frame("SUBSCRIBE", id=f"p-{n}", destination="/presence/room.f", receipt=f"r-{n}")
+        for n in range(200)
+    )
+    await wire.send(flood)  # one WebSocket message of 200 frames
+    got: list[ServerFrame] = []
+    while not got or got[-1].command != "ERROR":
+        got.append(await wire.recv(timeout=10))
+    assert await wire.closed() == 1008
+    answered = [f for f in got if f.command == "RECEIPT"]
+    assert 1 <= len(answered) <= one.settings.limits.presence_burst
+    assert got[-1].headers["message"] == "rate_limited"
+    assert not wire.frames  # nothing after the ERROR
+    # Each answered request got its one MESSAGE, and on its own id.
+    messages = [f.headers["subscription"] for f in got if f.command == "MESSAGE"]
+    assert sorted(messages) == sorted(f"p-{r.headers['receipt-id'][2:]}" for r in answered)
+    other: StompWire = await stomp_client(one, "alice")
+    assert (await answer_of(other, "room.f"))["count"] == 0
