@@ -7,10 +7,11 @@ same JSON as ``data:`` and the stream's position as ``id:``. Refusals happen
 before any byte of the stream: 401 (token), 400 (channels), 403 (policies,
 origin or a ban), 429 (the limits of a WebSocket handshake: connect rate, failed
 authentications and connections per address, connections per user; the
-tenant's connections and subscriptions, one per channel), 503 (broker). Then the stream runs until the client leaves, the token
-expires (``exp``), the policies no longer allow any of its channels, the
-abuse protection bans its user or address, its buffer overflows (slow
-consumer), or the gateway stops.
+tenant's connections and subscriptions, one per channel), 503 (broker).
+Then the stream runs until the client leaves, the token expires (``exp``),
+the policies no longer allow any of its channels, the abuse protection bans
+its user or address, its buffer overflows (slow consumer), or the gateway
+stops.
 
 Extensions of the contract, documented in docs/protocol.md:
 
