@@ -348,7 +348,7 @@ class Session:
             )
         except BrokerUnavailable:
             raise FrameError("unavailable", "broker unavailable, retry later", frame.id) from None
-        except LimitRefused as refused:  # the replay limits (gateway/replays.py)
+        except LimitRefused as refused:  # the replay limits, or the tenant's subscriptions cap
             self._refuse(refused.refusal, frame.id)
             return
         finally:

@@ -6,11 +6,12 @@ its writer turns each ``message`` frame into ``event: message`` with the very
 same JSON as ``data:`` and the stream's position as ``id:``. Refusals happen
 before any byte of the stream: 401 (token), 400 (channels), 403 (policies,
 origin or a ban), 429 (the limits of a WebSocket handshake: connect rate, failed
-authentications and connections per address, connections per user), 503
-(broker). Then the stream runs until the client leaves, the token
-expires (``exp``), the policies no longer allow any of its channels, the
-abuse protection bans its user or address, its buffer overflows (slow
-consumer), or the gateway stops.
+authentications and connections per address, connections per user; the
+tenant's connections and subscriptions, one per channel), 503 (broker).
+Then the stream runs until the client leaves, the token expires (``exp``),
+the policies no longer allow any of its channels, the abuse protection bans
+its user or address, its buffer overflows (slow consumer), or the gateway
+stops.
 
 Extensions of the contract, documented in docs/protocol.md:
 
@@ -330,7 +331,7 @@ class SseEndpoint:
         except BrokerUnavailable:
             stream.release()
             return _refuse(503, "broker unavailable, retry later", cors)
-        except LimitRefused as refused:  # Last-Event-ID asked for too much replaying
+        except LimitRefused as refused:  # the tenant's subscriptions cap, or a replay too large
             stream.release()
             refusal = refused.refusal
             event = TrafficEvent("rate_limited", address, principal.sub, detail=refusal.limit)

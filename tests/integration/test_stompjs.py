@@ -8,6 +8,7 @@ in headless Chromium from the library's own browser bundle.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import http.server
 import json
 import shutil
@@ -21,6 +22,8 @@ import orjson
 import pytest
 
 from gateway.app import Gateway
+from gateway.config import Settings
+from gateway.policy.rules import load_policy_set
 
 pytestmark = pytest.mark.integration
 
@@ -119,6 +122,65 @@ async def test_stompjs_in_node(
     assert all("x-recovered" not in m["headers"] for m in replay[1:])
     assert int(replay[0]["headers"]["x-seq"]) > int(since)
     _check_refusals(result)
+
+
+PRESENCE_POLICY = """
+version: 1
+rules:
+  - channel: "room.{{name}}"
+    exchange: {p}.rooms
+    subscribe: [role:member]
+    publish: [role:member]
+    presence: [role:member]
+  - channel: "secret.{{name}}"
+    exchange: {p}.secret
+    subscribe: [anyone]
+"""
+
+
+async def test_stompjs_asks_presence_in_node(
+    settings: Settings,
+    cleanup_broker: None,
+    exchange_prefix: str,
+    certs: Any,
+    make_token: Callable[..., str],
+    tmp_path: Path,
+) -> None:
+    _installed()
+    folder = tmp_path / "presence-policies"
+    folder.mkdir()
+    (folder / "10-rooms.yaml").write_text(PRESENCE_POLICY.format(p=exchange_prefix))
+    custom = dataclasses.replace(
+        settings, policies_dir=folder, redis_url="redis://127.0.0.1:6379/0"
+    )
+    gw = Gateway(custom, load_policy_set(folder))
+    await gw.start()
+    try:
+        config = {
+            "url": f"wss://localhost:{gw.port}/ws",
+            "ca": str(certs.ca_cert),
+            "tokens": {"alice": make_token("alice"), "bob": make_token("bob")},
+        }
+        config_file = tmp_path / "config.json"
+        config_file.write_text(json.dumps(config))
+        result = json.loads(await _run("node", "presence.mjs", str(config_file)))
+    finally:
+        await gw.stop()
+    assert "error" not in result, result
+    answer = result["answer"]
+    assert answer["headers"]["destination"] == "/presence/room.js"
+    assert answer["headers"]["x-event"] == "presence"
+    assert answer["headers"]["subscription"].startswith("sub-")  # stompjs named it
+    assert answer["body"]["type"] == "presence" and answer["body"]["channel"] == "room.js"
+    assert answer["body"]["count"] == 1
+    assert [c["user"] for c in answer["body"]["clients"]] == ["alice"]
+    assert result["again"]["body"] == answer["body"]
+    assert result["again"]["headers"]["subscription"] != answer["headers"]["subscription"]
+    assert result["errorsBefore"] == 0  # asking and unsubscribing raised nothing
+    (error,) = result["forbidden"]["errors"]
+    assert error["message"] == "forbidden"
+    assert error["body"] == "not allowed to see presence of secret.js"
+    assert result["forbidden"]["closes"] == [1008]
 
 
 # --- Chromium ---------------------------------------------------------------------

@@ -1,4 +1,7 @@
-"""Tenant quotas on two real gateways sharing the real Redis: the caps hold across them.
+"""Tenant quotas on two real gateways sharing the real Redis: the caps hold across them,
+and across transports: WebSocket (JSON), SSE and STOMP connections, subscriptions
+and publishes all count against the same caps, each refused its own way
+(docs/operators.md "Tenant quotas", docs/stomp.md "Limits").
 
 Each test names a fresh tenant (a claim of the tokens), so the shared Redis
 counts of one test never meet another's.
@@ -26,6 +29,7 @@ from gateway.app import Gateway
 from gateway.config import Settings
 from gateway.limits.tenants import parse_tenant_settings
 from gateway.policy.rules import load_policy_set
+from tests.integration.stomp_wire import StompWire, frame, open_wire
 
 pytestmark = pytest.mark.integration
 
@@ -177,3 +181,274 @@ def test_a_bad_tenants_section_is_a_one_line_config_error(tmp_path: Any) -> None
     assert str(caught.value) == 'tenants.default.publish: must be a rate such as "100/second"'
     assert "\n" not in str(caught.value)
     assert orjson.dumps(str(caught.value))  # plain text
+
+
+# --- SSE and STOMP count against the same caps --------------------------------------
+
+SseFn = Callable[..., Awaitable[aiohttp.ClientResponse]]
+StompFn = Callable[..., Awaitable[StompWire]]
+
+
+@pytest.fixture
+async def open_sse(client_ssl: ssl.SSLContext, make_token: Any) -> AsyncIterator[SseFn]:
+    """open_sse(gw, sub, tenant, *channels) -> the response (a stream when 200)."""
+    timeout = aiohttp.ClientTimeout(total=None, sock_read=None)
+    async with aiohttp.ClientSession(timeout=timeout) as http:
+        opened: list[aiohttp.ClientResponse] = []
+
+        async def open_stream(
+            gw: Gateway, sub: str, tenant: str, *channels: str
+        ) -> aiohttp.ClientResponse:
+            response = await http.get(
+                f"https://localhost:{gw.sse_port}/events",
+                params=[("channel", channel) for channel in channels],
+                headers={"Authorization": f"Bearer {make_token(sub, tenant=tenant)}"},
+                ssl=client_ssl,
+            )
+            opened.append(response)
+            return response
+
+        yield open_stream
+        for response in opened:
+            response.close()
+
+
+@pytest.fixture
+def open_stomp(client_ssl: ssl.SSLContext, make_token: Any) -> StompFn:
+    """open_stomp(gw, sub, tenant) -> the wire after CONNECT (CONNECTED or ERROR unread)."""
+
+    async def open_conversation(gw: Gateway, sub: str, tenant: str) -> StompWire:
+        wire = await open_wire(gw.port, client_ssl)
+        await wire.send(
+            frame(
+                "CONNECT",
+                accept_version="1.2",
+                host="/",
+                passcode=make_token(sub, tenant=tenant),
+                heart_beat="0,0",
+            )
+        )
+        return wire
+
+    return open_conversation
+
+
+async def stomp_connected(open_stomp: StompFn, gw: Gateway, sub: str, tenant: str) -> StompWire:
+    wire = await open_stomp(gw, sub, tenant)
+    answer = await wire.recv()
+    assert answer.command == "CONNECTED", (answer.headers, answer.body)
+    return wire
+
+
+async def sse_refused(response: aiohttp.ClientResponse) -> tuple[int, str, int]:
+    """(status, the JSON error, Retry-After) of a refused SSE request."""
+    body = orjson.loads(await response.read())
+    return response.status, body["error"], int(response.headers["Retry-After"])
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], what: str) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 10
+    while not await check():
+        assert loop.time() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.1)
+
+
+async def test_sse_streams_count_against_the_tenant_connections_cap(
+    two_gateways: Pair,
+    connect_client: Any,
+    client_ssl: ssl.SSLContext,
+    make_token: Any,
+    open_sse: SseFn,
+) -> None:
+    a, b, tenant = await two_gateways({"connections": 2})
+    await connect_client("ann", gw=a, tenant=tenant)
+    stream = await open_sse(b, "bob", tenant, "chat.one")
+    assert stream.status == 200
+    # Full: another stream is refused before it starts, on either process ...
+    for gw in (a, b):
+        refused = await open_sse(gw, "cat", tenant, "chat.one")
+        status, error, retry_after = await sse_refused(refused)
+        assert (status, error) == (429, "too many requests (tenant_connections)")
+        assert retry_after >= 1
+    # ... and so is a WebSocket: the stream holds one of the two.
+    code, reason = await closed_with(a, client_ssl, make_token("dan", tenant=tenant))
+    assert (code, reason) == (1008, "too many connections")
+    assert (await open_sse(a, "eve", "another-tenant", "chat.one")).status == 200
+    stream.close()  # the stream's lease is given back when it ends
+
+    async def admitted() -> bool:
+        response = await open_sse(a, "cat", tenant, "chat.one")
+        response.close()
+        return response.status == 200
+
+    await eventually(admitted, "the stream's connection lease to come back")
+
+
+async def test_sse_channels_count_against_the_tenant_subscriptions_cap(
+    two_gateways: Pair, connect_client: Any, open_sse: SseFn
+) -> None:
+    a, b, tenant = await two_gateways({"subscriptions": 3})
+    ann = await connect_client("ann", gw=a, tenant=tenant)
+    assert (await ann.request("subscribe", channel="chat.one"))["type"] == "ack"
+    stream = await open_sse(b, "bob", tenant, "chat.two", "chat.three")  # one per channel
+    assert stream.status == 200
+    assert b.node.limiter.held("tenant-subscription", tenant) == 2
+    status, error, retry_after = await sse_refused(await open_sse(a, "cat", tenant, "chat.four"))
+    assert (status, error) == (429, "too many requests (tenant_subscriptions)")
+    assert retry_after >= 1
+    refused = await ann.request("subscribe", channel="chat.four")
+    assert refused["type"] == "error" and refused["code"] == "rate_limited"
+    stream.close()
+
+    async def given_back() -> bool:  # a release reaches Redis in the background
+        return await shared_subscriptions(a, tenant) == 1
+
+    await eventually(given_back, "the stream's subscription leases to come back")
+    # Two are free: a stream of three channels gets the first two and is refused
+    # at the third, and gives the two back (no lease leaks from a refused stream).
+    status, error, _ = await sse_refused(
+        await open_sse(a, "cat", tenant, "chat.five", "chat.six", "chat.seven")
+    )
+    assert (status, error) == (429, "too many requests (tenant_subscriptions)")
+    assert a.node.limiter.held("tenant-subscription", tenant) == 1  # ann's chat.one only
+    assert (await ann.request("subscribe", channel="chat.five"))["type"] == "ack"
+    assert (await ann.request("subscribe", channel="chat.six"))["type"] == "ack"
+
+
+async def shared_subscriptions(gw: Gateway, tenant: str) -> int:
+    """The tenant's subscription leases in the shared Redis (every process's)."""
+    store = gw.node.limiter._redis  # noqa: SLF001 - read the real shared count
+    assert store is not None
+    return int(await store.client.zcard(store.key("tenant-subscription", tenant)))
+
+
+async def test_stomp_connections_count_against_the_tenant_connections_cap(
+    two_gateways: Pair,
+    connect_client: Any,
+    client_ssl: ssl.SSLContext,
+    make_token: Any,
+    open_sse: SseFn,
+    open_stomp: StompFn,
+) -> None:
+    a, b, tenant = await two_gateways({"connections": 2})
+    ann = await stomp_connected(open_stomp, a, "ann", tenant)
+    await connect_client("bob", gw=b, tenant=tenant)
+    for gw in (a, b):
+        refused = await open_stomp(gw, "cat", tenant)
+        error = await refused.recv()
+        assert error.command == "ERROR" and error.headers["message"] == "forbidden"
+        assert error.text == "too many connections"
+        assert await refused.closed() == 1008
+    # The STOMP conversation holds a lease that the other transports see too.
+    status, error_text, _ = await sse_refused(await open_sse(b, "dan", tenant, "chat.one"))
+    assert (status, error_text) == (429, "too many requests (tenant_connections)")
+    code, _ = await closed_with(a, client_ssl, make_token("dan", tenant=tenant))
+    assert code == 1008
+    await stomp_connected(open_stomp, a, "eve", "another-tenant")  # other tenants unaffected
+    await ann.send(frame("DISCONNECT", receipt="bye"))
+    assert (await ann.recv()).headers["receipt-id"] == "bye"
+    assert await ann.closed() == 1000
+
+    async def admitted() -> bool:
+        wire = await open_stomp(b, "cat", tenant)
+        answer = await wire.recv()
+        await wire.ws.close()
+        return answer.command == "CONNECTED"
+
+    await eventually(admitted, "the STOMP conversation's lease to come back")
+
+
+async def test_stomp_subscriptions_count_against_the_tenant_subscriptions_cap(
+    two_gateways: Pair, connect_client: Any, open_stomp: StompFn
+) -> None:
+    a, b, tenant = await two_gateways({"subscriptions": 2})
+    ann = await stomp_connected(open_stomp, a, "ann", tenant)
+    await ann.send(frame("SUBSCRIBE", id="s-1", destination="/topic/chat.one", receipt="r1"))
+    assert (await ann.recv()).headers["receipt-id"] == "r1"
+    # A second id on the same channel is the same subscription of the gateway.
+    await ann.send(frame("SUBSCRIBE", id="s-2", destination="/topic/chat.one", receipt="r2"))
+    assert (await ann.recv()).headers["receipt-id"] == "r2"
+    assert a.node.limiter.held("tenant-subscription", tenant) == 1
+    bob = await connect_client("bob", gw=b, tenant=tenant)
+    assert (await bob.request("subscribe", channel="chat.two"))["type"] == "ack"
+    await ann.send(frame("SUBSCRIBE", id="s-3", destination="/topic/chat.three", receipt="r3"))
+    error = await ann.recv()
+    assert error.command == "ERROR" and error.headers["message"] == "rate_limited"
+    assert error.headers["receipt-id"] == "r3"
+    assert float(error.headers["retry-after"]) > 0
+    assert "tenant_subscriptions" in error.text
+    assert await ann.closed() == 1008
+
+    # The closed conversation gave its lease back: chat.one's is free again.
+    async def given_back() -> bool:  # a release reaches Redis in the background
+        return await shared_subscriptions(a, tenant) == 1  # bob's chat.two
+
+    await eventually(given_back, "the STOMP subscription lease to come back")
+    assert (await bob.request("subscribe", channel="chat.three"))["type"] == "ack"
+    refused = await bob.request("subscribe", channel="chat.four")
+    assert refused["type"] == "error" and refused["code"] == "rate_limited"
+
+
+async def test_stomp_sends_share_the_tenant_publish_bucket(
+    two_gateways: Pair, connect_client: Any, open_stomp: StompFn
+) -> None:
+    a, b, tenant = await two_gateways({"publish": "1/minute", "burst": 3})
+    watcher = await connect_client("watcher", gw=b, tenant="another-tenant")
+    assert (await watcher.request("subscribe", channel="chat.room"))["type"] == "ack"
+    ann = await stomp_connected(open_stomp, a, "ann", tenant)
+    bob = await connect_client("bob", gw=b, tenant=tenant)
+    for n in range(2):
+        body = orjson.dumps({"n": n})
+        await ann.send(
+            frame(
+                "SEND",
+                body,
+                destination="/topic/chat.room",
+                content_type="application/json",
+                receipt=f"s{n}",
+            )
+        )
+        assert (await ann.recv()).headers["receipt-id"] == f"s{n}"
+    assert (await bob.request("publish", channel="chat.room", data={"n": 2}))["type"] == "ack"
+    await ann.send(
+        frame(
+            "SEND",
+            orjson.dumps({"n": 3}),
+            destination="/topic/chat.room",
+            content_type="application/json",
+            receipt="s3",
+        )
+    )
+    error = await ann.recv()
+    assert error.command == "ERROR" and error.headers["message"] == "rate_limited"
+    assert error.headers["receipt-id"] == "s3" and float(error.headers["retry-after"]) > 0
+    assert await ann.closed() == 1008
+    # Nothing of the refused SEND reached RabbitMQ: a marker from another tenant
+    # (its own bucket) comes right after the three that were taken.
+    marker = await watcher.request("publish", channel="chat.room", data={"marker": True})
+    assert marker["type"] == "ack"
+    seen = [m["data"] for m in await watcher.messages_until(4)]
+    assert seen == [{"n": 0}, {"n": 1}, {"n": 2}, {"marker": True}]
+
+
+async def test_stomp_sends_count_in_the_tenant_messages_per_day(
+    two_gateways: Pair, connect_client: Any, open_stomp: StompFn
+) -> None:
+    a, b, tenant = await two_gateways({"messages_per_day": 2})
+    try:
+        bob = await connect_client("bob", gw=b, tenant=tenant)
+        assert (await bob.request("publish", channel="chat.room", data={"n": 0}))["type"] == "ack"
+        ann = await stomp_connected(open_stomp, a, "ann", tenant)
+        await ann.send(frame("SEND", "one", destination="/topic/chat.room", receipt="s1"))
+        assert (await ann.recv()).headers["receipt-id"] == "s1"
+        await ann.send(frame("SEND", "two", destination="/topic/chat.room", receipt="s2"))
+        error = await ann.recv()
+        assert error.command == "ERROR" and error.headers["message"] == "rate_limited"
+        assert 1 <= float(error.headers["retry-after"]) <= 3600
+        assert "tenant_messages_per_day" in error.text
+        assert await ann.closed() == 1008
+    finally:
+        daily = a.node.limiter._daily  # noqa: SLF001 - the test's own window, cleared
+        assert daily is not None
+        await daily.clear(tenant, 2)

@@ -7,8 +7,11 @@ for the connection's ``Session``; every frame the core writes to the
 connection (its answers and the fan-out's messages, JSON-protocol frames, the
 contract's canonical form) goes through ``StompBridge.answer`` on its way out.
 The bridge keeps what STOMP has and the core does not: subscription ids
-(several may name one channel), receipts, and the ``recovered`` flag to put
-on a subscription's first MESSAGE. Every decision (policies, limits, history)
+(several may name one channel), receipts, the ``recovered`` flag to put
+on a subscription's first MESSAGE, and the presence requests under way (a
+``SUBSCRIBE`` to ``/presence/<channel>`` becomes the core's ``Presence``
+command; its answer becomes one MESSAGE on that subscription id, which is
+then free again). Every decision (policies, limits, history)
 stays with the core: a refused command comes back as an ``error`` frame and
 leaves as an ``ERROR``.
 """
@@ -28,7 +31,7 @@ from gateway.protocol.codes import (
     CLOSE_TOO_BIG,
     CLOSE_TRY_AGAIN,
 )
-from gateway.protocol.frames import DEFAULT_MAX_DATA_DEPTH, ClientFrame, Ping, Publish
+from gateway.protocol.frames import DEFAULT_MAX_DATA_DEPTH, ClientFrame, Ping, Presence, Publish
 from gateway.protocol.frames import Subscribe as SubscribeCommand
 from gateway.protocol.frames import Unsubscribe as UnsubscribeCommand
 from gateway.transports.stomp.frames import Frame, Version
@@ -37,6 +40,7 @@ from gateway.transports.stomp.mapping import (
     Disconnect,
     ExchangeOf,
     MessageTail,
+    PresenceQuery,
     Refused,
     Send,
     Subscribe,
@@ -45,6 +49,7 @@ from gateway.transports.stomp.mapping import (
     message_frame,
     message_tail,
     parse_request,
+    presence_answer_body,
     presence_event_frame,
     receipt_frame,
 )
@@ -69,7 +74,7 @@ def close_code(error_code: str) -> int:
 
 @dataclass(frozen=True, slots=True)
 class _Pending:
-    kind: str  # "subscribe", "unsubscribe" or "send"
+    kind: str  # "subscribe", "unsubscribe", "send" or "presence"
     receipt: str | None
     subscription: str | None = None
 
@@ -94,6 +99,9 @@ class StompBridge:
     by_channel: dict[str, list[str]] = field(default_factory=dict)  # channel -> ids
     _pending: dict[int, _Pending] = field(default_factory=dict)
     _recovered: dict[str, bool] = field(default_factory=dict)  # for the id's first MESSAGE
+    # Presence requests under way: subscription id -> the core request id that
+    # answers it (an UNSUBSCRIBE before the answer removes it: nothing is sent).
+    _queries: dict[str, int] = field(default_factory=dict)
     _next_id: int = 0
     _events: int = 0  # presence events sent: their message-ids
     closed: bool = False  # an ERROR went out: nothing more is sent
@@ -108,6 +116,8 @@ class StompBridge:
         match request:
             case Subscribe():
                 return self._subscribe(request)
+            case PresenceQuery():
+                return self._presence_query(request)
             case Unsubscribe():
                 return self._unsubscribe(request)
             case Send():
@@ -115,8 +125,23 @@ class StompBridge:
             case Disconnect():
                 return Step(disconnect=request)
 
+    def _id_in_use(self, sub_id: str) -> bool:
+        return sub_id in self.subscriptions or sub_id in self._queries
+
+    def _presence_query(self, request: PresenceQuery) -> Step:
+        if self._id_in_use(request.id):
+            refused = Refused(
+                "bad_request", f"subscription id {request.id} is in use", request.receipt
+            )
+            return self._refuse(refused)
+        # No subscription is made: it does not count against max_subscriptions,
+        # and the core decides everything else (policy, rate limit, Redis).
+        request_id = self._expect(_Pending("presence", request.receipt, request.id))
+        self._queries[request.id] = request_id
+        return Step(requests=[Presence(request_id, request.channel)])
+
     def _subscribe(self, request: Subscribe) -> Step:
-        if request.id in self.subscriptions:
+        if self._id_in_use(request.id):
             refused = Refused(
                 "bad_request", f"subscription id {request.id} is in use", request.receipt
             )
@@ -143,6 +168,7 @@ class StompBridge:
         return Step(requests=[SubscribeCommand(request_id, channel, request.since)])
 
     def _unsubscribe(self, request: Unsubscribe) -> Step:
+        self._queries.pop(request.id, None)  # a presence request: its answer is not sent
         destination = self.subscriptions.pop(request.id, None)
         self._recovered.pop(request.id, None)
         if destination is not None:
@@ -193,6 +219,8 @@ class StompBridge:
             return self._failed(parsed)
         if kind in ("join", "leave", "presence_changed"):
             return self._presence_event(str(kind), parsed.get("channel"), frame), None
+        if kind == "presence":
+            return self._presence_answer(parsed), None
         return [], None  # pong, welcome: nothing in STOMP
 
     def _presence_event(self, kind: str, channel: object, frame: bytes) -> list[bytes]:
@@ -207,6 +235,34 @@ class StompBridge:
             out.append(
                 presence_event_frame(sub_id, destination, kind, frame, message_id, self.version)
             )
+        return out
+
+    def _presence_answer(self, parsed: dict[str, Any]) -> list[bytes]:
+        """The answer to a presence request: one MESSAGE on its subscription id, and
+        its RECEIPT after it (the receipt then says the answer is there)."""
+        request_id = parsed.get("id")
+        pending = self._pending.pop(request_id, None)  # type: ignore[arg-type]
+        if pending is None or pending.kind != "presence" or pending.subscription is None:
+            return []
+        out = []
+        sub_id = pending.subscription
+        channel = parsed.get("channel")
+        if self._queries.get(sub_id) == request_id and isinstance(channel, str):
+            del self._queries[sub_id]
+            self._events += 1
+            query = PresenceQuery(sub_id, channel, pending.receipt)
+            out.append(
+                presence_event_frame(
+                    sub_id,
+                    query.destination,
+                    "presence",
+                    presence_answer_body(parsed),
+                    f"{channel}@presence-{self._events}",
+                    self.version,
+                )
+            )
+        if pending.receipt is not None:
+            out.append(receipt_frame(pending.receipt, self.version))
         return out
 
     def _messages(self, frame: bytes) -> list[bytes]:
@@ -257,6 +313,8 @@ class StompBridge:
             receipt = pending.receipt
             if pending.kind == "subscribe" and pending.subscription is not None:
                 self._drop(pending.subscription)
+            if pending.kind == "presence" and pending.subscription is not None:
+                self._queries.pop(pending.subscription, None)
         destination = None
         channel = parsed.get("channel")
         if isinstance(channel, str) and channel in self.by_channel:

@@ -1,9 +1,16 @@
 """STOMP frames <-> the gateway's requests and answers (contract section 10). No I/O.
 
-Client frames become plain requests (``Connect``, ``Subscribe``, ``Send``,
-``Unsubscribe``, ``Disconnect``) or raise ``Refused`` with the contract's
-error code; the server's frames (``CONNECTED``, ``MESSAGE``, ``RECEIPT``,
-``ERROR``) are built here. What is refused, and why:
+Client frames become plain requests (``Connect``, ``Subscribe``,
+``PresenceQuery``, ``Send``, ``Unsubscribe``, ``Disconnect``) or raise
+``Refused`` with the contract's error code; the server's frames
+(``CONNECTED``, ``MESSAGE``, ``RECEIPT``, ``ERROR``) are built here.
+
+``SUBSCRIBE`` to ``/presence/<channel>`` is the presence request of
+docs/presence.md: answered by one ``MESSAGE`` on that subscription (the JSON
+protocol's answer as body), after which the subscription is over. A
+subscription, not a ``SEND``, because a ``SEND`` has nowhere to be answered
+(``reply-to`` queues are refused) and stompjs already correlates the answer
+with the request by subscription id. What is refused, and why:
 
 * destinations other than ``/topic/<channel>`` and
   ``/exchange/<exchange>/<channel>`` (``/queue/``, ``/amq/queue/``,
@@ -37,6 +44,7 @@ MAX_ID_CHARS = 128  # subscription ids and receipts (stompjs uses "sub-0", "rece
 JSON = "application/json"
 _UNSUPPORTED_COMMANDS = frozenset({"ACK", "NACK", "BEGIN", "COMMIT", "ABORT"})
 _QUEUE_PREFIXES = ("/queue/", "/amq/queue/", "/temp-queue/", "/reply-queue/")
+PRESENCE_PREFIX = "/presence/"  # SUBSCRIBE here: who is subscribed to the channel
 
 
 class Refused(Exception):
@@ -149,11 +157,24 @@ class Send:
 
 
 @dataclass(frozen=True, slots=True)
+class PresenceQuery:
+    """``SUBSCRIBE`` to ``/presence/<channel>``: one answer, then the subscription is over."""
+
+    id: str  # the subscription id the answer's MESSAGE names
+    channel: str
+    receipt: str | None
+
+    @property
+    def destination(self) -> str:
+        return PRESENCE_PREFIX + self.channel
+
+
+@dataclass(frozen=True, slots=True)
 class Disconnect:
     receipt: str | None
 
 
-Request = Subscribe | Unsubscribe | Send | Disconnect
+Request = Subscribe | PresenceQuery | Unsubscribe | Send | Disconnect
 ExchangeOf = Callable[[str], str | None]  # channel -> the exchange its policy rule names
 
 
@@ -171,10 +192,13 @@ def parse_request(
         return Send(destination, _data(frame, receipt, max_depth), receipt)
     if command == "SUBSCRIBE":
         sub_id = _required_id(frame, "id", receipt)
-        destination = parse_destination(frame.header("destination"), exchange_of, receipt)
         ack = frame.header("ack")
         if ack not in (None, "auto"):
             raise Refused("bad_request", f"ack:{ack[:32]} is not supported; use ack:auto", receipt)
+        text = frame.header("destination")
+        if text is not None and text.startswith(PRESENCE_PREFIX):
+            return _presence_query(sub_id, text, frame, receipt)
+        destination = parse_destination(text, exchange_of, receipt)
         return Subscribe(sub_id, destination, _since(frame.header("x-since"), receipt), receipt)
     if command == "UNSUBSCRIBE":
         return Unsubscribe(_required_id(frame, "id", receipt), receipt)
@@ -196,6 +220,12 @@ def parse_destination(
     if text is None:
         raise Refused("bad_request", "a destination header is required", receipt)
     shown = text[:80]
+    if text.startswith(PRESENCE_PREFIX):
+        raise Refused(
+            "bad_request",
+            f"{shown}: presence is asked with SUBSCRIBE to {PRESENCE_PREFIX}<channel>",
+            receipt,
+        )
     if text.startswith(_QUEUE_PREFIXES):
         raise Refused(
             "bad_request",
@@ -225,6 +255,20 @@ def parse_destination(
     if exchange is not None and exchange_of(channel) != exchange:
         raise Refused("forbidden", f"the policies do not map {channel} to {exchange[:80]}", receipt)
     return Destination(text, channel, exchange)
+
+
+def _presence_query(sub_id: str, text: str, frame: Frame, receipt: str | None) -> PresenceQuery:
+    channel = text[len(PRESENCE_PREFIX) :]
+    if not is_valid_channel(channel):
+        raise Refused(
+            "bad_request",
+            f"{text[:80]}: a channel is 1-200 bytes of dot-separated [A-Za-z0-9_-] segments"
+            " (no wildcards)",
+            receipt,
+        )
+    if frame.header("x-since") is not None:
+        raise Refused("bad_request", "x-since has no meaning for a presence request", receipt)
+    return PresenceQuery(sub_id, channel, receipt)
 
 
 def _optional_id(frame: Frame, name: str, receipt: str | None) -> str | None:
@@ -362,7 +406,8 @@ def presence_event_frame(
     subscription: str, destination: str, kind: str, body: bytes, message_id: str, version: Version
 ) -> bytes:
     """A presence event (join, leave, presence_changed; docs/presence.md) on one
-    subscription: a MESSAGE with ``x-event`` and the gateway's JSON frame as body."""
+    subscription, or the answer to a presence request (``kind`` "presence"): a
+    MESSAGE with ``x-event`` and the gateway's JSON frame as body."""
     headers = [
         ("subscription", subscription),
         ("destination", destination),
@@ -371,6 +416,12 @@ def presence_event_frame(
         ("x-event", kind),
     ]
     return serialize("MESSAGE", headers, body, version=version)
+
+
+def presence_answer_body(answer: dict[str, object]) -> bytes:
+    """The JSON protocol's presence answer without its ``id``: on STOMP the
+    ``subscription`` header is what ties the answer to its request."""
+    return orjson.dumps({key: value for key, value in answer.items() if key != "id"})
 
 
 def _bool(value: bool) -> str:
