@@ -25,6 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from gateway.operations.staff_login import staff_login_for
 from gateway.transports.httplistener import HttpListener
 
 if TYPE_CHECKING:
@@ -169,11 +170,14 @@ class DetectorAdmin:
         self.app.router.add_get("/healthz", self._healthz)
         self.app.router.add_get("/readyz", self._readyz)
         self.app.router.add_get("/metrics", self._metrics)
-        self.review: Any = None  # anomaly.review.ReviewPages when reviewers_file is set
-        if settings.reviewers_file is not None:
+        # anomaly.review.ReviewPages behind the one staff login (staff.file, or its
+        # old name anomaly.reviewers_file), as on a single gateway.
+        self.review: Any = None
+        login = staff_login_for(fleet.settings)
+        if login is not None:
             from anomaly.review import ReviewPages
 
-            self.review = ReviewPages(FleetReviewHost(fleet), settings)
+            self.review = ReviewPages(FleetReviewHost(fleet), settings, login)
             self.review.install(self.app)
         self._listener = HttpListener(self.app, self.host, self.requested_port)
         self._started = False
