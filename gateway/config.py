@@ -282,11 +282,28 @@ def _yaml_problem(config_file: Path, exc: yaml.YAMLError) -> str:
     return f"{config_file}: not valid YAML: {' '.join(str(exc).split())}"
 
 
+# RABBITGATE_* variables that belong to the tools around the settings, not to
+# the settings: the config file's path, the operator CLI's token and admin URL
+# (an operator's shell often has them exported when it starts a gateway), the
+# setup script's reinstall switch and the browser tests' screenshot folder.
+# Any other RABBITGATE_* variable is a setting, and an unknown one is an error
+# (a typo must not be ignored).
+NOT_SETTINGS = frozenset(
+    {
+        "RABBITGATE_CONFIG",
+        "RABBITGATE_OPERATOR_TOKEN",
+        "RABBITGATE_ADMIN_URL",
+        "RABBITGATE_REINSTALL",
+        "RABBITGATE_SCREENSHOTS",
+    }
+)
+
+
 def _from_environment(environ: Mapping[str, str]) -> dict[str, str]:
     """RABBITGATE_JWT_SECRET -> jwt.secret; RABBITGATE_AMQP_URL -> amqp_url."""
     found = {}
     for name, value in environ.items():
-        if not name.startswith("RABBITGATE_") or name == "RABBITGATE_CONFIG":
+        if not name.startswith("RABBITGATE_") or name in NOT_SETTINGS:
             continue
         key = name[len("RABBITGATE_") :].lower()
         section, _, rest = key.partition("_")

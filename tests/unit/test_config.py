@@ -67,3 +67,23 @@ def test_trusted_proxies_from_the_environment() -> None:
         }
     )
     assert settings.trusted_proxies == ("10.0.0.0/8", "192.0.2.1")
+
+
+def test_the_tools_own_variables_are_not_settings() -> None:
+    # An operator's shell exports the CLI's token and admin URL; a gateway
+    # started from it must not take them for settings (it refused to start).
+    settings = load_settings(
+        environ={
+            "RABBITGATE_JWT_SECRET": "x",
+            "RABBITGATE_OPERATOR_TOKEN": "op-token",
+            "RABBITGATE_ADMIN_URL": "http://127.0.0.1:9090",
+            "RABBITGATE_REINSTALL": "1",
+            "RABBITGATE_SCREENSHOTS": "/tmp/shots",
+        }
+    )
+    assert settings.jwt.secret == "x"
+
+
+def test_an_unknown_variable_is_still_refused() -> None:
+    with pytest.raises(ConfigError, match="unknown config key 'operator_tokn'"):
+        load_settings(environ={"RABBITGATE_JWT_SECRET": "x", "RABBITGATE_OPERATOR_TOKN": "t"})
