@@ -15,7 +15,7 @@ meets this; one that does not gets the same refusal, only cheaper for us.
 
 ``RefusalMemory`` is the decision (pure, clock injected); ``connection_class``
 puts it in front of websockets' connection, starting TLS itself
-(``loop.start_tls``) only for connections it lets through.
+(``gateway/transports/tls.py``) only for connections it lets through.
 """
 
 from __future__ import annotations
@@ -33,14 +33,10 @@ from websockets.frames import Frame, Opcode
 from websockets.server import ServerProtocol
 
 from gateway.limits.buckets import TokenBucket
+from gateway.transports.tls import TlsLayer
 from gateway.transports.ws_adapter import forget_request_in_parser, release, start_handler
 
 Clock = Callable[[], float]
-# How long a TLS close_notify exchange may take (websockets' close timeout).
-SHUTDOWN_TIMEOUT_SECONDS = 5.0
-# What a connection may send before websockets takes it: a ClientHello, then
-# the HTTP request (itself limited by websockets to 8 KiB a line).
-MAX_EARLY_BYTES = 256 * 1024
 # Close codes of the control-frame limits (see AdmittedConnection.process_event).
 CLOSE_RATE_LIMITED = 4429
 _CONTROL = (Opcode.PING, Opcode.PONG)
@@ -130,22 +126,20 @@ def connection_class(
 class AdmittedConnection(ServerConnection):
     """Configured by ``connection_class``; see there.
 
-    Starting TLS on an accepted connection has one trap: uvloop starts
-    reading a new transport right after ``connection_made`` even when it was
-    paused there, so the client's ClientHello can reach this protocol before
-    the TLS protocol exists. Such bytes are kept and fed to the TLS protocol
-    once it is connected, before its transport reads anything more (see
-    ``_start_tls``). Likewise the TLS protocol hands over what follows the
-    handshake (the HTTP request) before ``start_tls`` returns; it is kept
-    until websockets has the connection. Both are bounded.
+    With TLS the accepted TCP transport is handed to a ``TlsLayer``
+    (gateway/transports/tls.py) inside ``connection_made``, before the
+    transport reads anything, and websockets gets the layer as its transport
+    once the handshake is done: nothing the client sends can reach this
+    protocol before then, and what came with the handshake's last flight is
+    handed over right after websockets has the connection.
     """
 
     drop: Callable[[str | None], bool]
     on_drop: Callable[[str | None], None]
     ssl_context: ssl.SSLContext | None
     tls_timeout: float
-    # TLS handshakes in progress: a task must be referenced until it ends.
-    tls_handshakes: set[asyncio.Task[None]]
+    # TLS handshakes in progress (aborted when the server stops accepting).
+    tls_handshakes: set[TlsLayer]
     # Control frames (pings, pongs) a peer may send: the frame limits of data
     # frames (limits.frames_per_second / frames_burst), in a bucket of their
     # own, made at the first one (most peers never ping).
@@ -156,11 +150,6 @@ class AdmittedConnection(ServerConnection):
     # frame) before the peer counts as not reading; None: no bound.
     max_unread_bytes: int | None
     _handed_over = False  # websockets has the connection (and its state to wind up)
-    _tls_started = False
-    _fed = False  # the TLS protocol has the bytes read before it existed
-    _early: list[bytes] | None = None  # raw bytes until fed, then decrypted ones
-    _early_bytes = 0
-    _early_eof = False
     # The client's address when a trusted proxy forwarded it (set by the
     # handshake; None: the TCP peer is the client).
     forwarded_client: str | None = None
@@ -171,13 +160,8 @@ class AdmittedConnection(ServerConnection):
         super().__init__(protocol, *args, **kwargs)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if self._tls_started:
-            # uvloop's TLS protocol calls connection_made once more, with the
-            # encrypted transport, when the handshake is done.
-            self._hand_over(transport)
-            return
         # (uvloop's transports are not asyncio.Transport subclasses.)
-        self._raw = raw = cast(asyncio.Transport, transport)
+        raw = cast(asyncio.Transport, transport)
         peer = raw.get_extra_info("peername")
         address = str(peer[0]) if peer else None
         if self.drop(address):
@@ -188,94 +172,43 @@ class AdmittedConnection(ServerConnection):
         if self.ssl_context is None:
             self._hand_over(raw)
             return
-        raw.pause_reading()  # honoured by asyncio's loop, not by uvloop's
-        self._tls_started = True
-        loop = asyncio.get_running_loop()
-        task = loop.create_task(self._start_tls(raw))
-        self.tls_handshakes.add(task)
-        task.add_done_callback(self.tls_handshakes.discard)
-        # FIFO ready queue: the task's first step (start_tls pauses the
-        # transport, swaps in the TLS protocol and queues its connection_made
-        # and resume_reading), then this, which queues the feed after them:
-        # the feed runs in the same batch as resume_reading, before any read.
-        loop.call_soon(loop.call_soon, self._feed_tls)
+        layer = TlsLayer(
+            raw,
+            self,
+            self.ssl_context,
+            self.tls_timeout,
+            on_open=self._tls_opened,
+            on_failure=self._tls_failed,
+        )
+        self.tls_handshakes.add(layer)
 
-    async def _start_tls(self, raw: asyncio.Transport) -> None:
-        assert self.ssl_context is not None
-        try:
-            encrypted = await asyncio.get_running_loop().start_tls(
-                raw,
-                self,
-                self.ssl_context,
-                server_side=True,
-                ssl_handshake_timeout=self.tls_timeout,
-                ssl_shutdown_timeout=SHUTDOWN_TIMEOUT_SECONDS,
-            )
-        except asyncio.CancelledError:  # the server is stopping
-            raw.abort()
-            raise
-        except Exception:  # a failed or timed-out TLS handshake; nothing started yet
-            raw.abort()
-            asyncio.get_running_loop().call_soon(release, self)
-            return
-        if self._handed_over:
-            return  # uvloop: done in connection_made
-        if encrypted is None or encrypted.is_closing():
-            raw.abort()
-            asyncio.get_running_loop().call_soon(release, self)
-            return
-        self._hand_over(encrypted)
+    def _tls_opened(self, layer: TlsLayer) -> None:
+        self.tls_handshakes.discard(layer)
+        self._hand_over(layer)
 
-    def _feed_tls(self) -> None:
-        self._fed = True
-        raw, self._early, self._early_bytes = self._early, None, 0
-        if not raw or self._raw.is_closing():
-            return
-        # A buffered protocol (asyncio's and uvloop's TLS protocols are, though
-        # uvloop's is no asyncio.BufferedProtocol subclass).
-        tls: Any = self._raw.get_protocol()
-        if tls is self or not hasattr(tls, "buffer_updated"):
-            self._raw.abort()  # start_tls failed before swapping protocols
-            return
-        data = memoryview(b"".join(raw))
-        while data:
-            buffer = memoryview(tls.get_buffer(len(data)))
-            n = min(len(buffer), len(data))
-            buffer[:n] = data[:n]
-            tls.buffer_updated(n)
-            data = data[n:]
+    def _tls_failed(self, layer: TlsLayer) -> None:
+        # A failed, refused or timed-out handshake (or the server stopping):
+        # websockets never had the connection, so nothing else releases it.
+        self.tls_handshakes.discard(layer)
+        asyncio.get_running_loop().call_soon(release, self)
 
     def _hand_over(self, transport: asyncio.BaseTransport) -> None:
         self._handed_over = True
         # websockets' connection_made, and release() when it is all over.
         start_handler(self, transport)
-        early, self._early = self._early, None
-        for data in early or ():
-            super().data_received(data)
-        if self._early_eof:
-            super().eof_received()
 
     def data_received(self, data: bytes) -> None:
-        if self._handed_over:
-            super().data_received(data)
-            # websockets answers every ping with a pong written at once, with
-            # no backpressure: a peer that pings and never reads would grow
-            # the send buffer without bound (and a close frame would queue
-            # behind it). Past the send buffer limit it is a slow consumer;
-            # dropped here, since it would read no close frame anyway.
-            limit = self.max_unread_bytes
-            transport = self.transport
-            if limit is not None and transport is not None:
-                if transport.get_write_buffer_size() > limit:
-                    transport.abort()
-            return
-        self._early_bytes += len(data)
-        if self._early_bytes > MAX_EARLY_BYTES:
-            self._raw.abort()
-        elif self._early is None:
-            self._early = [data]
-        else:
-            self._early.append(data)
+        super().data_received(data)
+        # websockets answers every ping with a pong written at once, with
+        # no backpressure: a peer that pings and never reads would grow
+        # the send buffer without bound (and a close frame would queue
+        # behind it). Past the send buffer limit it is a slow consumer;
+        # dropped here, since it would read no close frame anyway.
+        limit = self.max_unread_bytes
+        transport = self.transport
+        if limit is not None and transport is not None:
+            if transport.get_write_buffer_size() > limit:
+                transport.abort()
 
     def process_event(self, event: object) -> None:
         if isinstance(event, Frame) and event.opcode in _CONTROL:
@@ -299,14 +232,6 @@ class AdmittedConnection(ServerConnection):
         if transport is not None and not transport.is_closing():
             transport.abort()
 
-    def eof_received(self) -> None:
-        if self._handed_over:
-            super().eof_received()
-            return
-        if not self._fed:  # the client left before TLS started
-            self._raw.abort()
-        self._early_eof = True
-
     def connection_lost(self, exc: Exception | None) -> None:
         if self._handed_over:
             super().connection_lost(exc)
@@ -314,5 +239,5 @@ class AdmittedConnection(ServerConnection):
     @classmethod
     def abort_handshakes(cls) -> None:
         """At shutdown: TLS handshakes still in progress are abandoned."""
-        for task in list(cls.tls_handshakes):
-            task.cancel()
+        for layer in list(cls.tls_handshakes):
+            layer.abort()
