@@ -8,6 +8,7 @@ policy code and its tests can build principals without verifying a token.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -115,7 +116,7 @@ class Principal:
             sub=sub,
             roles=_frozen(roles),
             scopes=_frozen(scope.split()),
-            claims=MappingProxyType(dict(claims)),
+            claims=MappingProxyType(_compact(claims)),
             exp=float(exp),
         )
 
@@ -123,10 +124,50 @@ class Principal:
 # Shared by every principal without roles or scopes (an empty frozenset is
 # 216 bytes, and not a singleton).
 _NOTHING: frozenset[str] = frozenset()
+# The role and scope sets seen, shared by every principal that has the same
+# one (10,000 connections usually hold a handful of distinct sets). Bounded:
+# past the bound a set is simply not shared.
+_SHARED_SETS: dict[frozenset[str], frozenset[str]] = {}
+_MAX_SHARED_SETS = 4096
+# Claim strings up to this length are shared between principals (issuer,
+# audience, claim names, tenant ids); longer ones are kept as they came.
+_MAX_SHARED_CHARS = 64
 
 
 def _frozen(values: list[str]) -> frozenset[str]:
-    return frozenset(values) if values else _NOTHING
+    if not values:
+        return _NOTHING
+    found = frozenset(values)
+    shared = _SHARED_SETS.get(found)
+    if shared is not None:
+        return shared
+    if len(_SHARED_SETS) < _MAX_SHARED_SETS:
+        _SHARED_SETS[found] = found
+    return found
+
+
+def _compact(claims: Mapping[str, Any]) -> dict[str, Any]:
+    """The claims as kept for the connection's life, memory shared where equal.
+
+    A JSON decoder makes new strings for every token: the claim names and
+    the issuer, audience and role names are the same in most of them, ~50
+    bytes each per connection. Names and short string values (alone or in a
+    list) are interned, so 10,000 principals hold one copy. Values compare
+    and hash as before; nothing a policy reads changes.
+    """
+    return {_share(name): _share_value(value) for name, value in claims.items()}
+
+
+def _share(text: str) -> str:
+    return sys.intern(text) if type(text) is str and len(text) <= _MAX_SHARED_CHARS else text
+
+
+def _share_value(value: Any) -> Any:
+    if type(value) is str:
+        return _share(value)
+    if type(value) is list and all(type(item) is str for item in value):
+        return [_share(item) for item in value]
+    return value
 
 
 def is_finite_number(value: object) -> bool:

@@ -108,9 +108,11 @@ class Session:
         # Who publishes, encoded once: the verified sub never changes (a
         # refreshed token must carry the same one).
         self._stamp = ClientStamp(principal.sub, self.id, node.broker.user)
-        self._confirming: set[asyncio.Future[object]] = set()  # publishes awaiting a confirm
+        # Publishes awaiting a confirm, and tasks the session started: both made
+        # at first use (an empty set is 216 bytes; most connections only listen).
+        self._confirming: set[asyncio.Future[object]] | None = None
         self._answers: list[bytes] = []  # publish answers of this loop iteration
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[None]] | None = None
         self._publishing = False  # a publish frame is between read and its confirm task
         # This connection's rate limits and idle timeout (gateway/limits/limiter.py).
         self.guard = node.limiter.connection_guard()
@@ -152,8 +154,8 @@ class Session:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.node.settings.publish_confirm_timeout_seconds
         while (self._tasks or self._confirming or self._publishing) and loop.time() < deadline:
-            waiting: set[asyncio.Future[Any]] = set(self._confirming)
-            waiting.update(self._tasks)
+            waiting: set[asyncio.Future[Any]] = set(self._confirming or ())
+            waiting.update(self._tasks or ())
             if waiting:
                 await asyncio.wait(waiting, timeout=deadline - loop.time())
             else:
@@ -186,6 +188,8 @@ class Session:
         self._schedule_wakeup()  # a frame came since: the idle timeout moved
 
     def _keep(self, task: asyncio.Task[None]) -> None:
+        if self._tasks is None:
+            self._tasks = set()
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -417,6 +421,8 @@ class Session:
             if frame.id is not None:  # like a failed confirm: answered only when asked
                 raise FrameError("unavailable", str(exc), frame.id) from None
             return
+        if self._confirming is None:
+            self._confirming = set()
         self._confirming.add(confirm)
         started = time.monotonic()
         confirm.add_done_callback(partial(self._confirmed, exchange, frame.id, started))
@@ -429,8 +435,9 @@ class Session:
         confirm: asyncio.Future[object],
     ) -> None:
         """Answer a publish once RabbitMQ confirmed it (ack) or did not (unavailable)."""
+        # Both made before the publish was sent.
+        assert self._confirming is not None and self._inflight is not None
         self._confirming.discard(confirm)
-        assert self._inflight is not None  # made before the publish was sent
         self._inflight.release()
         error = publish_error(confirm)
         if error is None:

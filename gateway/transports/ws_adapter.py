@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Generator, Sequence
 from functools import partial
 from http import HTTPStatus
@@ -253,7 +254,83 @@ def start_handler(connection: ServerConnection, transport: asyncio.BaseTransport
     here so that the task's end, which only websockets knows, can be seen.
     """
     Connection.connection_made(connection, transport)
+    slim(connection)
     server: Any = connection.server
     task: asyncio.Task[None] = connection.loop.create_task(server.handler(connection))
     server.handler_tasks.add(task)
     task.add_done_callback(partial(_release_when_lost, connection))
+
+
+# --- fewer objects per connection -------------------------------------------------
+#
+# An idle connection of websockets holds two empty ``collections.deque``s (the
+# drain waiters and the assembler's frame queue: 760 bytes each, a deque
+# allocates its first block of 64 slots at creation) and a ``LoggerAdapter``
+# of its own with a ``weakref.proxy`` to itself (~230 bytes) so that log
+# records can name the connection; the gateway's logs name connections
+# themselves (gateway/telemetry/logs.py). ``slim`` swaps in a queue made at
+# first use and one adapter shared by every connection: ~1.7 KiB less per
+# connection (bench.connections, docs/performance.md).
+
+
+class SmallQueue:
+    """The ``deque`` methods websockets calls on those two queues, on a list
+    made at first use. Both stay short (the frame queue is bounded by
+    ``max_queue``, the drain waiters are one per blocked send), so ``popleft``
+    on a list costs nothing that matters."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self) -> None:
+        self._items: list[Any] | None = None
+
+    def append(self, item: Any) -> None:
+        if self._items is None:
+            self._items = [item]
+        else:
+            self._items.append(item)
+
+    def popleft(self) -> Any:
+        if not self._items:
+            raise IndexError("pop from an empty queue")
+        return self._items.pop(0)
+
+    def extendleft(self, items: Any) -> None:  # deque's order: the last one ends up first
+        self._items = [*reversed(list(items)), *(self._items or ())]
+
+    def remove(self, item: Any) -> None:
+        if self._items is None:
+            raise ValueError("not in queue")
+        self._items.remove(item)
+
+    def clear(self) -> None:
+        self._items = None
+
+    def __len__(self) -> int:
+        return len(self._items) if self._items else 0
+
+    def __bool__(self) -> bool:
+        return bool(self._items)
+
+    def __iter__(self) -> Any:
+        return iter(self._items or ())
+
+
+_SHARED_LOGGERS: dict[int, logging.LoggerAdapter[Any]] = {}
+
+
+def slim(connection: Connection) -> None:
+    """Replace the per-connection objects websockets makes that can be shared or lazy.
+
+    Internals: ``Connection.drain_waiters``, ``Connection.logger``,
+    ``Protocol.logger`` (an adapter around the server's logger) and
+    ``Assembler.frames.queue``; canaries in tests/unit/test_ws_adapter.py.
+    """
+    connection.drain_waiters = SmallQueue()  # type: ignore[assignment]
+    connection.recv_messages.frames.queue = SmallQueue()  # type: ignore[assignment]
+    adapter: Any = connection.protocol.logger
+    base = adapter.logger if isinstance(adapter, logging.LoggerAdapter) else adapter
+    shared = _SHARED_LOGGERS.get(id(base))
+    if shared is None:
+        shared = _SHARED_LOGGERS[id(base)] = logging.LoggerAdapter(base, {})
+    connection.protocol.logger = connection.logger = shared

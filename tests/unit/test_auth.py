@@ -613,3 +613,34 @@ def test_generate_dev_keypair_writes_a_private_key_only_its_owner_reads(tmp_path
     assert stat.S_IMODE(private_file.stat().st_mode) == 0o600
     with pytest.raises(ValueError, match="shared secret"):
         generate_dev_keypair(tmp_path / "hs", "HS256")
+
+
+def test_principals_of_the_same_kind_share_their_claim_strings_and_role_sets() -> None:
+    import json
+
+    from gateway.auth.principal import Principal
+
+    def decoded(sub: str) -> dict[str, object]:
+        # As a JSON decoder gives them: new strings for every token.
+        return json.loads(
+            json.dumps(
+                {
+                    "sub": sub,
+                    "iss": "https://issuer.example",
+                    "roles": ["reader", "writer"],
+                    "tenant": "acme",
+                    "exp": 2_000_000_000,
+                    "note": "x" * 100,
+                }
+            )
+        )
+
+    a, b = Principal.from_claims(decoded("alice")), Principal.from_claims(decoded("bob"))
+    assert dict(a.claims) == decoded("alice")  # nothing a policy reads changed
+    assert a.roles == {"reader", "writer"} and a.roles is b.roles
+    name_a = next(k for k in a.claims if k == "tenant")
+    name_b = next(k for k in b.claims if k == "tenant")
+    assert name_a is name_b and a.claims["iss"] is b.claims["iss"]
+    assert a.claims["roles"][0] is b.claims["roles"][0]
+    # Long strings are kept as they came (not interned).
+    assert a.claims["note"] == b.claims["note"] and a.claims["note"] is not b.claims["note"]

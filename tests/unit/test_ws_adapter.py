@@ -10,6 +10,7 @@ their canaries in test_handshake_memory.py.
 from __future__ import annotations
 
 import ast
+import re
 import asyncio
 import gc
 import inspect
@@ -239,3 +240,76 @@ def test_internals_the_heartbeat_calls_exist() -> None:
     assert callable(Connection.set_connection_exc)
     assert callable(Connection.send_context)
     assert callable(Protocol.fail)
+
+
+def test_the_internals_slim_replaces_are_what_websockets_makes() -> None:
+    """Canary for ``slim``: websockets makes these two queues as deques and
+    the logger as an adapter around the server's logger, in these places."""
+    init = inspect.getsource(Connection.__init__)
+    assert "self.drain_waiters: collections.deque[asyncio.Future[None]] = (" in init
+    assert "self.protocol.logger = logging.LoggerAdapter(" in init
+    assert "self.logger: LoggerLike = self.protocol.logger" in init
+    made = inspect.getsource(Connection.connection_made)
+    assert "self.recv_messages = Assembler(" in made
+    from websockets.asyncio.messages import SimpleQueue
+
+    queue = inspect.getsource(SimpleQueue)
+    # The deque methods SmallQueue stands in for, and no other.
+    used = set(re.findall(r"self\.queue\.(\w+)", queue))
+    assert used <= {"append", "popleft", "extendleft"}, used
+    drain = inspect.getsource(Connection)
+    assert set(re.findall(r"self\.drain_waiters\.(\w+)", drain)) <= {"append", "remove"}
+
+
+async def test_a_slimmed_connection_still_queues_drains_and_logs(server: Any) -> None:
+    s, seen, end = server
+    async with connect(url(s)) as client:
+        await until(lambda: bool(seen))
+        connection = seen[0]
+        assert isinstance(connection.drain_waiters, ws_adapter.SmallQueue)
+        assert isinstance(connection.recv_messages.frames.queue, ws_adapter.SmallQueue)
+        assert connection.logger is connection.protocol.logger
+        # Frames queue up unread, then come out in order (put_back included:
+        # a fragmented message read in pieces).
+        for n in range(5):
+            await client.send(f"m{n}")
+        await client.send(["a", "b", "c"])
+        # (a fragmented send ends with an empty final continuation frame)
+        await until(lambda: len(connection.recv_messages.frames) == 9)
+        assert [await connection.recv() for _ in range(5)] == [f"m{n}" for n in range(5)]
+        assert await connection.recv() == "abc"
+        connection.logger.debug("shared adapter, no error")
+        end.set()
+        await client.wait_closed()
+
+
+def test_small_queue_behaves_as_a_deque_for_the_methods_used() -> None:
+    import collections
+    import random
+
+    rng = random.Random(7)
+    small, real = ws_adapter.SmallQueue(), collections.deque[int]()
+    for step in range(2000):
+        op = rng.choice(["append", "popleft", "extendleft", "remove", "clear"])
+        if op == "append":
+            small.append(step)
+            real.append(step)
+        elif op == "extendleft":
+            items = [rng.randrange(100) for _ in range(rng.randrange(4))]
+            small.extendleft(reversed(items))
+            real.extendleft(reversed(items))
+        elif op == "popleft":
+            if real:
+                assert small.popleft() == real.popleft()
+            else:
+                with pytest.raises(IndexError):
+                    small.popleft()
+        elif op == "remove" and real:
+            item = rng.choice(list(real))
+            small.remove(item)
+            real.remove(item)
+        elif op == "clear" and rng.random() < 0.05:
+            small.clear()
+            real.clear()
+        assert list(small) == list(real) and len(small) == len(real)
+        assert bool(small) == bool(real)
