@@ -196,6 +196,16 @@ def test_connections() -> None:
     number(report["setup_ms"]["p99"])
 
 
+def test_memory_floor_of_every_layer() -> None:
+    report = run_tool("memfloor", "--connections", "40")
+    layers = [result["layer"] for result in report["results"]]
+    assert layers == ["tcp", "tls", "tls-layer", "ws", "wss"]
+    for result in report["results"]:
+        assert result["connections"] == 40, result
+        number(result["kib_per_connection"])
+        assert number(result["rss_kib_after"]) > 0
+
+
 def test_connections_with_a_variant_in_rounds() -> None:
     report = run_tool(
         "connections",

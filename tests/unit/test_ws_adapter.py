@@ -10,10 +10,10 @@ their canaries in test_handshake_memory.py.
 from __future__ import annotations
 
 import ast
-import re
 import asyncio
 import gc
 import inspect
+import re
 import textwrap
 from collections.abc import AsyncIterator, Callable
 from typing import Any
