@@ -157,7 +157,8 @@ class LocalConnections:
                     "send_buffer_frames": frames,
                     "send_buffer_fill": round(pending / limit, 4) if limit else None,
                     "messages_in": self.messages_in.get(s.id, 0),
-                    # Counted by the WebSocket send path (transports/outbox.py);
+                    # Frames written to the connection, counted by each transport's
+                    # send path (transports/outbox.py, sse.py, stomp/endpoint.py);
                     # None (a dash) for a transport that does not count them.
                     "messages_out": getattr(s.outbox, "messages_out", None),
                 }

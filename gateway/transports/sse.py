@@ -106,6 +106,9 @@ class SseOutbox:
         self._ready = asyncio.Event()
         self.overflowed = False
         self.closed = False
+        # Frames taken for this stream (messages and answers, not the
+        # keep-alive comments): the operator's per-connection count.
+        self.messages_out = 0
 
     def pending(self) -> tuple[int, int]:
         """(bytes, frames) queued and not yet taken by the writer."""
@@ -129,6 +132,7 @@ class SseOutbox:
             return False
         self._frames.append(frame)
         self._bytes += len(frame)
+        self.messages_out += 1
         self._ready.set()
         return True
 

@@ -112,8 +112,10 @@ class TlsLayer(asyncio.Protocol, asyncio.Transport):
                 self._handshake_failed()
                 return
             self._opened()
-            if self._state != _OPEN or not self._incoming.pending:
+            if self._state != _OPEN:
                 return
+            # Application data may have come with the handshake's last flight
+            # (a client's HTTP request right after its Finished): read it now.
         self._read()
 
     def _opened(self) -> None:

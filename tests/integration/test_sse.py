@@ -543,3 +543,25 @@ async def test_banned_users_and_addresses_get_no_stream(gateway: Gateway, open_s
     assert again.status == 403
     again.close()
     assert gateway.metrics.connections_closed.labels("4403")._value.get() == 1
+
+
+async def test_the_operators_list_counts_the_frames_written_to_a_stream(
+    gateway: Gateway, connect_client: Any, open_sse: OpenFn
+) -> None:
+    from gateway.operations.connections import ConnectionFilter
+
+    async def written() -> Any:
+        (row,) = (await gateway.connections.list(ConnectionFilter(user="carol")))["connections"]
+        assert row["transport"] == "sse"
+        return row["messages_out"]
+
+    stream = await stream_of(open_sse, gateway, "chat.counted", sub="carol")
+    before = await written()
+    assert isinstance(before, int)
+    bob = await connect_client("bob")
+    for n in range(3):
+        assert (await bob.request("publish", channel="chat.counted", data=n))["type"] == "ack"
+    for _ in range(3):
+        await stream.next_of("message")
+    assert await written() == before + 3
+    stream.close()

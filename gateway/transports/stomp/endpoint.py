@@ -91,13 +91,14 @@ class StompTransport:
     ``WebSocketTransport``: the same 1 MiB / 1,000 frames, close 4409).
     """
 
-    __slots__ = ("bridge", "inner")
+    __slots__ = ("bridge", "inner", "beats")
 
     kind: ClassVar[TransportKind] = "stomp"
 
     def __init__(self, bridge: StompBridge, inner: Transport) -> None:
         self.bridge = bridge
         self.inner = inner
+        self.beats = 0  # heart-beats written (not counted in messages_out)
 
     def send(self, frame: bytes) -> bool:
         frames, close = self.bridge.answer(frame)
@@ -112,6 +113,20 @@ class StompTransport:
     def send_stomp(self, frame: bytes) -> bool:
         """A STOMP frame of the endpoint's own (CONNECTED, a RECEIPT, an ERROR, a heart-beat)."""
         return self.inner.send(frame)
+
+    def send_beat(self, beat: bytes) -> bool:
+        """A heart-beat: written like any STOMP frame, not counted as a message."""
+        sent = self.inner.send(beat)
+        if sent:
+            self.beats += 1
+        return sent
+
+    @property
+    def messages_out(self) -> int | None:
+        """STOMP frames written (MESSAGEs, RECEIPTs, ERRORs, CONNECTED), not the
+        heart-beats: the operator's per-connection count."""
+        written = getattr(self.inner, "messages_out", None)
+        return None if written is None else written - self.beats
 
     def pending(self) -> tuple[int, int]:
         return self.inner.pending()
@@ -322,7 +337,7 @@ class _Beats:
     def _beat(self) -> None:
         if self.outbox.bridge.closed:
             return
-        self.outbox.send_stomp(HEARTBEAT_BYTES)
+        self.outbox.send_beat(HEARTBEAT_BYTES)
         self._schedule()
 
     def stop(self) -> None:
