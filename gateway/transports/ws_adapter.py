@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from collections.abc import Generator, Sequence
 from functools import partial
 from http import HTTPStatus
@@ -265,12 +264,12 @@ def start_handler(connection: ServerConnection, transport: asyncio.BaseTransport
 #
 # An idle connection of websockets holds two empty ``collections.deque``s (the
 # drain waiters and the assembler's frame queue: 760 bytes each, a deque
-# allocates its first block of 64 slots at creation) and a ``LoggerAdapter``
-# of its own with a ``weakref.proxy`` to itself (~230 bytes) so that log
-# records can name the connection; the gateway's logs name connections
-# themselves (gateway/telemetry/logs.py). ``slim`` swaps in a queue made at
-# first use and one adapter shared by every connection: ~1.7 KiB less per
-# connection (bench.connections, docs/performance.md).
+# allocates its first block of 64 slots at creation). ``slim`` swaps in a
+# queue made at first use: ~1.5 KiB less per connection (bench.connections,
+# docs/performance.md). websockets' per-connection ``LoggerAdapter`` stays:
+# the JSON log lines name the connection of websockets' own records
+# ("connection open", "connection closed") through it
+# (gateway/telemetry/logs.py, tests/integration/test_connection_logs.py).
 
 
 class SmallQueue:
@@ -316,21 +315,11 @@ class SmallQueue:
         return iter(self._items or ())
 
 
-_SHARED_LOGGERS: dict[int, logging.LoggerAdapter[Any]] = {}
-
-
 def slim(connection: Connection) -> None:
-    """Replace the per-connection objects websockets makes that can be shared or lazy.
+    """Replace the per-connection queues websockets makes with ones made at first use.
 
-    Internals: ``Connection.drain_waiters``, ``Connection.logger``,
-    ``Protocol.logger`` (an adapter around the server's logger) and
-    ``Assembler.frames.queue``; canaries in tests/unit/test_ws_adapter.py.
+    Internals: ``Connection.drain_waiters`` and ``Assembler.frames.queue``;
+    canaries in tests/unit/test_ws_adapter.py.
     """
     connection.drain_waiters = SmallQueue()  # type: ignore[assignment]
     connection.recv_messages.frames.queue = SmallQueue()  # type: ignore[assignment]
-    adapter: Any = connection.protocol.logger
-    base = adapter.logger if isinstance(adapter, logging.LoggerAdapter) else adapter
-    shared = _SHARED_LOGGERS.get(id(base))
-    if shared is None:
-        shared = _SHARED_LOGGERS[id(base)] = logging.LoggerAdapter(base, {})
-    connection.protocol.logger = connection.logger = shared

@@ -243,12 +243,9 @@ def test_internals_the_heartbeat_calls_exist() -> None:
 
 
 def test_the_internals_slim_replaces_are_what_websockets_makes() -> None:
-    """Canary for ``slim``: websockets makes these two queues as deques and
-    the logger as an adapter around the server's logger, in these places."""
+    """Canary for ``slim``: websockets makes these two queues as deques, in these places."""
     init = inspect.getsource(Connection.__init__)
     assert "self.drain_waiters: collections.deque[asyncio.Future[None]] = (" in init
-    assert "self.protocol.logger = logging.LoggerAdapter(" in init
-    assert "self.logger: LoggerLike = self.protocol.logger" in init
     made = inspect.getsource(Connection.connection_made)
     assert "self.recv_messages = Assembler(" in made
     from websockets.asyncio.messages import SimpleQueue
@@ -261,14 +258,13 @@ def test_the_internals_slim_replaces_are_what_websockets_makes() -> None:
     assert set(re.findall(r"self\.drain_waiters\.(\w+)", drain)) <= {"append", "remove"}
 
 
-async def test_a_slimmed_connection_still_queues_drains_and_logs(server: Any) -> None:
+async def test_a_slimmed_connection_still_queues_and_reads_in_order(server: Any) -> None:
     s, seen, end = server
     async with connect(url(s)) as client:
         await until(lambda: bool(seen))
         connection = seen[0]
         assert isinstance(connection.drain_waiters, ws_adapter.SmallQueue)
         assert isinstance(connection.recv_messages.frames.queue, ws_adapter.SmallQueue)
-        assert connection.logger is connection.protocol.logger
         # Frames queue up unread, then come out in order (put_back included:
         # a fragmented message read in pieces).
         for n in range(5):
@@ -278,7 +274,6 @@ async def test_a_slimmed_connection_still_queues_drains_and_logs(server: Any) ->
         await until(lambda: len(connection.recv_messages.frames) == 9)
         assert [await connection.recv() for _ in range(5)] == [f"m{n}" for n in range(5)]
         assert await connection.recv() == "abc"
-        connection.logger.debug("shared adapter, no error")
         end.set()
         await client.wait_closed()
 
