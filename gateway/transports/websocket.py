@@ -252,9 +252,9 @@ class WebSocketListener:
             return _too_many_requests(connection, admitted.limit)
         if admitted is not None:
             # Given back when the socket goes, however it ends (a failed handshake too).
-            slot = admitted
+            # (A partial, not a closure: ~150 bytes less for the connection's life.)
             connection.connection_lost_waiter.add_done_callback(
-                lambda _: self._node.limiter.release(slot)
+                partial(_release_slot, self._node.limiter, admitted)
             )
         duplicate = repeated(request.headers.get_all)
         if duplicate is not None:  # ambiguous: refused (400), counted as a failed authentication
