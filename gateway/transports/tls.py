@@ -192,7 +192,11 @@ class TlsLayer(asyncio.Protocol, asyncio.Transport):
         if self._state != _HANDSHAKE:
             return
         self._state = _CLOSED
-        self._timer = None
+        if self._timer is not None:
+            # Cancelled, not left to fire: the loop's timer would keep this
+            # layer (and OpenSSL's state) alive until the timeout.
+            self._timer.cancel()
+            self._timer = None
         self._raw.abort()
         self._fail_handshake()
 

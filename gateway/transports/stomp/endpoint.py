@@ -111,7 +111,8 @@ class StompTransport:
         return sum(1 for frame in frames if self.send(frame))
 
     def send_stomp(self, frame: bytes) -> bool:
-        """A STOMP frame of the endpoint's own (CONNECTED, a RECEIPT, an ERROR, a heart-beat)."""
+        """A STOMP frame of the endpoint's own (CONNECTED, a RECEIPT, an ERROR);
+        heart-beats go through ``send_beat``."""
         return self.inner.send(frame)
 
     def send_beat(self, beat: bytes) -> bool:
