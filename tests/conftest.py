@@ -22,6 +22,61 @@ from gateway.devtools.devtokens import mint_token
 pytest_plugins = ["gateway_fixtures", "anomaly_fixtures"]
 
 AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
+
+# pytest-xdist (scripts/test runs two workers): a file's tests run on one worker,
+# in order, and these files share something more than the broker and so run one
+# after another on one worker too. Every other file only uses what is its own
+# (exchanges named by `exchange_prefix`, free ports, temporary directories).
+_SHARED_BY = {
+    # The one Redis: the default control prefix's registry and pub/sub channels,
+    # presence, tenant quotas and rate-limit keys named by user and tenant.
+    "redis": (
+        "test_deploy.py",
+        "test_fleet_connections.py",
+        "test_limits_redis.py",
+        "test_presence.py",
+        "test_presence_stomp.py",
+        "test_presence_store.py",
+        "test_stompjs.py",
+        "test_tenant_day_quota.py",
+        "test_tenant_quotas.py",
+        "test_workers.py",
+    ),
+    # The extra RabbitMQ nodes: the chaos node (5673, stopped and SIGSTOPped by
+    # these tests) and the three-node cluster of scripts/cluster.
+    "rabbitmq-nodes": (
+        "test_chaos.py",
+        "test_publish_confirms.py",
+        "test_cluster.py",
+        "test_cluster_script.py",
+    ),
+    # Load: each saturates a core for seconds and starts Web-STOMP, Socket.IO
+    # and Redis-backed peers; beside each other they would only slow each other.
+    "load": ("test_bench_smoke.py", "test_bench_flood_smoke.py"),
+}
+_GROUP_OF = {name: group for group, names in _SHARED_BY.items() for name in names}
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """Send each file, or each group of files of ``_SHARED_BY``, to one worker.
+
+    pytest-xdist's own ``loadgroup`` marks do not take on pytest 9.2 (it renames
+    node ids through an attribute pytest no longer reads), so the grouping is a
+    scheduler: ``loadscope`` with the scope of a test being its file's group.
+    Scopes go out in collection order (``--no-loadscope-reorder`` in
+    scripts/test): the long integration files first, the short unit ones last
+    to even out the workers' ends.
+    """
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SharedResourceScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return _GROUP_OF.get(path.rsplit("/", 1)[-1], path)
+
+    return SharedResourceScheduling(config, log)
+
+
 ISSUER = "rabbitgate-test"
 AUDIENCE = "rabbitgate"
 

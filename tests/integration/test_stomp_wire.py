@@ -367,36 +367,47 @@ async def test_heart_beats_both_ways(
 
 
 async def test_the_operators_list_counts_stomp_frames_but_not_heart_beats(
-    gateway: Gateway,
-    wire: Callable[..., Any],
+    settings: Any,
+    cleanup_broker: None,
+    client_ssl: ssl.SSLContext,
     connect_client: Any,
     make_token: Callable[..., str],
 ) -> None:
     import asyncio
+    import dataclasses
 
     from gateway.operations.connections import ConnectionFilter
+    from gateway.policy.rules import load_policy_set
+
+    # A gateway that beats every 200 ms: with the default 20 s, two beats took 40 s.
+    limits = dataclasses.replace(settings.limits, heartbeat_seconds=0.2)
+    beating = dataclasses.replace(settings, limits=limits)
+    gw = Gateway(beating, load_policy_set(beating.policies_dir))
+    await gw.start()
 
     async def written() -> Any:
-        (row,) = (await gateway.connections.list(ConnectionFilter(user="dora")))["connections"]
+        (row,) = (await gw.connections.list(ConnectionFilter(user="dora")))["connections"]
         assert row["transport"] == "stomp"
         return row["messages_out"]
 
-    client: StompWire = await wire()
-    # The server is asked for a heart-beat every 100 ms (it may choose a longer one).
-    connected = await client.connect(make_token("dora"), heart_beat="0,100")
-    assert connected.command == "CONNECTED"
-    beat_ms = int(connected.headers["heart-beat"].split(",")[0])
-    assert beat_ms > 0
-    await client.send(frame("SUBSCRIBE", id="s", destination="/topic/chat.b", receipt="r"))
-    assert (await client.recv()).command == "RECEIPT"
-    before = await written()
-    assert before == 2  # CONNECTED and the RECEIPT
-    bob = await connect_client("bob")
-    for n in range(3):
-        assert (await bob.request("publish", channel="chat.b", data=n))["type"] == "ack"
-    assert [(await client.recv()).command for _ in range(3)] == ["MESSAGE"] * 3
-    # Two heart-beats come next, and are not counted.
-    for _ in range(2):
-        beat = await asyncio.wait_for(client.ws.recv(decode=False), 3 * beat_ms / 1000 + 1)
-        assert not beat.strip(b"\r\n"), beat
-    assert await written() == before + 3
+    try:
+        client = await open_wire(gw.port, client_ssl)
+        connected = await client.connect(make_token("dora"), heart_beat="0,100")
+        assert connected.command == "CONNECTED"
+        beat_ms = int(connected.headers["heart-beat"].split(",")[0])
+        assert beat_ms > 0
+        await client.send(frame("SUBSCRIBE", id="s", destination="/topic/chat.b", receipt="r"))
+        assert (await client.recv()).command == "RECEIPT"
+        before = await written()
+        assert before == 2  # CONNECTED and the RECEIPT
+        bob = await connect_client("bob", gw=gw)
+        for n in range(3):
+            assert (await bob.request("publish", channel="chat.b", data=n))["type"] == "ack"
+        assert [(await client.recv()).command for _ in range(3)] == ["MESSAGE"] * 3
+        # Two heart-beats come next, and are not counted.
+        for _ in range(2):
+            beat = await asyncio.wait_for(client.ws.recv(decode=False), 3 * beat_ms / 1000 + 1)
+            assert not beat.strip(b"\r\n"), beat
+        assert await written() == before + 3
+    finally:
+        await gw.stop()

@@ -48,6 +48,20 @@ def test_a_sealed_message_opens_with_its_key_and_carries_its_time() -> None:
         (None, "malformed"),
         (b"v1." + b"0" * 64 + b".{}", "bad_signature"),
     ],
+    # Fixed ids: the sealed messages carry the time they were made, and test ids
+    # must be the same in every pytest-xdist worker's collection.
+    ids=[
+        "another-key",
+        "unsigned",
+        "old",
+        "future",
+        "no-signature",
+        "v2",
+        "empty",
+        "int",
+        "none",
+        "zero-signature",
+    ],
 )
 def test_what_cannot_be_trusted_is_ignored_with_its_reason(raw: object, reason: str) -> None:
     assert open_message(KEY, raw) == Ignored(reason)
