@@ -184,3 +184,32 @@ async def test_the_shippers_sent_and_dropped_events_are_counters_in_the_gateways
     text = await scrape(gateway.admin_port)
     assert sample(text, "rabbitgate_anomaly_traffic_events_dropped_total") >= dropped
     assert sample(text, "rabbitgate_anomaly_traffic_events_sent_total") >= now_sent
+
+
+async def test_a_connection_lost_under_a_publish_in_flight_leaves_the_shipper_shipping(
+    fleet_settings: Settings, start_gateway: Callable[[Settings], Any]
+) -> None:
+    """aio-pika cancels a publish in flight when its connection closes (a
+    CancelledError, not an Exception): that must cost the chunk it carried,
+    counted as dropped, and never the flush loop, or every later event would
+    pile up in the gateway's memory, unsent and uncounted."""
+    gateway = await start_gateway(fleet_settings)
+    shipper = gateway.anomaly.shipper
+    emitted = 0
+    for _ in range(5):  # each round: a fresh broker connection, closed mid-flush
+        await shipper.stop()
+        await shipper.start()
+        before = shipper.events_sent + shipper.events_dropped
+        sent = shipper.events_sent
+        for n in range(30_000):  # 30 chunks: the flush is publishing when the close comes
+            gateway.node.events.emit(TrafficEvent("publish", "127.0.6.30", "u", "s", "c", n))
+        emitted += 30_000
+        await until(lambda: shipper.events_sent > sent)
+        assert shipper._connection is not None
+        await shipper._connection.close()
+        await until(lambda: shipper.events_sent + shipper.events_dropped - before >= 30_000)
+        (flusher,) = shipper._tasks
+        assert not flusher.done(), flusher
+    # Once the connection is gone, later events are counted dropped by the same loop.
+    gateway.node.events.emit(TrafficEvent("publish", "127.0.6.30", "u", "s", "c", 1))
+    await until(lambda: shipper.events_sent + shipper.events_dropped >= emitted + 1)
