@@ -314,6 +314,15 @@ class FleetConnections:
 
     async def start(self) -> None:
         """Register, take the fleet's bans, listen. Redis down: retried in the background."""
+        if self._key is None:
+            # Said once at start, where the operator looks: the channel works
+            # unsigned (processes of a fleet may run without a key), but then
+            # it is open to anyone who can write to that Redis.
+            log.warning(
+                "control.key is not set: anyone who can publish on the Redis server of "
+                "redis_url can disconnect and ban users through the operator's control "
+                "channel; set control.key (RABBITGATE_CONTROL_KEY), the same on every process"
+            )
         self._tasks = [
             asyncio.create_task(self._listen()),
             asyncio.create_task(self._keep_alive()),

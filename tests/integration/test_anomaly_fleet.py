@@ -204,10 +204,12 @@ async def test_a_connection_lost_under_a_publish_in_flight_leaves_the_shipper_sh
         for n in range(30_000):  # 30 chunks: the flush is publishing when the close comes
             gateway.node.events.emit(TrafficEvent("publish", "127.0.6.30", "u", "s", "c", n))
         emitted += 30_000
-        await until(lambda: shipper.events_sent > sent)
+        await until(lambda sent=sent: shipper.events_sent > sent)
         assert shipper._connection is not None
         await shipper._connection.close()
-        await until(lambda: shipper.events_sent + shipper.events_dropped - before >= 30_000)
+        await until(
+            lambda before=before: shipper.events_sent + shipper.events_dropped - before >= 30_000
+        )
         (flusher,) = shipper._tasks
         assert not flusher.done(), flusher
     # Once the connection is gone, later events are counted dropped by the same loop.

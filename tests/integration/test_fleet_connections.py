@@ -328,6 +328,27 @@ async def test_forged_stale_and_malformed_control_messages_are_ignored_and_count
     assert "closed 1 connection(s)" in out
 
 
+async def test_without_a_control_key_the_gateway_warns_and_an_unsigned_kick_acts(
+    gateways: Any, prefix: str, make_token: Any, client_ssl: ssl.SSLContext
+) -> None:
+    """What docs/console.md says of a fleet without ``control.key``, shown:
+    the start-up log says it, and a kick published by anyone on Redis acts."""
+    keyed = gateways()
+    unkeyed = gateways(control={"prefix": prefix + ":open", "deadline_seconds": 1.0})
+    assert "control.key is not set" not in keyed.tail()
+    assert "control.key is not set" in unkeyed.tail()
+    assert "redis://" not in unkeyed.tail()  # the warning never shows the URL (or its password)
+    victim = await open_client(unkeyed.port, make_token("vic"), client_ssl)
+    kick = {"op": "kick", "id": "k1", "from": "anyone/1", "user": "vic", "shown": "bye"}
+    client = aioredis.from_url(REDIS_URL)
+    try:
+        await client.publish(f"{prefix}:open:requests", seal(None, kick))
+    finally:
+        await client.aclose()
+    code, reason = await closed(victim)
+    assert code == 1008 and reason is not None and "bye" in reason, (code, reason)
+
+
 async def test_the_supervisor_admin_port_covers_every_worker_for_cli_and_console(
     settings: Settings, tmp_path: Path, prefix: str, operator: Operator, make_token: Any,
     client_ssl: ssl.SSLContext, cleanup_broker: None,
