@@ -12,7 +12,6 @@ import argparse
 import datetime
 import json
 import os
-import re
 import sys
 import urllib.error
 import urllib.parse
@@ -21,18 +20,20 @@ from pathlib import Path
 from typing import Any
 
 from gateway.commands import CliError
+from gateway.operations import durations
 from gateway.operations.connections_admin import OperatorFileError, add_operator
-
-_DURATION = re.compile(r"(\d{1,9})\s*([smhd]?)")
-_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 def parse_duration(text: str) -> int:
-    """``90``, ``90s``, ``10m``, ``2h``, ``1d`` -> seconds."""
-    match = _DURATION.fullmatch(text.strip())
-    if match is None or int(match[1]) == 0:
+    """``--for``'s type: a duration as gateway/operations/durations.py reads it
+    (the console's too), more than 0 seconds, refused in argparse's one line."""
+    try:
+        seconds = durations.parse_duration(text)
+    except ValueError:
+        seconds = 0
+    if seconds <= 0:
         raise argparse.ArgumentTypeError(f"{text!r}: a duration such as 600, 10m, 2h or 1d")
-    return int(match[1]) * _UNITS[match[2]]
+    return seconds
 
 
 def add_connections_commands(commands: Any) -> None:
