@@ -6,14 +6,17 @@ aiohttp's own error log of a request it could not parse, which quotes the
 start of the request line or header (a token).
 
 A public listener (SSE) also gets what websockets gives ``/ws``
-(``HandshakeGuard``): the TLS handshake must end within the handshake
-timeout, and then the request's headers must have arrived within it too,
+(``HandshakeGuard``): an address with ``max_per_address`` connections open
+here, or that the handshake refusals say to drop, has its new ones dropped
+at TCP accept, before TLS (``/ws`` decides there too, in
+gateway/transports/admission.py): a flood from one address costs no
+handshake past its cap. Then the TLS handshake must end within the
+handshake timeout (the gateway's own TLS layer, gateway/transports/tls.py,
+as on ``/ws``), and the request's headers must have arrived within it too,
 else the connection is dropped (aiohttp itself waits for them without a
-limit, or until its keep-alive timeout on newer versions, 75 s); and an
-address with ``max_per_address`` connections open here, or that the
-handshake refusals say to drop, has its new ones dropped as they come,
-before any request is parsed. Half-open connections (slowloris) cost at most
-the handshake timeout each, and one address can hold at most its cap.
+limit, or until its keep-alive timeout on newer versions, 75 s). Half-open
+connections (slowloris) cost at most the handshake timeout each, and one
+address can hold at most its cap, TLS handshakes in progress included.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from typing import Any, cast
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
+
+from gateway.transports.tls import TlsLayer
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -77,26 +82,58 @@ class _Guarded(asyncio.Protocol):
     """aiohttp's protocol for one connection, behind the handshake limits.
 
     A proxy, not a subclass: aiohttp's RequestHandler has __slots__ and
-    private state; this only needs the asyncio protocol methods.
+    private state; this only needs the asyncio protocol methods. With TLS it
+    is the application protocol of the connection's ``TlsLayer``: admitted
+    on the TCP connection, handed to aiohttp once TLS is up.
     """
 
     def __init__(self, inner: asyncio.Protocol, guard: HandshakeGuard) -> None:
         self._inner = inner
         self._guard = guard
-        self._transport: asyncio.Transport | None = None
+        self._transport: asyncio.Transport | None = None  # what aiohttp writes to
         self._address: str | None = None
-        self._counted = False  # let in: aiohttp's protocol has the connection
+        self._counted = False  # admitted: counted at the address, until it is gone
         self._capped = False  # counted in the address's open connections
         self._deadline: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = cast(asyncio.Transport, transport)
-        peer = transport.get_extra_info("peername")
+        # (uvloop's transports are not asyncio.Transport subclasses.)
+        raw = cast(asyncio.Transport, transport)
+        peer = raw.get_extra_info("peername")
         self._address = str(peer[0]) if peer else None
         if not self._guard.admit(self, self._address):
-            self._transport.abort()
+            raw.abort()
             return
         self._counted = True
+        tls = self._guard.tls
+        if tls is None:
+            self._open(raw)
+            return
+        # From here the layer is the TCP transport's protocol; it calls
+        # _opened, or _failed (the connection never reaches aiohttp).
+        self._guard.handshakes.add(
+            TlsLayer(
+                raw,
+                self,
+                tls,
+                self._guard.limits.timeout,
+                on_open=self._opened,
+                on_failure=self._failed,
+            )
+        )
+
+    def _opened(self, layer: TlsLayer) -> None:
+        self._guard.handshakes.discard(layer)
+        self._open(layer)
+
+    def _failed(self, layer: TlsLayer) -> None:
+        self._guard.handshakes.discard(layer)
+        self._gone()
+
+    def _open(self, transport: asyncio.Transport) -> None:
+        """The request's headers are due within the handshake timeout from now."""
+        self._transport = transport
+        self._guard.track(self, transport)
         loop = asyncio.get_running_loop()
         self._deadline = loop.call_later(self._guard.limits.timeout, self._expired)
         self._inner.connection_made(transport)
@@ -113,56 +150,69 @@ class _Guarded(asyncio.Protocol):
             self._transport.abort()
 
     def data_received(self, data: bytes) -> None:
-        if self._counted:
+        if self._transport is not None:
             self._inner.data_received(data)
 
     def eof_received(self) -> bool | None:
-        if self._counted:
+        if self._transport is not None:
             return self._inner.eof_received()
         return None
 
     def pause_writing(self) -> None:
-        if self._counted:
+        if self._transport is not None:
             self._inner.pause_writing()
 
     def resume_writing(self) -> None:
-        if self._counted:
+        if self._transport is not None:
             self._inner.resume_writing()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        opened = self._transport is not None
+        self._gone()
+        if opened:
+            self._inner.connection_lost(exc)
+
+    def _gone(self) -> None:
         if self._deadline is not None:
             self._deadline.cancel()
             self._deadline = None
-        if not self._counted:
-            return
-        self._counted = False
-        self._guard.left(self, self._address)
-        self._inner.connection_lost(exc)
+        if self._counted:
+            self._counted = False
+            self._guard.left(self, self._address)
 
 
 class HandshakeGuard:
     """The handshake limits of one listener (see the module's docstring)."""
 
-    def __init__(self, limits: HandshakeLimits) -> None:
+    def __init__(self, limits: HandshakeLimits, tls: ssl.SSLContext | None = None) -> None:
         self.limits = limits
+        self.tls = tls
         self.open = OpenConnections(limits.max_per_address)
         self._by_transport: dict[asyncio.BaseTransport, _Guarded] = {}
+        # TLS handshakes in progress, aborted when the listener stops.
+        self.handshakes: set[TlsLayer] = set()
 
     def admit(self, connection: _Guarded, address: str | None) -> bool:
-        """Let the connection in (and count it), or False: drop it now."""
+        """Count the connection at its address, or False: drop it now."""
         if not self.limits.exempt(address):
             if self.limits.drop(address) or not self.open.enter(address):
                 return False
             connection._capped = True
-        if connection._transport is not None:
-            self._by_transport[connection._transport] = connection
         return True
+
+    def track(self, connection: _Guarded, transport: asyncio.BaseTransport) -> None:
+        """aiohttp has the connection on ``transport`` (see ``middleware``)."""
+        self._by_transport[transport] = connection
 
     def left(self, connection: _Guarded, address: str | None) -> None:
         if connection._capped:
             self.open.leave(address)
         if connection._transport is not None:
             self._by_transport.pop(connection._transport, None)
+
+    def abort_handshakes(self) -> None:
+        for layer in list(self.handshakes):
+            layer.abort()
 
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -213,7 +263,9 @@ class HttpListener:
         workers of one supervisor); ``unix_path``: listen on this Unix socket
         instead of ``host:port`` (a worker's admin socket)."""
         self._reuse_port, self._unix_path = reuse_port, unix_path
-        self._guard = HandshakeGuard(handshake) if handshake is not None else None
+        # Behind a guard, TLS is the guard's (after the address is admitted);
+        # otherwise the loop's.
+        self._guard = HandshakeGuard(handshake, ssl_context) if handshake is not None else None
         extra: dict[str, Any] = {}
         if self._guard is not None:
             # The first middleware: it sees every request aiohttp parsed.
@@ -259,22 +311,17 @@ class HttpListener:
         loop = asyncio.get_running_loop()
         # Not aiohttp's TCPSite: it gives the TLS handshake no timeout (asyncio's
         # default, 60 s) and the connections no guard.
-        handshake_timeout = guard.limits.timeout if guard and self._ssl else None
+        loop_ssl = None if guard is not None else self._ssl
         if self._unix_path is not None:
             self._server = await loop.create_unix_server(  # type: ignore[assignment]
-                factory,
-                str(self._unix_path),
-                ssl=self._ssl,
-                ssl_handshake_timeout=handshake_timeout,
-                backlog=1024,
+                factory, str(self._unix_path), ssl=loop_ssl, backlog=1024
             )
             return
         self._server = await loop.create_server(  # type: ignore[assignment]
             factory,
             self._host,
             self._port,
-            ssl=self._ssl,
-            ssl_handshake_timeout=handshake_timeout,
+            ssl=loop_ssl,
             backlog=1024,
             reuse_port=self._reuse_port or None,
         )
@@ -283,4 +330,6 @@ class HttpListener:
         """Stop accepting, wait up to the shutdown timeout for handlers, close the rest."""
         if self._server is not None:
             self._server.close()
+        if self._guard is not None:
+            self._guard.abort_handshakes()
         await self._runner.cleanup()

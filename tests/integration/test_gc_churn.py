@@ -160,11 +160,10 @@ def test_churned_connections_leave_nothing_behind_when_frozen_alive(
         return before, server_side_objects()
 
     before, after = run_churn(settings, make_token, client_ssl, scenario)
-    assert before["connections"] == 0, before
-    assert after["connections"] == 0, after
-    assert after["protocols"] == 0, after
-    assert after["sessions"] == 0, after
-    assert after["outboxes"] == 0, after
+    # Counted against ``before``: under pytest-xdist this process ran other
+    # test files first, and one may still hold a session of its own.
+    for kind in ("connections", "protocols", "sessions", "outboxes"):
+        assert after[kind] - before[kind] <= 0, (kind, before, after)
     # Nothing else of the gateway's grows with the connections it has served
     # (less than one object per round of them).
     assert after["gateway"] - before["gateway"] < ROUNDS, (before, after)

@@ -54,6 +54,32 @@ async def dropped(reader: asyncio.StreamReader, timeout: float) -> bool:
     return True
 
 
+async def answer_to_a_client_hello(port: int) -> bytes:
+    """What the listener sends back to a TLS ClientHello on a new TCP connection
+    (a ServerHello, or nothing when it drops the connection at accept)."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    client = ssl.create_default_context().wrap_bio(incoming, outgoing, server_hostname="localhost")
+    with contextlib.suppress(ssl.SSLWantReadError):
+        client.do_handshake()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    answer = b""
+    try:
+        writer.write(outgoing.read())
+        with contextlib.suppress(ConnectionError):
+            answer = await asyncio.wait_for(reader.read(4096), 5)
+    finally:
+        writer.transport.abort()
+    return answer
+
+
+async def until_held(guard: Any, count: int) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 5
+    while guard.open.held("127.0.0.1") != count and loop.time() < deadline:
+        await asyncio.sleep(0.02)
+    assert guard.open.held("127.0.0.1") == count
+
+
 async def test_half_open_sse_sockets_are_dropped_and_ws_and_readyz_keep_working(
     guarded: Gateway,
     connect_client: Any,
@@ -65,35 +91,44 @@ async def test_half_open_sse_sockets_are_dropped_and_ws_and_readyz_keep_working(
     over TLS more than 90 s; enough of them exhausted the descriptors."""
     gw = guarded
     assert gw.sse_port is not None
+    guard = gw.ops._sse.guard  # type: ignore[union-attr]
+    assert guard is not None
+    # Below the cap, a ClientHello gets its ServerHello (a TLS record: 0x16).
+    assert (await answer_to_a_client_hello(gw.sse_port))[:1] == b"\x16"
+    await until_held(guard, 0)
     held: Streams = []
     try:
-        for _ in range(20):  # TCP, not even a TLS ClientHello
+        for _ in range(5):  # TCP, not even a TLS ClientHello
             held.append(await asyncio.open_connection("127.0.0.1", gw.sse_port))
-        for _ in range(20):  # TLS, then a request line and half the headers
+        for _ in range(5):  # TLS, then a request line and half the headers
             reader, writer = await asyncio.open_connection(
                 "127.0.0.1", gw.sse_port, ssl=client_ssl, server_hostname="localhost"
             )
             writer.write(b"GET /events?channel=chat.x HTTP/1.1\r\nHost: localhost\r\n")
             held.append((reader, writer))
-        # Past the cap of 10 open per address (counted once TLS is up, which
-        # itself must end within the handshake timeout): dropped as they come.
-        guard = gw.ops._sse.guard  # type: ignore[union-attr]
-        assert guard is not None
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 5
-        while guard.open.refused < 10 and loop.time() < deadline:
-            await asyncio.sleep(0.02)  # the gateway's side of the TLS handshakes
-        assert guard.open.refused >= 10 and guard.open.held("127.0.0.1") == 10
+        # The cap of 10 open per address is full, counted from TCP accept as on
+        # /ws: more are dropped as they come, before TLS. A flood from one
+        # address costs no TLS handshake past its cap.
+        await until_held(guard, 10)
+        refused = guard.open.refused
+        assert await answer_to_a_client_hello(gw.sse_port) == b""
+        for _ in range(10):
+            held.append(await asyncio.open_connection("127.0.0.1", gw.sse_port))
+        assert all(await asyncio.gather(*(dropped(reader, 5) for reader, _ in held[10:])))
+        assert guard.open.refused == refused + 11 and guard.open.held("127.0.0.1") == 10
         # Meanwhile the WebSocket port and /readyz answer.
         alice = await connect_client("alice", gw=gw)
         assert (await alice.request("subscribe", channel="chat.x"))["type"] == "ack"
         ready = await http.get(f"http://127.0.0.1:{gw.admin_port}/readyz")
         assert ready.status == 200
         ready.close()
-        # Each is dropped once the handshake timeout (1 s) passes, not after a minute.
-        results = await asyncio.gather(*(dropped(reader, 8) for reader, _ in held))
+        # Each is dropped once the handshake timeout (1 s) passes, not after a
+        # minute: the raw ones in their TLS handshake, the others waiting for
+        # the rest of their headers.
+        results = await asyncio.gather(*(dropped(reader, 8) for reader, _ in held[:10]))
         assert all(results), results.count(False)
-        assert guard.open.held("127.0.0.1") == 0
+        await until_held(guard, 0)
+        assert not guard.handshakes
         # And a real SSE client is served as before.
         response = await open_events(http, gw, client_ssl, ["chat.x"], make_token("bob"))
         assert response.status == 200
