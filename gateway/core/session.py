@@ -258,9 +258,13 @@ class Session:
             request_id = command.request_id if isinstance(command, FrameError) else command.id
             self._refuse(refusal, request_id)
             return
+        if isinstance(command, FrameError):
+            # Answered, not raised: raising would hang this frame (and the
+            # session) on the error's traceback for as long as the error
+            # lives (a test parameter holding one kept a session for the run).
+            self._answer_error(command, size)
+            return
         try:
-            if isinstance(command, FrameError):
-                raise command
             await self._dispatch(command)
         except FrameError as exc:
             self._answer_error(exc, size)
