@@ -168,9 +168,10 @@ class _Guarded(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         opened = self._transport is not None
+        inner = self._inner
         self._gone()
         if opened:
-            self._inner.connection_lost(exc)
+            inner.connection_lost(exc)
 
     def _gone(self) -> None:
         if self._deadline is not None:
@@ -179,6 +180,10 @@ class _Guarded(asyncio.Protocol):
         if self._counted:
             self._counted = False
             self._guard.left(self, self._address)
+        # Let go of the transport: it refers back to this protocol, and the
+        # gateway freezes what lives longer than a second (gc_freeze_seconds),
+        # so a cycle left here would never be collected.
+        self._transport = None
 
 
 class HandshakeGuard:

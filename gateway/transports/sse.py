@@ -100,7 +100,7 @@ class SseOutbox:
     ) -> None:
         self._max_bytes = max_bytes
         self._max_messages = max_messages
-        self._on_overflow = on_overflow
+        self.on_overflow = on_overflow
         self._frames: deque[bytes] = deque()
         self._bytes = 0
         self._ready = asyncio.Event()
@@ -121,8 +121,8 @@ class SseOutbox:
         if self._bytes + frame_length > self._max_bytes or len(self._frames) >= self._max_messages:
             self.overflowed = True
             self._ready.set()
-            if self._on_overflow is not None:
-                self._on_overflow()
+            if self.on_overflow is not None:
+                self.on_overflow()
             return False
         return True
 

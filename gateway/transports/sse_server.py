@@ -190,6 +190,12 @@ class SseStream:
             self.node.remove_subscriber(self, channel)
         self.subscriptions.clear()
         self.outbox.close()
+        # Cycles broken at the end (the outbox calls back into this stream,
+        # which holds the socket): the gateway freezes what lives longer than
+        # a second, and frozen cycles are never collected.
+        self.outbox.on_overflow = None
+        self._socket = None
+        self._expiry = None
 
     async def run(
         self,
