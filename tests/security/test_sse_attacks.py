@@ -199,51 +199,50 @@ async def test_a_closed_sse_stream_is_freed_without_the_cycle_collector(
     http: aiohttp.ClientSession,
     make_token: Any,
 ) -> None:
-    """The gateway freezes what lives longer than a second (gc_freeze_seconds):
-    a closed stream left in reference cycles would never be collected (each one
-    was: stream and outbox, and through them its TLS layer and guard). They
-    must go by reference counting once the stream is closed."""
+    """The gateway freezes what lives longer than a second (gc_freeze_seconds,
+    gateway/operations/collector.py): a closed stream left in reference cycles
+    is then never collected. Each one was (stream and outbox, and through them
+    its TLS layer and the listener's guard). Frozen while open, as in
+    production, every one of them must be gone once the stream is closed."""
     import gc
 
+    from gateway.operations import collector
     from gateway.transports.httplistener import _Guarded
     from gateway.transports.sse import SseOutbox
     from gateway.transports.sse_server import SseStream
     from gateway.transports.tls import TlsLayer
 
-    def alive() -> dict[str, int]:
-        objects = gc.get_objects()
-        return {
-            "layers": sum(isinstance(o, TlsLayer) for o in objects),
-            "guards": sum(isinstance(o, _Guarded) for o in objects),
-        }
+    kinds = (TlsLayer, _Guarded, SseStream, SseOutbox)
+
+    def existing() -> int:
+        """Counted unfrozen and uncollected: what sits in a frozen cycle counts."""
+        gc.unfreeze()
+        return sum(isinstance(o, kinds) for o in gc.get_objects())
 
     gw = guarded
     alice = await connect_client("alice", gw=gw)
-    before = alive()
     gc.collect()
-    gc.disable()
+    before = existing()
     try:
+        streams = []
         for n in range(3):
             response = await open_events(http, gw, client_ssl, ["chat.x"], make_token(f"s{n}"))
             assert response.status == 200
-            await alice.request("publish", channel="chat.x", data=n)
+            streams.append(response)
+        await alice.request("publish", channel="chat.x", data="hi")
+        for response in streams:
             assert (await next_event(response))["event"] == "message"
+        collector.collect_and_freeze()  # while they are open
+        assert existing() - before == 3 * len(kinds)
+        collector.collect_and_freeze()
+        for response in streams:
             response.close()
         guard = gw.ops._sse.guard  # type: ignore[union-attr]
         assert guard is not None
         await until_held(guard, 0)
         for _ in range(20):  # the stream handlers end a few loop turns after the close
             await asyncio.sleep(0.01)
-        gc.set_debug(gc.DEBUG_SAVEALL)
-        try:
-            gc.collect()
-            kinds = (TlsLayer, _Guarded, SseStream, SseOutbox)
-            in_cycles = sum(isinstance(o, kinds) for o in gc.garbage)
-        finally:
-            gc.set_debug(0)
-            gc.garbage.clear()
-        after = alive()
+        assert existing() - before == 0
     finally:
-        gc.enable()
-    assert in_cycles == 0
-    assert after == before, (before, after)
+        gc.unfreeze()
+        gc.collect()
