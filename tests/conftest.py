@@ -31,28 +31,31 @@ _SHARED_BY = {
     # The one Redis: the default control prefix's registry and pub/sub channels,
     # presence, tenant quotas and rate-limit keys named by user and tenant.
     "redis": (
-        "test_deploy.py",
-        "test_fleet_connections.py",
-        "test_limits_redis.py",
-        "test_presence.py",
-        "test_presence_stomp.py",
-        "test_presence_store.py",
-        "test_stompjs.py",
-        "test_tenant_day_quota.py",
-        "test_tenant_quotas.py",
-        "test_workers.py",
+        "tests/integration/test_deploy.py",
+        "tests/integration/test_fleet_connections.py",
+        "tests/integration/test_limits_redis.py",
+        "tests/integration/test_presence.py",
+        "tests/integration/test_presence_stomp.py",
+        "tests/integration/test_presence_store.py",
+        "tests/integration/test_stompjs.py",
+        "tests/integration/test_tenant_day_quota.py",
+        "tests/integration/test_tenant_quotas.py",
+        "tests/integration/test_workers.py",
     ),
     # The extra RabbitMQ nodes: the chaos node (5673, stopped and SIGSTOPped by
     # these tests) and the three-node cluster of scripts/cluster.
     "rabbitmq-nodes": (
-        "test_chaos.py",
-        "test_publish_confirms.py",
-        "test_cluster.py",
-        "test_cluster_script.py",
+        "tests/integration/test_chaos.py",
+        "tests/integration/test_publish_confirms.py",
+        "tests/integration/test_cluster.py",
+        "tests/integration/test_cluster_script.py",
     ),
     # Load: each saturates a core for seconds and starts Web-STOMP, Socket.IO
     # and Redis-backed peers; beside each other they would only slow each other.
-    "load": ("test_bench_smoke.py", "test_bench_flood_smoke.py"),
+    "load": (
+        "tests/integration/test_bench_smoke.py",
+        "tests/integration/test_bench_flood_smoke.py",
+    ),
 }
 _GROUP_OF = {name: group for group, names in _SHARED_BY.items() for name in names}
 
@@ -69,10 +72,14 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
     """
     from xdist.scheduler import LoadScopeScheduling
 
+    missing = [name for name in _GROUP_OF if not (config.rootpath / name).exists()]
+    if missing:  # a renamed file would silently lose its group
+        raise pytest.UsageError(f"tests/conftest.py _SHARED_BY names no such file: {missing}")
+
     class SharedResourceScheduling(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            path = nodeid.split("::", 1)[0]
-            return _GROUP_OF.get(path.rsplit("/", 1)[-1], path)
+            path = nodeid.split("::", 1)[0]  # relative to the root: tests/integration/...
+            return _GROUP_OF.get(path, path)
 
     return SharedResourceScheduling(config, log)
 
