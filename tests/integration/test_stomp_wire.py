@@ -411,3 +411,54 @@ async def test_the_operators_list_counts_stomp_frames_but_not_heart_beats(
         assert await written() == before + 3
     finally:
         await gw.stop()
+
+
+async def test_closed_stomp_connections_are_freed_though_frozen_while_open(
+    gateway: Gateway, wire: Callable[..., Any], make_token: Callable[..., str]
+) -> None:
+    """The gateway freezes what lives longer than a second (gateway/operations/
+    collector.py): a closed connection left in reference cycles would never be
+    collected. Frozen while open, as in production, nothing of three STOMP
+    connections (one DISCONNECTed, two just closed) is left once they close."""
+    import asyncio
+    import gc
+
+    from gateway.core.session import Session
+    from gateway.operations import collector
+    from gateway.transports.stomp.bridge import StompBridge
+    from gateway.transports.stomp.endpoint import StompTransport
+    from gateway.transports.tls import TlsLayer
+
+    kinds = (Session, StompTransport, StompBridge, TlsLayer)
+
+    def existing() -> int:
+        """Counted unfrozen and uncollected: what sits in a frozen cycle counts."""
+        gc.unfreeze()
+        return sum(isinstance(o, kinds) for o in gc.get_objects())
+
+    gc.collect()
+    before = existing()
+    try:
+        clients = []
+        for n in range(3):
+            client: StompWire = await wire()
+            assert (await client.connect(make_token(f"fz{n}"), heart_beat="0,0")).command == (
+                "CONNECTED"
+            )
+            await client.send(frame("SUBSCRIBE", id="s", destination="/topic/chat.fz", receipt="r"))
+            assert (await client.recv()).command == "RECEIPT"
+            clients.append(client)
+        collector.collect_and_freeze()  # while they are open
+        assert existing() - before == 3 * len(kinds)
+        await clients[0].send(frame("DISCONNECT", receipt="bye"))
+        assert (await clients[0].recv()).command == "RECEIPT"
+        for client in clients:
+            await client.ws.close()
+        for _ in range(100):  # the handlers end a few loop turns after the close
+            if existing() == before:
+                break
+            await asyncio.sleep(0.02)
+        assert existing() - before == 0
+    finally:
+        gc.unfreeze()
+        gc.collect()
