@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -72,6 +73,16 @@ class Client:
 
     async def close(self) -> None:
         await self.ws.close()
+
+
+def existing(kinds: tuple[type, ...]) -> int:
+    """Objects of ``kinds`` that exist in any form, garbage in frozen cycles included.
+
+    Counted after ``gc.unfreeze`` and before any collection. By ``type``, not
+    ``isinstance``: ``isinstance`` on a dead weak proxy raises.
+    """
+    gc.unfreeze()
+    return sum(issubclass(type(o), kinds) for o in gc.get_objects())
 
 
 @pytest.fixture

@@ -9,17 +9,33 @@ and the gateway goes on serving.
 from __future__ import annotations
 
 import ssl
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import orjson
 import pytest
+from gateway_fixtures import existing
 
 from gateway.app import Gateway
 
 from .stomp_wire import StompWire, frame, open_wire
 
 pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+async def beating(settings: Any, cleanup_broker: None) -> AsyncIterator[Gateway]:
+    """A gateway whose heart-beat is 200 ms (the default 20 s makes tests wait)."""
+    import dataclasses
+
+    from gateway.policy.rules import load_policy_set
+
+    limits = dataclasses.replace(settings.limits, heartbeat_seconds=0.2)
+    tuned = dataclasses.replace(settings, limits=limits)
+    gw = Gateway(tuned, load_policy_set(tuned.policies_dir))
+    await gw.start()
+    yield gw
+    await gw.stop()
 
 
 @pytest.fixture
@@ -330,87 +346,67 @@ async def test_a_stomp_conversation_makes_the_same_audit_events_and_metrics(
 
 
 async def test_heart_beats_both_ways(
-    settings: Any, cleanup_broker: None, client_ssl: ssl.SSLContext, make_token: Callable[..., str]
+    beating: Gateway, client_ssl: ssl.SSLContext, make_token: Callable[..., str]
 ) -> None:
-    import dataclasses
-
-    from gateway.policy.rules import load_policy_set
-
-    limits = dataclasses.replace(settings.limits, heartbeat_seconds=0.2)
-    beating = dataclasses.replace(settings, limits=limits)
-    gw = Gateway(beating, load_policy_set(beating.policies_dir))
-    await gw.start()
-    try:
-        client = await open_wire(gw.port, client_ssl)
-        answer = await client.connect(make_token("alice"), heart_beat="100,100")
-        assert answer.headers["heart-beat"] == "200,200"
-        for _ in range(5):
-            await client.send(b"\n")  # the client's heart-beats are no frames to refuse
-        await client.send(frame("DISCONNECT", receipt="bye"))
-        while (await client.recv()).command != "RECEIPT":
-            pass
-        await client.closed()
-        # The server's heart-beats: EOLs come every 200 ms while nothing else does.
-        quiet = await open_wire(gw.port, client_ssl)
-        await quiet.connect(make_token("bob"), heart_beat="0,200")
-        with pytest.raises(TimeoutError):
-            await quiet.recv(timeout=1.5)
-        assert quiet.heartbeats >= 2
-        # A client that wants none gets none.
-        none = await open_wire(gw.port, client_ssl)
-        assert (await none.connect(make_token("carol"), heart_beat="0,0")).command == "CONNECTED"
-        with pytest.raises(TimeoutError):
-            await none.recv(timeout=0.8)
-        assert none.heartbeats == 0
-    finally:
-        await gw.stop()
+    gw = beating
+    client = await open_wire(gw.port, client_ssl)
+    answer = await client.connect(make_token("alice"), heart_beat="100,100")
+    assert answer.headers["heart-beat"] == "200,200"
+    for _ in range(5):
+        await client.send(b"\n")  # the client's heart-beats are no frames to refuse
+    await client.send(frame("DISCONNECT", receipt="bye"))
+    while (await client.recv()).command != "RECEIPT":
+        pass
+    await client.closed()
+    # The server's heart-beats: EOLs come every 200 ms while nothing else does.
+    quiet = await open_wire(gw.port, client_ssl)
+    await quiet.connect(make_token("bob"), heart_beat="0,200")
+    with pytest.raises(TimeoutError):
+        await quiet.recv(timeout=1.5)
+    assert quiet.heartbeats >= 2
+    # A client that wants none gets none.
+    none = await open_wire(gw.port, client_ssl)
+    assert (await none.connect(make_token("carol"), heart_beat="0,0")).command == "CONNECTED"
+    with pytest.raises(TimeoutError):
+        await none.recv(timeout=0.8)
+    assert none.heartbeats == 0
 
 
 async def test_the_operators_list_counts_stomp_frames_but_not_heart_beats(
-    settings: Any,
-    cleanup_broker: None,
+    beating: Gateway,
     client_ssl: ssl.SSLContext,
     connect_client: Any,
     make_token: Callable[..., str],
 ) -> None:
     import asyncio
-    import dataclasses
 
     from gateway.operations.connections import ConnectionFilter
-    from gateway.policy.rules import load_policy_set
 
-    # A gateway that beats every 200 ms: with the default 20 s, two beats took 40 s.
-    limits = dataclasses.replace(settings.limits, heartbeat_seconds=0.2)
-    beating = dataclasses.replace(settings, limits=limits)
-    gw = Gateway(beating, load_policy_set(beating.policies_dir))
-    await gw.start()
+    gw = beating
 
     async def written() -> Any:
         (row,) = (await gw.connections.list(ConnectionFilter(user="dora")))["connections"]
         assert row["transport"] == "stomp"
         return row["messages_out"]
 
-    try:
-        client = await open_wire(gw.port, client_ssl)
-        connected = await client.connect(make_token("dora"), heart_beat="0,100")
-        assert connected.command == "CONNECTED"
-        beat_ms = int(connected.headers["heart-beat"].split(",")[0])
-        assert beat_ms > 0
-        await client.send(frame("SUBSCRIBE", id="s", destination="/topic/chat.b", receipt="r"))
-        assert (await client.recv()).command == "RECEIPT"
-        before = await written()
-        assert before == 2  # CONNECTED and the RECEIPT
-        bob = await connect_client("bob", gw=gw)
-        for n in range(3):
-            assert (await bob.request("publish", channel="chat.b", data=n))["type"] == "ack"
-        assert [(await client.recv()).command for _ in range(3)] == ["MESSAGE"] * 3
-        # Two heart-beats come next, and are not counted.
-        for _ in range(2):
-            beat = await asyncio.wait_for(client.ws.recv(decode=False), 3 * beat_ms / 1000 + 1)
-            assert not beat.strip(b"\r\n"), beat
-        assert await written() == before + 3
-    finally:
-        await gw.stop()
+    client = await open_wire(gw.port, client_ssl)
+    connected = await client.connect(make_token("dora"), heart_beat="0,100")
+    assert connected.command == "CONNECTED"
+    beat_ms = int(connected.headers["heart-beat"].split(",")[0])
+    assert beat_ms > 0
+    await client.send(frame("SUBSCRIBE", id="s", destination="/topic/chat.b", receipt="r"))
+    assert (await client.recv()).command == "RECEIPT"
+    before = await written()
+    assert before == 2  # CONNECTED and the RECEIPT
+    bob = await connect_client("bob", gw=gw)
+    for n in range(3):
+        assert (await bob.request("publish", channel="chat.b", data=n))["type"] == "ack"
+    assert [(await client.recv()).command for _ in range(3)] == ["MESSAGE"] * 3
+    # Two heart-beats come next, and are not counted.
+    for _ in range(2):
+        beat = await asyncio.wait_for(client.ws.recv(decode=False), 3 * beat_ms / 1000 + 1)
+        assert not beat.strip(b"\r\n"), beat
+    assert await written() == before + 3
 
 
 async def test_closed_stomp_connections_are_freed_though_frozen_while_open(
@@ -431,13 +427,8 @@ async def test_closed_stomp_connections_are_freed_though_frozen_while_open(
 
     kinds = (Session, StompTransport, StompBridge, TlsLayer)
 
-    def existing() -> int:
-        """Counted unfrozen and uncollected: what sits in a frozen cycle counts."""
-        gc.unfreeze()
-        return sum(isinstance(o, kinds) for o in gc.get_objects())
-
     gc.collect()
-    before = existing()
+    before = existing(kinds)
     try:
         clients = []
         for n in range(3):
@@ -449,16 +440,16 @@ async def test_closed_stomp_connections_are_freed_though_frozen_while_open(
             assert (await client.recv()).command == "RECEIPT"
             clients.append(client)
         collector.collect_and_freeze()  # while they are open
-        assert existing() - before == 3 * len(kinds)
+        assert existing(kinds) - before == 3 * len(kinds)
         await clients[0].send(frame("DISCONNECT", receipt="bye"))
         assert (await clients[0].recv()).command == "RECEIPT"
         for client in clients:
             await client.ws.close()
         for _ in range(100):  # the handlers end a few loop turns after the close
-            if existing() == before:
+            if existing(kinds) == before:
                 break
             await asyncio.sleep(0.02)
-        assert existing() - before == 0
+        assert existing(kinds) - before == 0
     finally:
         gc.unfreeze()
         gc.collect()

@@ -12,6 +12,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from gateway_fixtures import existing
 from sse_helpers import next_event, open_events
 
 from gateway.app import Gateway
@@ -214,15 +215,10 @@ async def test_a_closed_sse_stream_is_freed_without_the_cycle_collector(
 
     kinds = (TlsLayer, _Guarded, SseStream, SseOutbox)
 
-    def existing() -> int:
-        """Counted unfrozen and uncollected: what sits in a frozen cycle counts."""
-        gc.unfreeze()
-        return sum(isinstance(o, kinds) for o in gc.get_objects())
-
     gw = guarded
     alice = await connect_client("alice", gw=gw)
     gc.collect()
-    before = existing()
+    before = existing(kinds)
     try:
         streams = []
         for n in range(3):
@@ -233,7 +229,7 @@ async def test_a_closed_sse_stream_is_freed_without_the_cycle_collector(
         for response in streams:
             assert (await next_event(response))["event"] == "message"
         collector.collect_and_freeze()  # while they are open
-        assert existing() - before == 3 * len(kinds)
+        assert existing(kinds) - before == 3 * len(kinds)
         collector.collect_and_freeze()
         for response in streams:
             response.close()
@@ -242,7 +238,7 @@ async def test_a_closed_sse_stream_is_freed_without_the_cycle_collector(
         await until_held(guard, 0)
         for _ in range(20):  # the stream handlers end a few loop turns after the close
             await asyncio.sleep(0.01)
-        assert existing() - before == 0
+        assert existing(kinds) - before == 0
     finally:
         gc.unfreeze()
         gc.collect()
