@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -15,11 +16,41 @@ import yaml
 
 from gateway.config import Settings
 
+# Ports handed to processes that listen on them later. Asking the kernel (bind to port 0,
+# close, pass the number on) races: the number is free again at once, in the ephemeral
+# range the kernel gives every other bind(0) and outgoing connection, so two xdist workers
+# (or a worker and its own RabbitMQ connections) can be handed the same one before the
+# child process binds it - CI saw "Address already in use" that way. Instead each worker
+# counts through its own block below the ephemeral range (32768-60999 here), which the
+# kernel never hands out, starting at a random place so that runs side by side on a shared
+# machine rarely meet; a port something already holds is skipped by a probe bind.
+_BLOCK = 1000
+_FIRST = 10_000  # blocks 10000-19999: clear of RabbitMQ's 5672/25672 and the test nodes'
+
+
+def _worker_block() -> int:
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")  # "gw0", "gw1", ... or unset
+    index = int(worker[2:]) + 1 if worker.startswith("gw") and worker[2:].isdigit() else 0
+    return _FIRST + (index % 10) * _BLOCK
+
+
+_next_offset = random.randrange(_BLOCK)
+
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A port nobody listens on now that no other test worker will be handed."""
+    global _next_offset
+    base = _worker_block()
+    for _ in range(_BLOCK):
+        port = base + _next_offset
+        _next_offset = (_next_offset + 1) % _BLOCK
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue  # held by someone (or in TIME_WAIT): the next one
+        return port
+    raise RuntimeError(f"no free port in {base}-{base + _BLOCK - 1}")
 
 
 class GatewayProcess:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import socket
 import ssl
 import time
 from collections.abc import Callable
@@ -30,6 +29,8 @@ from rabbitgate_client import (
     RabbitgateError,
 )
 from rabbitgate_client.client import SUBPROTOCOL
+
+from .processes import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -450,20 +451,16 @@ async def test_a_network_failure_is_retried_until_the_gateway_is_there(
 ) -> None:
     """Connection refused (no gateway yet) is what retrying fixes: the client says so once
     at WARNING and connects when the gateway comes up on that port."""
-    with socket.socket() as probe:  # a free port, nobody listening on it yet
-        probe.bind(("127.0.0.1", 0))
-        free_port = probe.getsockname()[1]
+    port = free_port()  # nobody listening on it yet
     token, calls = counting_token(make_token, "alice")
     client = RabbitgateClient(
-        f"wss://localhost:{free_port}/ws", token=token, ssl=client_ssl, backoff_cap=0.2
+        f"wss://localhost:{port}/ws", token=token, ssl=client_ssl, backoff_cap=0.2
     )
     connecting = asyncio.create_task(client.connect())
     await wait_until(lambda: len(calls) >= 3)
     assert not connecting.done()
     assert any("failed" in r.message and r.levelname == "WARNING" for r in caplog.records)
-    gw = Gateway(
-        dataclasses.replace(settings, port=free_port), load_policy_set(settings.policies_dir)
-    )
+    gw = Gateway(dataclasses.replace(settings, port=port), load_policy_set(settings.policies_dir))
     await gw.start()
     try:
         await asyncio.wait_for(connecting, 10)

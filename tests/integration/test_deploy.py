@@ -13,7 +13,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,8 @@ from cryptography import x509
 
 from gateway.config import load_settings
 from gateway.telemetry.metrics import Metrics
+
+from .processes import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -389,12 +390,6 @@ def test_grafana_gets_the_dashboard_and_the_data_source(stack: dict[str, Any]) -
 
 
 # --- the image's config on a real gateway -----------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_the_image_config_serves_and_the_healthcheck_passes(

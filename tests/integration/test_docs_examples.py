@@ -29,7 +29,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import threading
@@ -67,6 +66,7 @@ from gateway.devtools.devtokens import mint_token
 from gateway.policy.rules import load_policy_set
 
 from .cdp import CHROMIUM, Browser
+from .processes import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -80,12 +80,6 @@ def _kind(block: Block) -> str | None:
 
 def _runnable(kind: str) -> list[Any]:
     return [pytest.param(b, id=b.where) for b in ALL_BLOCKS if _kind(b) == kind and not b.skipped]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import threading
 import urllib.parse
@@ -31,6 +30,8 @@ from websockets.asyncio.server import serve
 from gateway.app import Gateway
 from gateway.config import Settings, TlsSettings
 from gateway.policy.rules import load_policy_set
+
+from .processes import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -519,8 +520,6 @@ def test_under_node_a_network_failure_is_retried() -> None:
     """Nobody listening on the port: the client tries again (the script reports the
     third attempt and stops), where a certificate or a 404 stopped it at the first."""
     _npm_ready()
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()  # nobody listening on it
     outcome = _node_fail_fast(f"ws://127.0.0.1:{port}/ws", "t", retries=3)
     assert outcome == {"name": "retried", "tokens": 3}

@@ -8,7 +8,6 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import socket
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -25,6 +24,8 @@ from gateway.limits.buckets import TokenBucket
 from gateway.limits.limiter import Limiter, Refusal, Slot
 from gateway.limits.redis_limits import RedisLimits
 from gateway.policy.rules import Rule, RuleLimits, load_policy_set
+
+from .processes import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -178,17 +179,11 @@ async def test_a_crashed_gateways_leases_lapse(monkeypatch: pytest.MonkeyPatch) 
         assert isinstance(await survivor.admit_user(user), Slot)
 
 
-def closed_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])  # nothing listens once it is closed
-
-
 async def test_unreachable_redis_falls_back_to_local_limits(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.WARNING, logger="rabbitgate.limits")
-    settings = make_settings(f"redis://127.0.0.1:{closed_port()}/0", redis_timeout_seconds=0.2)
+    settings = make_settings(f"redis://127.0.0.1:{free_port()}/0", redis_timeout_seconds=0.2)
     slow_rule = rule(0.001, 7)
     async with running(settings) as limiter:
         assert not limiter.redis_healthy
@@ -209,7 +204,7 @@ class Proxy:
     """A TCP proxy in front of Redis that can be cut and restored on one port."""
 
     def __init__(self) -> None:
-        self.port = closed_port()
+        self.port = free_port()
         self.server: asyncio.Server | None = None
         self.links: set[asyncio.StreamWriter] = set()
         self.tasks: set[asyncio.Task[None]] = set()
@@ -299,7 +294,7 @@ async def test_a_gateway_serves_with_redis_up_or_down_and_says_which_in_its_metr
     redis_up: bool,
 ) -> None:
     caplog.set_level(logging.WARNING, logger="rabbitgate.limits")
-    url = REDIS_URL if redis_up else f"redis://127.0.0.1:{closed_port()}/0"
+    url = REDIS_URL if redis_up else f"redis://127.0.0.1:{free_port()}/0"
     gw = Gateway(
         dataclasses.replace(settings, redis_url=url),
         load_policy_set(settings.policies_dir),
