@@ -36,9 +36,15 @@ Variants (``--variants``, measured in the given order in each round):
   acks), ``classic-maxlen`` (transient, no_ack, x-max-length 10000),
   ``classic-lazy`` (transient, no_ack, x-queue-mode lazy).
 
+* ``no-history``: no stream at all: the topic exchange routes each message
+  into one exclusive, auto-delete classic queue, consumed no_ack, with
+  confirms. What a channel without retained history would cost (Socket.IO's
+  model, and Centrifugo's for channels without history).
+
 A classic-queue delivery has no stream offset, so no ``seq``; those variants
 are measured to answer whether a separate queue would be cheaper, not as
-something the gateway could switch to unchanged.
+something the gateway could switch to unchanged (the contract's every
+message carries a ``seq`` and every acked publish is in the history).
 """
 
 from __future__ import annotations
@@ -66,8 +72,10 @@ from gateway.broker.envelope import ClientStamp
 from gateway.broker.publisher import ConfirmedPublisher
 
 SIMPLE = ("gateway", "replica", "write-only", "no-confirm", "default-exchange")
+NO_HISTORY = "no-history"
 CLASSIC = {
     # name: (durable, no_ack, arguments)
+    NO_HISTORY: (False, True, {}),
     "classic-transient": (False, True, {}),
     "classic-transient-ack": (False, False, {}),
     "classic-durable": (True, False, {}),
@@ -150,16 +158,17 @@ class Topology:
         setup = await self._connection.channel()
         await setup.exchange_declare(self.exchange, exchange_type="topic", durable=True)
         stream = stream_name(self.exchange)
-        await setup.queue_declare(
-            stream,
-            durable=True,
-            arguments={
-                "x-queue-type": "stream",
-                "x-max-length-bytes": 256 * 1024 * 1024,
-                "x-max-age": "7D",
-            },
-        )
-        await setup.queue_bind(stream, self.exchange, routing_key="#")
+        if self.variant != NO_HISTORY:
+            await setup.queue_declare(
+                stream,
+                durable=True,
+                arguments={
+                    "x-queue-type": "stream",
+                    "x-max-length-bytes": 256 * 1024 * 1024,
+                    "x-max-age": "7D",
+                },
+            )
+            await setup.queue_bind(stream, self.exchange, routing_key="#")
         if self.variant == "no-confirm":
             self._plain = await self._connection.channel(publisher_confirms=False)
         else:
