@@ -25,6 +25,9 @@ Variants (``--variants``, measured in the given order in each round):
   default exchange, as the gateway's markers are (not allowed for client
   messages: backends bound to the exchange would not see them); what the
   topic exchange's routing costs.
+* ``bare-props``: the gateway's topology, messages published with no
+  properties at all (not allowed: the contract's headers name the
+  publisher): what the stream's conversion of the headers costs.
 * ``prefetch-N``: the stream consumer with credit N (acks every N/4).
 * ``batch-N``: the publishes of N ticks written together every N ticks
   (same rate): what the broker's cost is when a chunk holds N messages.
@@ -71,8 +74,9 @@ from gateway.broker.broker import STREAM_PREFETCH, Broker, Delivery, stream_name
 from gateway.broker.envelope import ClientStamp
 from gateway.broker.publisher import ConfirmedPublisher
 
-SIMPLE = ("gateway", "replica", "write-only", "no-confirm", "default-exchange")
+SIMPLE = ("gateway", "replica", "write-only", "no-confirm", "default-exchange", "bare-props")
 NO_HISTORY = "no-history"
+NO_PROPERTIES = b"\x00\x00"  # property flags: none set
 CLASSIC = {
     # name: (durable, no_ack, arguments)
     NO_HISTORY: (False, True, {}),
@@ -269,7 +273,8 @@ async def measure(variant: str, args: argparse.Namespace, brokers: list[int]) ->
             if delay > 0:
                 await asyncio.sleep(delay)
             for _ in range(topology.batch):
-                future = topology.publish(key, stamp.properties(), body)
+                props = NO_PROPERTIES if variant == "bare-props" else stamp.properties()
+                future = topology.publish(key, props, body)
                 if future is not None:
                     futures.append(future)
         published = ticks * topology.batch

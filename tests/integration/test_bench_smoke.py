@@ -225,7 +225,7 @@ def test_connections_with_a_variant_in_rounds() -> None:
 def test_broker_cost_of_every_variant() -> None:
     variants = (
         "gateway,replica,write-only,no-confirm,default-exchange,prefetch-100,batch-2,"
-        "classic-transient,classic-transient-ack,classic-durable,classic-maxlen,classic-lazy,no-history"
+        "classic-transient,classic-transient-ack,classic-durable,classic-maxlen,classic-lazy,no-history,bare-props"
     )
     report = run_tool(
         "brokercost",
