@@ -14,7 +14,6 @@ import gc
 import json
 import logging
 import os
-import re
 import secrets
 import signal
 import sys
@@ -27,6 +26,7 @@ from gateway.commands import add_config_flag as _add_config_flag
 from gateway.commands import settings_from_args as _settings
 from gateway.config import ConfigError, Settings
 from gateway.operations import collector
+from gateway.operations.durations import parse_duration
 from gateway.telemetry.logs import configure_logging
 
 DEV_SECRET_FILE = "jwt-dev.secret"
@@ -346,15 +346,16 @@ def _write_private(path: Path, text: str) -> None:
 
 # --- token ------------------------------------------------------------------
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
-_UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
-
-def parse_duration(text: str) -> float:
-    match = _DURATION.match(text)
-    if match is None or float(match.group(1)) <= 0:
-        raise CliError(f"bad duration {text!r}: use a positive number with s, m, h or d")
-    return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+def _lifetime(text: str) -> int:
+    """``--ttl`` in seconds, as every other duration operators type (operations/durations.py)."""
+    try:
+        seconds = parse_duration(text)
+    except ValueError as exc:
+        raise CliError(f"--ttl {text!r}: {exc}") from None
+    if seconds <= 0:
+        raise CliError(f"--ttl {text!r}: a token must live a while, such as 90s or 1h")
+    return seconds
 
 
 def _token(args: argparse.Namespace) -> int:
@@ -377,7 +378,7 @@ def _token(args: argparse.Namespace) -> int:
             sub=args.sub,
             roles=roles,
             scope=args.scope,
-            ttl_seconds=parse_duration(args.ttl),
+            ttl_seconds=_lifetime(args.ttl),
             extra=extra,
         )
     )

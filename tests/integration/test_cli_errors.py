@@ -15,6 +15,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+import jwt
 import pytest
 import yaml
 
@@ -148,6 +149,24 @@ def test_version() -> None:
 
 
 # --- commands that need no JWT setting --------------------------------------------
+
+
+def test_token_ttl_takes_the_durations_every_command_takes(tmp_path: Path) -> None:
+    config = tmp_path / "gateway.yaml"
+    config.write_text(yaml.safe_dump({"jwt": {"algorithms": ["HS256"], "secret": SECRET}}))
+    minted = rabbitgate("token", "--config", str(config), "--sub", "alice", "--ttl", "90s")
+    assert minted.returncode == 0, minted.stderr
+    claims = jwt.decode(
+        minted.stdout.strip(),
+        SECRET,
+        algorithms=["HS256"],
+        audience=None,
+        options={"verify_aud": False},
+    )
+    assert claims["exp"] - claims["iat"] == 90
+    for bad in ("1.5h", "-1h", "0", "1y", ""):
+        result = rabbitgate("token", "--config", str(config), "--sub", "alice", f"--ttl={bad}")
+        one_line_error(result, "--ttl")
 
 
 def test_policy_explain_with_claims_needs_no_config(tmp_path: Path) -> None:
