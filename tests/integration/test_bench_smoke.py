@@ -247,3 +247,12 @@ def test_broker_cost_of_every_variant() -> None:
         assert r["received"] == (0 if name == "write-only" else r["published"]), name
         number(r["broker_us_per_message"])
         number(r["broker_us_per_message_above_idle"])
+
+
+def test_wakeup_prices_every_gap_on_one_core_and_two() -> None:
+    report = run_tool("wakeup", "--trips", "20")
+    rows = report["rows"]
+    assert {(r["cores"], r["gap_ms"]) for r in rows} >= {("one", 0.0), ("one", 10.0)}
+    for row in rows:
+        assert number(row["parent_us_per_trip"]) > 0
+        assert number(row["child_us_per_trip"]) >= 0
