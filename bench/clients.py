@@ -147,6 +147,9 @@ class Connector:
             if not welcome.startswith(b'{"type":"welcome"'):
                 client.close()
                 raise ConnectionError(f"expected welcome, got {welcome[:120]!r}")
+            heartbeat = orjson.loads(welcome).get("heartbeat")
+            if isinstance(heartbeat, int | float) and heartbeat > 0:
+                client.heartbeat = float(heartbeat)
             return client
         if self.kind == "socketio":
             client = await open_ws(e["host"], e["port"], e["path"])

@@ -38,6 +38,7 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,8 @@ from bench.wire import WsClient
 CONNECTIONS_PER_WORKER = 2500
 SETUP_TIMEOUT_SECONDS = 600.0
 PROBE_TIMEOUT_SECONDS = 60.0
+PING = b'{"type":"ping"}'
+PING_TICK_SECONDS = 1.0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -127,6 +130,41 @@ def pauses_worker(pipe: Connection, spec: dict[str, Any]) -> None:
         asyncio.run(_pauses_worker(pipe, spec))
 
 
+async def keep_alive(clients: Callable[[], list[WsClient]]) -> None:
+    """Send ``{"type":"ping"}`` on each connection every ``heartbeat`` seconds of its
+    welcome, as a client that only listens must (docs/security.md): otherwise the
+    gateway's idle timeout (``limits.idle_timeout_seconds``, 300 s) closes them
+    all, with 1000, once a window outlasts it. Each connection's first ping comes
+    at a random point of its first interval, so they are spread, not in step."""
+    loop = asyncio.get_running_loop()
+    due: dict[WsClient, float] = {}
+    tick = PING_TICK_SECONDS
+    while True:
+        await asyncio.sleep(tick)
+        now = loop.time()
+        current = clients()
+        for client in current:
+            heartbeat = client.heartbeat
+            if heartbeat is None:
+                continue  # not a rabbitgate connection: nothing to keep alive
+            tick = min(tick, heartbeat / 4)  # a short heartbeat (a test's) is kept too
+            when = due.get(client)
+            if when is None:
+                due[client] = now + random.uniform(0, heartbeat)
+            elif when <= now:
+                if client.on_text is None:
+                    client.on_text = _ignore  # its pongs: nobody reads an idle inbox
+                client.send_text(PING)
+                due[client] = now + heartbeat
+        if len(due) > 2 * len(current):  # forget the closed ones now and then
+            alive = set(current)
+            due = {c: t for c, t in due.items() if c in alive}
+
+
+def _ignore(buf: bytearray, start: int, end: int, now_ns: int) -> None:
+    return None
+
+
 async def _pauses_worker(pipe: Connection, spec: dict[str, Any]) -> None:
     loop = asyncio.get_running_loop()
     commands: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
@@ -149,6 +187,7 @@ async def _pauses_worker(pipe: Connection, spec: dict[str, Any]) -> None:
     subscribers, failures = await gather_limited(spec["subscribers"], limit, open_subscriber)
     idle, idle_failures = await gather_limited(spec["idle"], limit, open_idle)
     failures.update(idle_failures)
+    keeping_alive = asyncio.create_task(keep_alive(lambda: subscribers + idle))
     pipe.send(
         ("ready", {"subscribers": len(subscribers), "idle": len(idle), "failures": dict(failures)})
     )
@@ -212,6 +251,7 @@ async def _pauses_worker(pipe: Connection, spec: dict[str, Any]) -> None:
             break
     if churning is not None:
         churning.cancel()
+    keeping_alive.cancel()
     for client in idle + subscribers:
         client.close()
     await asyncio.sleep(0.3)

@@ -83,6 +83,9 @@ class WsClient(asyncio.Protocol):
         self.inbox: asyncio.Queue[bytes] = asyncio.Queue()
         self.on_text: TextHandler | None = None
         self.close_code: int | None = None
+        # rabbitgate's welcome ``heartbeat`` (seconds): how often a client that only
+        # listens must send a frame, or the idle timeout closes it (clients.Connector).
+        self.heartbeat: float | None = None
         self.transport: asyncio.Transport | None = None
         self._buf = bytearray()
         self._upgraded = False

@@ -140,6 +140,24 @@ def test_pauses_with_churn_and_fan_out() -> None:
     assert result["churn"]["failed"] == 0
 
 
+def test_pauses_keeps_its_connections_past_the_idle_timeout() -> None:
+    """The clients ping every `heartbeat` of their welcome, as a client that only
+    listens must: with the idle timeout at 2 s and a 5 s window, none is closed."""
+    report = run_tool(
+        "pauses",
+        "--connections", "20",
+        "--subscribers", "2",
+        "--churn", "0",
+        "--rate", "10",
+        "--seconds", "5",
+        "--warmup", "0.5",
+        "--env", "RABBITGATE_LIMITS_IDLE_TIMEOUT_SECONDS=2",
+        "--env", "RABBITGATE_LIMITS_HEARTBEAT_SECONDS=0.5",
+    )  # fmt: skip
+    result = report["rounds"][0]["gateway"]
+    assert result["open_at_end"] == result["connections"] == 20
+
+
 def test_load_over_tls_flat_out() -> None:
     report = run_tool(
         "load",
